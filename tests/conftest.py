@@ -1,0 +1,43 @@
+"""Shared test configuration.
+
+Tests marked ``kvm`` drive real KVM guests. They are skipped, with the reason
+printed, only where ``/dev/kvm`` is absent; the run's summary always says how
+many KVM tests ran.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+KVM_AVAILABLE = os.access("/dev/kvm", os.R_OK | os.W_OK)
+_KVM_SKIP_REASON = "needs /dev/kvm, which is absent or not accessible on this host"
+
+_kvm_outcomes: dict[str, int] = {"passed": 0, "failed": 0, "skipped": 0}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if KVM_AVAILABLE:
+        return
+    skip = pytest.mark.skip(reason=_KVM_SKIP_REASON)
+    for item in items:
+        if "kvm" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "kvm" not in report.keywords:
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        _kvm_outcomes[report.outcome] = _kvm_outcomes.get(report.outcome, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    ran = _kvm_outcomes["passed"] + _kvm_outcomes["failed"]
+    terminalreporter.write_line(
+        f"KVM tests: {ran} ran ({_kvm_outcomes['passed']} passed, "
+        f"{_kvm_outcomes['failed']} failed), {_kvm_outcomes['skipped']} skipped"
+        + ("" if KVM_AVAILABLE else f" ({_KVM_SKIP_REASON})")
+    )
