@@ -1,1 +1,80 @@
-"""squibd.rpc"""
+"""Sans-IO JSON-RPC 2.0 over newline-framed JSON (SPEC section 9).
+
+Bytes in, events out: no trio, no sockets. See :class:`RpcConnection`.
+"""
+
+from ._connection import Role, RpcConnection
+from ._errors import (
+    BUSY,
+    CANCELLED,
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    NOT_ALLOWED,
+    PARSE_ERROR,
+    SNAPSHOT_ERROR,
+    UNKNOWN_VM,
+    WRONG_VM_STATE,
+    ErrorObject,
+    LocalProtocolError,
+    RemoteProtocolError,
+    RpcError,
+    application_error,
+)
+from ._framing import DEFAULT_MAX_LINE, END, LINE_TOO_LONG, NEED_DATA, LineSplitter, Signal
+from ._messages import (
+    JSONRPC_VERSION,
+    Batch,
+    ErrorResponse,
+    Event,
+    Invalid,
+    Message,
+    Notification,
+    Request,
+    RequestId,
+    Response,
+    encode,
+    parse_line,
+    parse_message,
+)
+
+__all__ = [
+    "BUSY",
+    "CANCELLED",
+    "DEFAULT_MAX_LINE",
+    "END",
+    "INTERNAL_ERROR",
+    "INVALID_PARAMS",
+    "INVALID_REQUEST",
+    "JSONRPC_VERSION",
+    "LINE_TOO_LONG",
+    "METHOD_NOT_FOUND",
+    "NEED_DATA",
+    "NOT_ALLOWED",
+    "PARSE_ERROR",
+    "SNAPSHOT_ERROR",
+    "UNKNOWN_VM",
+    "WRONG_VM_STATE",
+    "Batch",
+    "ErrorObject",
+    "ErrorResponse",
+    "Event",
+    "Invalid",
+    "LineSplitter",
+    "LocalProtocolError",
+    "Message",
+    "Notification",
+    "RemoteProtocolError",
+    "Request",
+    "RequestId",
+    "Response",
+    "Role",
+    "RpcConnection",
+    "RpcError",
+    "Signal",
+    "application_error",
+    "encode",
+    "parse_line",
+    "parse_message",
+]

@@ -1,1 +1,65 @@
-"""squibd.vm"""
+"""The VM runtime (trio): registry and lifecycle, quiesce, save/load orchestration.
+
+Public names are re-exported lazily (on first attribute access), so that
+importing ``squibd.vm.memory`` alone, as the page server and the KVM
+backend's tests do, does not pull in KVM, trio orchestration and userfaultfd.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .errors import (
+        Busy,
+        DiffNotAllowed,
+        DuplicateVm,
+        InvalidVmConfig,
+        NoParentCheckpoint,
+        PairMismatch,
+        UnknownVm,
+        VmError,
+        VmFailed,
+        WrongVmState,
+    )
+    from .machine import Vm
+    from .models import GuestSpec, MemBackend, SaveResult, VmDescription, VmState
+    from .runtime import Runtime
+
+__all__ = [
+    "Busy",
+    "DiffNotAllowed",
+    "DuplicateVm",
+    "GuestSpec",
+    "InvalidVmConfig",
+    "MemBackend",
+    "NoParentCheckpoint",
+    "PairMismatch",
+    "Runtime",
+    "SaveResult",
+    "UnknownVm",
+    "Vm",
+    "VmDescription",
+    "VmError",
+    "VmFailed",
+    "VmState",
+    "WrongVmState",
+]
+
+_HOMES = {
+    "Runtime": ".runtime",
+    "Vm": ".machine",
+    "GuestSpec": ".models",
+    "MemBackend": ".models",
+    "SaveResult": ".models",
+    "VmDescription": ".models",
+    "VmState": ".models",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module 'squibd.vm' has no attribute {name!r}")
+    module = importlib.import_module(_HOMES.get(name, ".errors"), __name__)
+    return getattr(module, name)

@@ -1,0 +1,81 @@
+"""What handlers see: the daemon-wide :class:`ApiContext` and per-call :class:`CallInfo`."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+import cattrs
+
+from .wire import make_wire_converter
+
+if TYPE_CHECKING:
+    from squibd.vm.runtime import Runtime
+
+__all__ = ["KVM_DEVICE", "ApiContext", "CallInfo", "ProgressSink"]
+
+#: The KVM device node (Documentation/virt/kvm/api.rst).
+KVM_DEVICE: Final = "/dev/kvm"
+
+#: progress(phase, done, total), called on the trio thread.
+ProgressSink = Callable[[str, int, int], None]
+
+
+@attrs.define(eq=False)
+class ApiContext:
+    """Daemon-wide state shared by every handler.
+
+    The VM runtime is created on first use, so that methods that need no VM
+    (``daemon.status``, ``snapshot.describe``, ``snapshot.rebase``) work even
+    where KVM is missing.
+
+    Args:
+        debug_api: expose ``vm.read_memory`` / ``vm.write_memory``.
+        allowed_roots: if set, client paths must lie inside these directories.
+        quiesce_timeout_s: passed to the runtime (SPEC section 6), ``None`` = its default.
+    """
+
+    debug_api: bool = False
+    allowed_roots: Sequence[str] | None = None
+    quiesce_timeout_s: float | None = None
+    started_at: float = attrs.field(factory=time.monotonic)
+    converter: cattrs.Converter = attrs.field(factory=make_wire_converter)
+    _runtime: Runtime | None = attrs.field(default=None, init=False)
+
+    @property
+    def runtime(self) -> Runtime:
+        """The VM runtime (created on first use)."""
+        if self._runtime is None:
+            from squibd.vm.runtime import Runtime
+
+            kwargs: dict[str, Any] = {}
+            if self.quiesce_timeout_s is not None:
+                kwargs["quiesce_timeout_s"] = self.quiesce_timeout_s
+            self._runtime = Runtime(**kwargs)
+        return self._runtime
+
+    @property
+    def vm_count(self) -> int:
+        """How many VMs exist (0 before the runtime was first used)."""
+        return 0 if self._runtime is None else len(self._runtime.list())
+
+    @staticmethod
+    def kvm_available() -> bool:
+        """Whether ``/dev/kvm`` can be opened for reading and writing."""
+        return os.access(KVM_DEVICE, os.R_OK | os.W_OK)
+
+    async def aclose(self) -> None:
+        """Destroy every VM (daemon shutdown)."""
+        if self._runtime is not None:
+            await self._runtime.aclose()
+
+
+@attrs.frozen
+class CallInfo:
+    """One call: its request id (``None`` for a notification) and its progress sink."""
+
+    request_id: int | str | None
+    progress: ProgressSink | None = None

@@ -1,0 +1,302 @@
+"""The handlers: one coroutine per method, from params model to result model.
+
+Handlers call the VM runtime (``squibd.vm``) and the synchronous snapshot
+tools (``squibd.snapshot``, run in worker threads). They raise the errors of
+those packages unchanged; :mod:`squibd.api.errors` maps them to the wire.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import threading
+import time
+from typing import Any, Final
+
+import outcome
+import trio
+
+import squibd
+from squibd.rpc import RpcError
+from squibd.snapshot.describe import default_memory_path, describe_snapshot
+from squibd.snapshot.paths import validate_path
+from squibd.snapshot.rebase import rebase
+
+from .context import ApiContext, CallInfo
+from .models import (
+    MAX_MEMORY_ACCESS,
+    DestroyResult,
+    EmptyParams,
+    ReadMemoryParams,
+    ReadMemoryResult,
+    RebaseParams,
+    RebaseResult,
+    SnapshotCreateParams,
+    SnapshotCreateResult,
+    SnapshotDescribeParams,
+    SnapshotLoadParams,
+    SnapshotLoadResult,
+    StatusResult,
+    VmCreateParams,
+    VmIdParams,
+    VmInfo,
+    VmListResult,
+    WriteMemoryParams,
+    WriteMemoryResult,
+)
+
+__all__ = [
+    "daemon_status",
+    "snapshot_create",
+    "snapshot_describe",
+    "snapshot_load",
+    "snapshot_rebase",
+    "vm_create",
+    "vm_describe",
+    "vm_destroy",
+    "vm_list",
+    "vm_pause",
+    "vm_read_memory",
+    "vm_resume",
+    "vm_start",
+    "vm_write_memory",
+]
+
+_MS_PER_S: Final = 1000.0
+#: The pair transaction's step after which a rebase can no longer be rolled back.
+_COMMIT_STEP: Final = "committed"
+
+
+def _path(api: ApiContext, path: str, what: str, *, socket: bool = False) -> str:
+    return validate_path(path, what=what, socket=socket, allowed_roots=api.allowed_roots)
+
+
+def _info(api: ApiContext, vm_id: str) -> VmInfo:
+    d = api.runtime.describe(vm_id)
+    state = d.state if d.state in ("NotStarted", "Running", "Paused") else "Paused"
+    return VmInfo(
+        vm_id=d.vm_id,
+        state=state,  # type: ignore[arg-type]
+        vcpu_count=d.vcpu_count,
+        mem_size_mib=d.mem_size_mib,
+        track_dirty_pages=d.track_dirty_pages,
+        guest_progress=list(d.guest_progress),
+        guest_program=d.guest_program,
+        error=d.error,
+    )
+
+
+async def daemon_status(api: ApiContext, call: CallInfo, params: EmptyParams) -> StatusResult:
+    """Version, pid, uptime, VM count and KVM availability."""
+    return StatusResult(
+        version=squibd.__version__,
+        pid=os.getpid(),
+        uptime_s=round(time.monotonic() - api.started_at, 3),
+        vm_count=api.vm_count,
+        kvm_available=api.kvm_available(),
+        debug_api=api.debug_api,
+    )
+
+
+async def vm_create(api: ApiContext, call: CallInfo, params: VmCreateParams) -> VmInfo:
+    """Create a NotStarted VM running a built-in guest."""
+    from squibd.vm.models import GuestSpec
+
+    guest = GuestSpec(program=params.guest.program, params=dict(params.guest.params))
+    await api.runtime.create_vm(
+        params.vm_id, params.vcpu_count, params.mem_size_mib, params.track_dirty_pages, guest
+    )
+    return _info(api, params.vm_id)
+
+
+async def vm_start(api: ApiContext, call: CallInfo, params: VmIdParams) -> VmInfo:
+    """Start a NotStarted VM's vCPUs."""
+    await api.runtime.start(params.vm_id)
+    return _info(api, params.vm_id)
+
+
+async def vm_pause(api: ApiContext, call: CallInfo, params: VmIdParams) -> VmInfo:
+    """Pause a Running VM (quiesce)."""
+    await api.runtime.pause(params.vm_id)
+    return _info(api, params.vm_id)
+
+
+async def vm_resume(api: ApiContext, call: CallInfo, params: VmIdParams) -> VmInfo:
+    """Resume a Paused VM."""
+    await api.runtime.resume(params.vm_id)
+    return _info(api, params.vm_id)
+
+
+async def vm_destroy(api: ApiContext, call: CallInfo, params: VmIdParams) -> DestroyResult:
+    """Stop a VM and release it."""
+    await api.runtime.destroy(params.vm_id)
+    return DestroyResult(vm_id=params.vm_id, destroyed=True)
+
+
+async def vm_describe(api: ApiContext, call: CallInfo, params: VmIdParams) -> VmInfo:
+    """State, sizes and guest progress of one VM."""
+    return _info(api, params.vm_id)
+
+
+async def vm_list(api: ApiContext, call: CallInfo, params: EmptyParams) -> VmListResult:
+    """Every VM, sorted by id."""
+    if api.vm_count == 0:
+        return VmListResult(vms=[])
+    return VmListResult(vms=[_info(api, vm_id) for vm_id in api.runtime.list()])
+
+
+async def snapshot_create(
+    api: ApiContext, call: CallInfo, params: SnapshotCreateParams
+) -> SnapshotCreateResult:
+    """Save a VM as a Full or Diff pair; a Running VM is resumed afterwards."""
+    snap = _path(api, params.snapshot_path, "snapshot_path")
+    mem = _path(api, params.mem_file_path, "mem_file_path")
+    result = await api.runtime.save(
+        params.vm_id,
+        params.snapshot_type,
+        snap,
+        mem,
+        live=params.live,
+        progress=call.progress,
+    )
+    return SnapshotCreateResult(
+        snapshot_type=result.snapshot_type,
+        snapshot_path=result.snapshot_path,
+        mem_file_path=result.mem_file_path,
+        pair_id=result.pair_id,
+        bytes_written=result.bytes_written,
+        pages_written=result.pages_written,
+        passes=result.passes,
+        pause_ms=round(result.pause_ms, 3),
+        duration_ms=round(result.duration_ms, 3),
+    )
+
+
+async def snapshot_load(
+    api: ApiContext, call: CallInfo, params: SnapshotLoadParams
+) -> SnapshotLoadResult:
+    """Create (or fill a NotStarted) VM from a snapshot pair."""
+    from squibd.vm.models import MemBackend
+
+    if (params.mem_backend is None) == (params.mem_file_path is None):
+        raise RpcError.invalid_params(
+            "params: give exactly one of mem_backend and mem_file_path"
+        )
+    if params.mem_backend is not None:
+        is_socket = params.mem_backend.backend_type == "Uffd"
+        backend = MemBackend(
+            params.mem_backend.backend_type,
+            _path(api, params.mem_backend.backend_path, "backend_path", socket=is_socket),
+        )
+    else:
+        assert params.mem_file_path is not None
+        backend = MemBackend("File", _path(api, params.mem_file_path, "mem_file_path"))
+    snap = _path(api, params.snapshot_path, "snapshot_path")
+    started = time.monotonic()
+    await api.runtime.load(
+        params.vm_id,
+        snap,
+        backend,
+        track_dirty_pages=params.track_dirty_pages,
+        resume_vm=params.resume_vm,
+        progress=call.progress,
+    )
+    elapsed = (time.monotonic() - started) * _MS_PER_S
+    return SnapshotLoadResult(vm=_info(api, params.vm_id), duration_ms=round(elapsed, 3))
+
+
+async def snapshot_describe(
+    api: ApiContext, call: CallInfo, params: SnapshotDescribeParams
+) -> dict[str, Any]:
+    """Describe a state file (and check its memory file when asked).
+
+    A damaged file is not an error of the call: the description lists what
+    is wrong (``ok: false`` and ``errors``), as ``squibd --describe-snapshot`` does.
+    """
+    snap = _path(api, params.snapshot_path, "snapshot_path")
+    mem = None
+    if params.mem_file_path is not None:
+        mem = _path(api, params.mem_file_path, "mem_file_path")
+    description = await trio.to_thread.run_sync(
+        lambda: describe_snapshot(snap, memory_file=mem, verify=params.verify)
+    )
+    return description.to_json()
+
+
+class _RebaseCancelled(Exception):
+    """Raised inside the rebase thread to abort its pair transaction before commit."""
+
+
+async def snapshot_rebase(
+    api: ApiContext, call: CallInfo, params: RebaseParams
+) -> RebaseResult:
+    """Merge a Diff onto its Full base into a new Full pair (in a worker thread).
+
+    Cancellation sets a flag that the pair transaction's step hook checks at
+    each step before ``committed``: the transaction then aborts (temps
+    removed, previous output pair intact). A cancel that arrives after the
+    commit is too late, and the call succeeds.
+    """
+    base = _path(api, params.base_snapshot_path, "base_snapshot_path")
+    diff = _path(api, params.diff_snapshot_path, "diff_snapshot_path")
+    out = _path(api, params.output_snapshot_path, "output_snapshot_path")
+    out_mem = default_memory_path(out)
+    if params.output_mem_file_path is not None:
+        out_mem = _path(api, params.output_mem_file_path, "output_mem_file_path")
+    cancel = threading.Event()
+    committed = threading.Event()
+
+    def step(name: str) -> None:
+        if name == _COMMIT_STEP:
+            committed.set()
+        elif cancel.is_set() and not committed.is_set():
+            raise _RebaseCancelled
+
+    def work() -> None:
+        rebase(base, [diff], out, out_mem, step_hook=step)
+
+    started = time.monotonic()
+    async with trio.open_nursery() as nursery:
+
+        async def watch_cancel() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                cancel.set()
+
+        nursery.start_soon(watch_cancel)
+        with trio.CancelScope(shield=True):
+            result = await outcome.acapture(trio.to_thread.run_sync, work)
+        nursery.cancel_scope.cancel()
+    if isinstance(result, outcome.Error) and isinstance(result.error, _RebaseCancelled):
+        await trio.lowlevel.checkpoint()  # raises Cancelled: our scope was cancelled
+    result.unwrap()
+    elapsed = (time.monotonic() - started) * _MS_PER_S
+    return RebaseResult(
+        output_snapshot_path=out, output_mem_file_path=out_mem, duration_ms=round(elapsed, 3)
+    )
+
+
+async def vm_read_memory(
+    api: ApiContext, call: CallInfo, params: ReadMemoryParams
+) -> ReadMemoryResult:
+    """Read guest RAM (debug API)."""
+    data = api.runtime.read_memory(params.vm_id, params.guest_addr, params.length)
+    return ReadMemoryResult(data_base64=base64.b64encode(data).decode("ascii"))
+
+
+async def vm_write_memory(
+    api: ApiContext, call: CallInfo, params: WriteMemoryParams
+) -> WriteMemoryResult:
+    """Write guest RAM as a device would: the pages are marked dirty (debug API)."""
+    try:
+        data = base64.b64decode(params.data_base64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RpcError.invalid_params(f"params.data_base64: not valid base64 ({exc})") from exc
+    if len(data) > MAX_MEMORY_ACCESS:
+        raise RpcError.invalid_params(
+            f"params.data_base64: decodes to {len(data)} bytes, more than {MAX_MEMORY_ACCESS}"
+        )
+    api.runtime.write_memory(params.vm_id, params.guest_addr, data)
+    return WriteMemoryResult(bytes_written=len(data))

@@ -1,0 +1,320 @@
+# ruff: noqa: RUF009  (wire_field and its wrappers return attrs fields, not values)
+"""Params and results of every JSON-RPC method: frozen attrs values.
+
+Names follow Firecracker's API (SPEC section 9). Constraints are declared
+with :func:`~squibd.api.wire.wire_field`, so they are both checked when
+params are structured and published in ``protocol/openrpc.json``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final, Literal
+
+import attrs
+import cattrs
+
+from .wire import FieldValueError, WireTypeError, wire_field
+
+__all__ = [
+    "MAX_MEMORY_ACCESS",
+    "MAX_VCPUS",
+    "VM_ID_PATTERN",
+    "DestroyResult",
+    "EmptyParams",
+    "GuestParams",
+    "MemBackendParams",
+    "ReadMemoryParams",
+    "ReadMemoryResult",
+    "RebaseParams",
+    "RebaseResult",
+    "SnapshotCreateParams",
+    "SnapshotCreateResult",
+    "SnapshotDescribeParams",
+    "SnapshotLoadParams",
+    "SnapshotLoadResult",
+    "StatusResult",
+    "VmCreateParams",
+    "VmIdParams",
+    "VmInfo",
+    "VmListResult",
+    "WriteMemoryParams",
+    "WriteMemoryResult",
+    "register_model_hooks",
+]
+
+#: Issue 5: vm_id is 1-64 characters of [A-Za-z0-9_-].
+VM_ID_PATTERN: Final = r"[A-Za-z0-9_-]{1,64}"
+#: SPEC section 9: vcpu_count 1-32.
+MAX_VCPUS: Final = 32
+#: Issue 5: vm.read_memory reads at most 1 MiB.
+MAX_MEMORY_ACCESS: Final = 1024 * 1024
+#: The largest guest we accept, in MiB (the host has 24 GiB; 1 TiB is a sanity bound).
+MAX_MEM_SIZE_MIB: Final = 1024 * 1024
+#: SPEC section 10: client paths are at most 1024 bytes.
+MAX_PATH_LENGTH: Final = 1024
+
+ProgressToken = int | str
+
+
+def _vm_id() -> Any:
+    return wire_field(description="the VM's id", pattern=VM_ID_PATTERN)
+
+
+def _progress_token() -> Any:
+    return wire_field(
+        default=None,
+        description="when set, $/progress notifications with this token are sent",
+    )
+
+
+def _path(description: str, *, default: Any = attrs.NOTHING) -> Any:
+    return wire_field(default=default, description=description)
+
+
+@attrs.frozen
+class EmptyParams:
+    """No parameters."""
+
+
+@attrs.frozen
+class StatusResult:
+    """``daemon.status``: who is answering and what it can do."""
+
+    version: str
+    pid: int
+    uptime_s: float
+    vm_count: int
+    kvm_available: bool
+    debug_api: bool
+
+
+@attrs.frozen
+class GuestParams:
+    """The built-in guest program a VM runs, and its integer parameters.
+
+    On the wire the parameters sit beside ``program`` in one flat object:
+    ``{"program": "memwriter", "pages": 64}`` (see :func:`register_model_hooks`).
+    """
+
+    program: Literal["counter", "memwriter"] = wire_field(
+        description="the built-in guest program"
+    )
+    params: dict[str, int] = attrs.field(factory=dict)
+
+
+#: Guest parameter names: lowercase identifiers.
+_GUEST_PARAM_NAME: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+def _structure_guest(value: Any, _type: Any) -> GuestParams:
+    if not isinstance(value, dict):
+        raise WireTypeError("expected an object")
+    if "program" not in value:
+        raise KeyError("program")
+    program = value["program"]
+    if program not in ("counter", "memwriter") or not isinstance(program, str):
+        raise FieldValueError(
+            "program", f"expected one of 'counter', 'memwriter', got {program!r}"
+        )
+    params: dict[str, int] = {}
+    for key, item in value.items():
+        if key == "program":
+            continue
+        if not isinstance(key, str) or _GUEST_PARAM_NAME.fullmatch(key) is None:
+            raise FieldValueError(str(key), "is not a guest parameter name")
+        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+            raise FieldValueError(key, f"expected a non-negative integer, got {item!r}")
+        params[key] = item
+    return GuestParams("counter" if program == "counter" else "memwriter", params)
+
+
+def register_model_hooks(converter: cattrs.Converter) -> None:
+    """Install the hooks of models whose wire shape is not their attrs shape."""
+    converter.register_structure_hook(GuestParams, _structure_guest)
+
+
+@attrs.frozen
+class VmCreateParams:
+    """``vm.create``."""
+
+    vm_id: str = _vm_id()
+    vcpu_count: int = wire_field(description="vCPUs", minimum=1, maximum=MAX_VCPUS)
+    mem_size_mib: int = wire_field(
+        description="guest RAM in MiB", minimum=1, maximum=MAX_MEM_SIZE_MIB
+    )
+    guest: GuestParams = wire_field(description="the guest program to run")
+    track_dirty_pages: bool = wire_field(
+        default=False, description="enable dirty page tracking (needed for Diff snapshots)"
+    )
+
+
+@attrs.frozen
+class VmIdParams:
+    """Methods that name one VM."""
+
+    vm_id: str = _vm_id()
+
+
+@attrs.frozen
+class VmInfo:
+    """What ``vm.describe`` reports."""
+
+    vm_id: str
+    state: Literal["NotStarted", "Running", "Paused"]
+    vcpu_count: int
+    mem_size_mib: int
+    track_dirty_pages: bool
+    guest_progress: list[int]
+    guest_program: str | None = None
+    error: str | None = None
+
+
+@attrs.frozen
+class VmListResult:
+    """``vm.list``: every VM, sorted by id."""
+
+    vms: list[VmInfo]
+
+
+@attrs.frozen
+class DestroyResult:
+    """``vm.destroy``."""
+
+    vm_id: str
+    destroyed: bool
+
+
+@attrs.frozen
+class SnapshotCreateParams:
+    """``snapshot.create``."""
+
+    vm_id: str = _vm_id()
+    snapshot_path: str = _path("where the state file goes")
+    mem_file_path: str = _path("where the memory file goes")
+    snapshot_type: Literal["Full", "Diff"] = wire_field(
+        default="Full", description="Full, or Diff (pages dirtied since the last checkpoint)"
+    )
+    live: bool = wire_field(
+        default=False, description="pre-copy memory while the guest runs (short pause)"
+    )
+    progress_token: ProgressToken | None = _progress_token()
+
+
+@attrs.frozen
+class SnapshotCreateResult:
+    """``snapshot.create``: what was written and how long the guest was paused."""
+
+    snapshot_type: str
+    snapshot_path: str
+    mem_file_path: str
+    pair_id: str
+    bytes_written: int
+    pages_written: int
+    passes: int
+    pause_ms: float
+    duration_ms: float
+
+
+@attrs.frozen
+class MemBackendParams:
+    """Where a loaded VM's memory comes from (SPEC section 8)."""
+
+    backend_type: Literal["File", "Uffd"] = wire_field(
+        description="File: map the memory file; Uffd: fetch pages from a page server"
+    )
+    backend_path: str = _path("the memory file (File) or the page server's socket (Uffd)")
+
+
+@attrs.frozen
+class SnapshotLoadParams:
+    """``snapshot.load``: exactly one of ``mem_backend`` and ``mem_file_path``."""
+
+    vm_id: str = _vm_id()
+    snapshot_path: str = _path("the state file")
+    mem_backend: MemBackendParams | None = wire_field(
+        default=None, description="the memory backend"
+    )
+    mem_file_path: str | None = _path(
+        "the memory file (older form of mem_backend File)", default=None
+    )
+    track_dirty_pages: bool = wire_field(default=False, description="track dirty pages")
+    resume_vm: bool = wire_field(default=False, description="run the VM after loading")
+    progress_token: ProgressToken | None = _progress_token()
+
+
+@attrs.frozen
+class SnapshotLoadResult:
+    """``snapshot.load``: the loaded VM and how long the load took."""
+
+    vm: VmInfo
+    duration_ms: float
+
+
+@attrs.frozen
+class SnapshotDescribeParams:
+    """``snapshot.describe``."""
+
+    snapshot_path: str = _path("the state file")
+    mem_file_path: str | None = _path("the memory file to check", default=None)
+    verify: Literal["none", "size", "full"] = wire_field(
+        default="none", description="how much of the memory file to check"
+    )
+
+
+@attrs.frozen
+class RebaseParams:
+    """``snapshot.rebase``: merge a Diff onto its Full base into a new Full pair."""
+
+    base_snapshot_path: str = _path("the Full snapshot's state file")
+    diff_snapshot_path: str = _path("the Diff snapshot's state file")
+    output_snapshot_path: str = _path("the merged state file")
+    output_mem_file_path: str | None = _path(
+        "the merged memory file (default: beside the output state file)", default=None
+    )
+    progress_token: ProgressToken | None = _progress_token()
+
+
+@attrs.frozen
+class RebaseResult:
+    """``snapshot.rebase``."""
+
+    output_snapshot_path: str
+    output_mem_file_path: str
+    duration_ms: float
+
+
+@attrs.frozen
+class ReadMemoryParams:
+    """``vm.read_memory`` (debug API only)."""
+
+    vm_id: str = _vm_id()
+    guest_addr: int = wire_field(description="guest-physical address", minimum=0)
+    length: int = wire_field(
+        description="bytes to read", minimum=0, maximum=MAX_MEMORY_ACCESS
+    )
+
+
+@attrs.frozen
+class ReadMemoryResult:
+    """``vm.read_memory``."""
+
+    data_base64: str
+
+
+@attrs.frozen
+class WriteMemoryParams:
+    """``vm.write_memory`` (debug API only); the pages are marked dirty."""
+
+    vm_id: str = _vm_id()
+    guest_addr: int = wire_field(description="guest-physical address", minimum=0)
+    data_base64: str = wire_field(
+        description="the bytes to write, base64", max_length=MAX_MEMORY_ACCESS * 4 // 3 + 4
+    )
+
+
+@attrs.frozen
+class WriteMemoryResult:
+    """``vm.write_memory``."""
+
+    bytes_written: int

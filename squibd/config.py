@@ -1,0 +1,181 @@
+"""squibd's TOML configuration, validated into frozen attrs models.
+
+Every key is optional; the defaults are those of SPEC sections 9 and 10
+and issue 5. Example (all keys)::
+
+    [server]
+    socket = "/run/squibd/squibd.sock"
+    socket_mode = 0o600           # or "0600"
+    socket_group = "kvm"          # group owner of the socket (mode 0660 then makes sense)
+    allowed_uids = [0, 1000]      # default: the daemon's own uid and root
+    allowed_gids = []             # peers whose gid is listed are allowed too
+    max_connections = 256
+    max_in_flight = 16            # requests in flight per connection
+    idle_timeout_s = 300
+    max_line_bytes = 1048576
+    shutdown_grace_s = 30
+    debug_api = false
+    log_level = "info"
+
+    [snapshot]
+    allowed_roots = ["/var/lib/squibd"]
+    quiesce_timeout_s = 1.0
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from typing import Any, Final
+
+import attrs
+import cattrs
+from cattrs.v import format_exception
+
+from squibd.rpc import DEFAULT_MAX_LINE
+
+__all__ = [
+    "DEFAULT_IDLE_TIMEOUT_S",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_SHUTDOWN_GRACE_S",
+    "DEFAULT_SOCKET_MODE",
+    "ConfigError",
+    "DaemonConfig",
+    "ServerConfig",
+    "SnapshotConfig",
+    "default_socket_path",
+    "load_config",
+]
+
+#: SPEC section 10: the socket is created with mode 0600 by default.
+DEFAULT_SOCKET_MODE: Final = 0o600
+#: Issue 5: at most 256 connections at once.
+DEFAULT_MAX_CONNECTIONS: Final = 256
+#: Issue 5: at most 16 requests in flight per connection.
+DEFAULT_MAX_IN_FLIGHT: Final = 16
+#: A connection with nothing in flight and nothing received for this long is closed.
+DEFAULT_IDLE_TIMEOUT_S: Final = 300.0
+#: SIGTERM lets in-flight saves finish for at most this long.
+DEFAULT_SHUTDOWN_GRACE_S: Final = 30.0
+#: Issue 5: the socket of a root daemon without $XDG_RUNTIME_DIR.
+SYSTEM_SOCKET_PATH: Final = "/run/squibd/squibd.sock"
+_SOCKET_NAME: Final = "squibd.sock"
+_LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """The configuration file is unreadable, not TOML, or has a bad key or value."""
+
+
+def default_socket_path(environ: dict[str, str] | None = None) -> str:
+    """``$XDG_RUNTIME_DIR/squibd.sock``, else ``/run/squibd/squibd.sock``."""
+    env = os.environ if environ is None else environ
+    runtime_dir = env.get("XDG_RUNTIME_DIR")
+    if runtime_dir:
+        return os.path.join(runtime_dir, _SOCKET_NAME)
+    return SYSTEM_SOCKET_PATH
+
+
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value}")
+
+
+def _mode(value: Any) -> int:
+    if isinstance(value, str):
+        value = int(value, 8)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
+        raise ValueError(f"socket_mode must be an octal permission like 0o600, got {value!r}")
+    return value
+
+
+@attrs.frozen
+class ServerConfig:
+    """``[server]``: the socket, who may connect, limits, logging."""
+
+    socket: str | None = None
+    socket_mode: int = attrs.field(default=DEFAULT_SOCKET_MODE, converter=_mode)
+    socket_group: str | None = None
+    allowed_uids: tuple[int, ...] | None = None
+    allowed_gids: tuple[int, ...] = ()
+    max_connections: int = attrs.field(default=DEFAULT_MAX_CONNECTIONS, validator=_positive)
+    max_in_flight: int = attrs.field(default=DEFAULT_MAX_IN_FLIGHT, validator=_positive)
+    idle_timeout_s: float = attrs.field(default=DEFAULT_IDLE_TIMEOUT_S, validator=_positive)
+    max_line_bytes: int = attrs.field(default=DEFAULT_MAX_LINE, validator=_positive)
+    shutdown_grace_s: float = attrs.field(default=DEFAULT_SHUTDOWN_GRACE_S, validator=_positive)
+    debug_api: bool = False
+    log_level: str = attrs.field(default="info", validator=attrs.validators.in_(_LOG_LEVELS))
+
+    def effective_allowed_uids(self) -> frozenset[int]:
+        """The allow list: configured uids, else the daemon's own uid and root."""
+        if self.allowed_uids is not None:
+            return frozenset(self.allowed_uids)
+        return frozenset({os.getuid(), 0})
+
+
+@attrs.frozen
+class SnapshotConfig:
+    """``[snapshot]``: where clients may put snapshots, quiesce timeout."""
+
+    allowed_roots: tuple[str, ...] | None = None
+    quiesce_timeout_s: float | None = None
+
+
+@attrs.frozen
+class DaemonConfig:
+    """The whole configuration file."""
+
+    server: ServerConfig = attrs.field(factory=ServerConfig)
+    snapshot: SnapshotConfig = attrs.field(factory=SnapshotConfig)
+
+
+def _converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True, prefer_attrib_converters=True)
+    converter.register_structure_hook(int, lambda v, _: _strict_int(v))
+    return converter
+
+
+def _strict_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _format_problem(exc: BaseException, type_: type | None) -> str:
+    if type(exc) is ValueError:  # our validators and converters: their message says it all
+        return str(exc)
+    return format_exception(exc, type_)
+
+
+def parse_config(data: dict[str, Any]) -> DaemonConfig:
+    """Validate decoded TOML into a :class:`DaemonConfig`.
+
+    Raises:
+        ConfigError: naming the offending keys.
+    """
+    try:
+        return _converter().structure(data, DaemonConfig)
+    except Exception as exc:
+        details = "; ".join(
+            cattrs.transform_error(exc, path="config", format_exception=_format_problem)
+        )
+        raise ConfigError(f"invalid configuration: {details}") from exc
+
+
+def load_config(path: str | None) -> DaemonConfig:
+    """Read and validate ``path`` (``None``: all defaults).
+
+    Raises:
+        ConfigError: unreadable file, bad TOML, unknown key or bad value.
+    """
+    if path is None:
+        return DaemonConfig()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration {path} is not valid TOML: {exc}") from exc
+    return parse_config(data)

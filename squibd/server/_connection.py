@@ -1,0 +1,357 @@
+"""One client connection: read lines, start calls, write answers.
+
+Theory of operation
+-------------------
+A :class:`ClientConnection` runs one reader task (owned by the server's
+connection nursery). Each request it reads becomes a *call* task started in
+the server's **call nursery**, not in the connection's: a client that goes
+away mid-save does not cancel the save; its answer is simply dropped.
+
+Limits keep one client from hurting the others:
+
+* at most ``max_in_flight`` calls per connection: the reader stops reading
+  (backpressure) until a slot frees up;
+* the framing caps an unfinished line at ``max_line`` bytes;
+* a connection with nothing in flight that sends nothing for
+  ``idle_timeout_s`` is closed;
+* a client that stops reading its answers for ``WRITE_TIMEOUT_S`` is
+  disconnected instead of blocking the call that answers it.
+
+A stalled half line only ever blocks this connection's own reader.
+
+Long calls (``MethodSpec.long_running``) may carry ``progress_token``:
+``$/progress`` notifications are coalesced by a :class:`_ProgressPump`
+(the latest value wins) and always precede the call's answer.
+``$/cancelRequest {id}`` cancels such a call's cancel scope; the runtime
+rolls back and the call answers -32800.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+import outcome
+import trio
+
+from squibd.api import (
+    ApiContext,
+    CallInfo,
+    UnexpectedHandlerError,
+    cancelled_error,
+    dispatch,
+)
+from squibd.api.methods import METHODS
+from squibd.rpc import (
+    BUSY,
+    END,
+    NEED_DATA,
+    Batch,
+    ErrorObject,
+    ErrorResponse,
+    Invalid,
+    Notification,
+    Request,
+    RequestId,
+    Response,
+    Role,
+    RpcConnection,
+    RpcError,
+    application_error,
+)
+
+from ._peercred import PeerCredentials
+
+if TYPE_CHECKING:
+    from ._server import Server
+
+__all__ = ["WRITE_TIMEOUT_S", "ClientConnection"]
+
+log = logging.getLogger("squibd.server")
+
+#: Bytes asked of the kernel per receive (a typical socket buffer share).
+RECEIVE_SIZE: Final = 64 * 1024
+#: A client that does not read its answers for this long is disconnected.
+WRITE_TIMEOUT_S: Final = 30.0
+_MS_PER_S: Final = 1000.0
+CANCEL_METHOD: Final = "$/cancelRequest"
+PROGRESS_METHOD: Final = "$/progress"
+
+
+class _ProgressPump:
+    """Coalesces progress reports of one call into ``$/progress`` notifications."""
+
+    def __init__(self, token: int | str, send: Callable[[bytes], Any], rpc: RpcConnection):
+        self._token = token
+        self._send = send
+        self._rpc = rpc
+        self._latest: tuple[str, int, int] | None = None
+        self._wakeup = trio.Event()
+        self._closed = False
+
+    def report(self, phase: str, done: int, total: int) -> None:
+        """Record the latest progress (called on the trio thread)."""
+        self._latest = (phase, done, total)
+        self._wakeup.set()
+
+    def close(self) -> None:
+        """Flush what is pending and stop."""
+        self._closed = True
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Send the latest progress each time the writer is free."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            if self._latest is not None:
+                phase, done, total = self._latest
+                self._latest = None
+                params = {"token": self._token, "phase": phase, "done": done, "total": total}
+                await self._send(self._rpc.send_notification(PROGRESS_METHOD, params))
+            if self._closed:
+                return
+
+
+@attrs.define(eq=False)
+class ClientConnection:
+    """A connected client; see the module docstring."""
+
+    server: Server
+    stream: trio.SocketStream
+    peer: PeerCredentials
+    rpc: RpcConnection = attrs.field(init=False)
+    slots: trio.Semaphore = attrs.field(init=False)
+    _send_lock: trio.Lock = attrs.field(init=False, factory=trio.Lock)
+    _scopes: dict[RequestId, tuple[trio.CancelScope, bool]] = attrs.field(init=False, factory=dict)
+    _active: int = attrs.field(init=False, default=0)
+    _drained: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _broken: bool = attrs.field(init=False, default=False)
+
+    def __attrs_post_init__(self) -> None:
+        config = self.server.config.server
+        self.rpc = RpcConnection(Role.SERVER, max_line=config.max_line_bytes)
+        self.slots = trio.Semaphore(config.max_in_flight)
+        self._drained.set()
+
+    @property
+    def api(self) -> ApiContext:
+        """The daemon's API context."""
+        return self.server.api
+
+    # -- writing ------------------------------------------------------------
+
+    async def send(self, data: bytes) -> None:
+        """Write ``data``; a gone or stuck client is dropped, never an error for the caller."""
+        if self._broken or not data:
+            return
+        async with self._send_lock:
+            with trio.move_on_after(WRITE_TIMEOUT_S) as scope:
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._broken = True
+            if scope.cancelled_caught:
+                log.warning("peer %s does not read its answers; disconnecting", self.peer)
+                self._broken = True
+                await trio.aclose_forcefully(self.stream)
+
+    # -- reading ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until EOF, idle timeout or daemon stop; then close it."""
+        try:
+            await self._read_loop()
+            await self._drained.wait()  # half-closed clients still get their answers
+        finally:
+            await trio.aclose_forcefully(self.stream)
+
+    async def _read_loop(self) -> None:
+        idle = self.server.config.server.idle_timeout_s
+        while True:
+            event = self.rpc.next_event()
+            if event is END:
+                return
+            if event is NEED_DATA:
+                deadline = idle if self._active == 0 else math.inf
+                with trio.move_on_after(deadline) as scope:
+                    try:
+                        data = await self.stream.receive_some(RECEIVE_SIZE)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = b""
+                if scope.cancelled_caught:
+                    if self._active == 0:
+                        log.info("closing idle connection of %s", self.peer)
+                        return
+                    continue
+                self.rpc.receive_data(data)
+                continue
+            if isinstance(event, Batch):
+                await self._start_batch(event)
+            else:
+                answer = await self._start_one(event, None)
+                if answer is not None:
+                    await self.send(self.rpc.send_response(answer))
+
+    async def _start_one(
+        self, message: Any, batch: _BatchCollector | None
+    ) -> Response | ErrorResponse | None:
+        """Handle one message; returns an immediate answer, or None (started, or no answer)."""
+        if isinstance(message, Invalid):
+            self.server.log_request(self.peer, "-", message.id, 0.0, message.error)
+            return ErrorResponse(message.id, message.error)
+        if isinstance(message, Notification):
+            self._notification(message)
+            return None
+        if not isinstance(message, Request):  # responses are turned into Invalid by rpc
+            return None
+        if self.server.stopping:
+            error = application_error(
+                BUSY, "ShuttingDown", "squibd is shutting down; retry when it is back"
+            )
+            return ErrorResponse(message.id, error.error)
+        await self.slots.acquire()
+        self._call_started()
+        self.server.start_call(self._call, message, batch)
+        return None
+
+    async def _start_batch(self, batch: Batch) -> None:
+        collector = _BatchCollector(self)
+        self._call_started()  # the batch's answer line counts as one more answer to send
+        for item in batch.items:
+            collector.expect()
+            answer = await self._start_one(item, collector)
+            if answer is not None or not isinstance(item, Request):
+                collector.deliver(answer)
+        collector.sealed()
+
+    def _notification(self, message: Notification) -> None:
+        if message.method != CANCEL_METHOD:
+            log.debug("ignoring notification %s from %s", message.method, self.peer)
+            return
+        params = message.params if isinstance(message.params, dict) else {}
+        target = params.get("id")
+        entry = self._scopes.get(target) if isinstance(target, int | str) else None
+        if entry is None:
+            log.info("%s: $/cancelRequest for %r, which is not running", self.peer, target)
+            return
+        scope, cancellable = entry
+        if cancellable:
+            log.info("%s: cancelling request %r", self.peer, target)
+            scope.cancel()
+
+    # -- calls (run in the server's call nursery) ------------------------------
+
+    async def _call(self, request: Request, batch: _BatchCollector | None) -> None:
+        try:
+            answer = await self._answer(request)
+            if batch is not None:
+                batch.deliver(answer)
+            else:
+                await self.send(self.rpc.send_response(answer))
+        finally:
+            self._call_done()
+
+    async def _answer(self, request: Request) -> Response | ErrorResponse:
+        started = time.monotonic()
+        spec = METHODS.get(request.method)
+        long_running = spec is not None and spec.long_running
+        scope = trio.CancelScope()
+        self._scopes[request.id] = (scope, long_running)
+        answer: Response | ErrorResponse
+        failure: ErrorObject | None = None
+        try:
+            token = None
+            if long_running and isinstance(request.params, dict):
+                raw = request.params.get("progress_token")
+                if isinstance(raw, int | str) and not isinstance(raw, bool):
+                    token = raw
+            with scope:
+                result = await self._dispatch(request, token)
+            if scope.cancelled_caught:
+                failure = cancelled_error(request.id).error
+                answer = ErrorResponse(request.id, failure)
+            else:
+                answer = Response(request.id, result)
+        except RpcError as exc:
+            failure = exc.error
+            answer = ErrorResponse(request.id, failure)
+        except UnexpectedHandlerError as exc:
+            log.error("%s %s failed unexpectedly", self.peer, request.method, exc_info=exc)
+            failure = exc.rpc_error.error
+            answer = ErrorResponse(request.id, failure)
+        finally:
+            del self._scopes[request.id]
+            self.slots.release()
+        elapsed = (time.monotonic() - started) * _MS_PER_S
+        self.server.log_request(self.peer, request.method, request.id, elapsed, failure)
+        return answer
+
+    def cancel_calls(self) -> None:
+        """Cancel every running call of this connection (daemon stop after the grace period)."""
+        for scope, _cancellable in self._scopes.values():
+            scope.cancel()
+
+    def _call_started(self) -> None:
+        self._active += 1
+        self._drained = trio.Event()
+
+    def _call_done(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._drained.set()
+
+    async def _dispatch(self, request: Request, token: int | str | None) -> Any:
+        if token is None:
+            return await dispatch(self.api, CallInfo(request.id), request.method, request.params)
+        pump = _ProgressPump(token, self.send, self.rpc)
+        call = CallInfo(request.id, pump.report)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump.run)
+            try:
+                # Captured so that the error is not wrapped in the nursery's ExceptionGroup.
+                result = await outcome.acapture(
+                    dispatch, self.api, call, request.method, request.params
+                )
+            finally:
+                pump.close()
+        return result.unwrap()
+
+
+class _BatchCollector:
+    """Gathers the answers of one batch and sends them as one array line."""
+
+    def __init__(self, connection: ClientConnection) -> None:
+        self._connection = connection
+        self._answers: list[Response | ErrorResponse] = []
+        self._pending = 0
+        self._sealed = False
+
+    def expect(self) -> None:
+        self._pending += 1
+
+    def deliver(self, answer: Response | ErrorResponse | None) -> None:
+        self._pending -= 1
+        if answer is not None:
+            self._answers.append(answer)
+        self._maybe_send()
+
+    def sealed(self) -> None:
+        self._sealed = True
+        self._maybe_send()
+
+    def _maybe_send(self) -> None:
+        if self._sealed and self._pending == 0:
+            self._sealed = False  # send once
+            data = self._connection.rpc.send_batch(self._answers)
+            self._connection.server.start_task(self._send, data)
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            await self._connection.send(data)
+        finally:
+            self._connection._call_done()

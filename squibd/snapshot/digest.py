@@ -1,0 +1,88 @@
+"""Chunk digests of memory files (SPEC section 4).
+
+The manifest stores one digest per chunk (see ``manifest.iter_chunks``).
+Two algorithms are allowed: ``xxh3-64`` (8 bytes, big-endian canonical form
+as xxhash prints it) and ``blake3`` (32 bytes, only when the ``blake3``
+package is installed). squibd writes ``xxh3-64`` by default: measured in
+``bench/digest.py``, it hashes tens of GB/s per core and the ``xxhash``
+binding releases the GIL for large inputs, so writer threads hash in
+parallel. The integrity goal is catching corruption, not an adversary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+import xxhash
+
+from .manifest import DIGEST_SIZES
+
+__all__ = [
+    "ALGORITHMS",
+    "DEFAULT_ALGORITHM",
+    "UnknownDigestAlgorithm",
+    "available_algorithms",
+    "digest",
+    "digest_function",
+]
+
+Buffer = bytes | bytearray | memoryview
+DigestFunction = Callable[[Buffer], bytes]
+
+#: The algorithm squibd writes (chosen by bench/digest.py).
+DEFAULT_ALGORITHM: Final = "xxh3-64"
+#: Every algorithm SPEC section 4 names.
+ALGORITHMS: Final = tuple(DIGEST_SIZES)
+
+
+class UnknownDigestAlgorithm(ValueError):
+    """The digest algorithm is not one SPEC section 4 names, or its library is missing."""
+
+
+def _xxh3_64(data: Buffer) -> bytes:
+    return xxhash.xxh3_64_digest(data)
+
+
+def _blake3_function() -> DigestFunction | None:
+    try:
+        import blake3  # optional dependency
+    except ImportError:
+        return None
+
+    def _blake3(data: Buffer) -> bytes:
+        # max_threads=1: the writer threads already parallelise across chunks.
+        result: bytes = blake3.blake3(data).digest()
+        return result
+
+    return _blake3
+
+
+def available_algorithms() -> tuple[str, ...]:
+    """Algorithms usable in this process."""
+    return tuple(name for name in ALGORITHMS if name == "xxh3-64" or _blake3_function())
+
+
+def digest_function(algorithm: str) -> DigestFunction:
+    """The function computing ``algorithm``'s digest of a buffer.
+
+    Raises:
+        UnknownDigestAlgorithm: the name is unknown or its library is not installed.
+    """
+    if algorithm == "xxh3-64":
+        return _xxh3_64
+    if algorithm == "blake3":
+        function = _blake3_function()
+        if function is None:
+            raise UnknownDigestAlgorithm(
+                "digest algorithm 'blake3' needs the 'blake3' package (pip install blake3)"
+            )
+        return function
+    raise UnknownDigestAlgorithm(
+        f"unknown digest algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}"
+    )
+
+
+def digest(algorithm: str, data: Buffer) -> bytes:
+    """``algorithm``'s digest of ``data``."""
+    return digest_function(algorithm)(data)

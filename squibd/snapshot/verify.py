@@ -1,0 +1,200 @@
+"""Checking a memory file against its manifest (SPEC section 4).
+
+``verify(state, memory_path, mode)``:
+
+- ``none``: nothing is checked;
+- ``size``: the file's size equals the manifest's, and the file's
+  ``user.squibd.pair`` xattr, where present, names the manifest's pair;
+- ``full``: ``size``, then every written chunk is read and hashed; the first
+  chunk whose digest differs is named by its file offset.
+
+Failures are ``MemoryIo`` kinds: ``MemoryPairMismatch`` (another pair or the
+wrong size), ``MemoryDigestMismatch`` (corrupt data, ``offset`` set),
+``MemoryInputInvalid`` (an inconsistent manifest), plain ``MemoryIo`` for
+OS errors. The module also offers two comparisons tests and tools use:
+:func:`data_extents` (where a file holds data, by ``SEEK_DATA``) and
+:func:`first_difference` (content only; holes read as zeros).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Final, Protocol
+
+from .digest import digest_function
+from .errors import MemoryIo
+from .manifest import DIGEST_SIZES, Extent, MemoryManifest, iter_chunks
+from .memerrors import MemoryDigestMismatch, MemoryInputInvalid, MemoryPairMismatch
+from .memwriter import read_pair_xattr
+
+__all__ = [
+    "VERIFY_MODES",
+    "check_manifest",
+    "data_extents",
+    "first_difference",
+    "verify",
+    "verify_fd",
+]
+
+#: The modes of ``squibd --describe-snapshot --verify``.
+VERIFY_MODES: Final = ("none", "size", "full")
+#: Read size when comparing files (a multiple of every page size in use).
+_COMPARE_BLOCK: Final = 4 * 1024 * 1024
+
+
+class _HasManifest(Protocol):
+    @property
+    def memory(self) -> MemoryManifest: ...
+
+
+def _manifest_of(state: _HasManifest | MemoryManifest) -> MemoryManifest:
+    return state if isinstance(state, MemoryManifest) else state.memory
+
+
+def check_manifest(manifest: MemoryManifest) -> None:
+    """Check a manifest's internal consistency (extents, digest count, regions).
+
+    Raises:
+        MemoryInputInvalid: naming the first inconsistency.
+    """
+    if manifest.digest_algorithm not in DIGEST_SIZES:
+        raise MemoryInputInvalid(f"unknown digest algorithm {manifest.digest_algorithm!r}")
+    if manifest.chunk_size <= 0:
+        raise MemoryInputInvalid(f"chunk size {manifest.chunk_size} is not positive")
+    if sum(region.size for region in manifest.regions) != manifest.file_size:
+        raise MemoryInputInvalid(
+            f"regions add up to {sum(r.size for r in manifest.regions)} bytes, "
+            f"the manifest's file size is {manifest.file_size}"
+        )
+    previous_end = 0
+    for extent in manifest.extents:
+        if extent.length <= 0 or extent.offset < previous_end or extent.end > manifest.file_size:
+            raise MemoryInputInvalid(
+                f"extent [{extent.offset}, {extent.end}) is empty, unordered or outside the "
+                f"{manifest.file_size}-byte file"
+            )
+        previous_end = extent.end
+    chunks = sum(1 for _ in iter_chunks(manifest.extents, manifest.chunk_size))
+    expected = chunks * manifest.digest_size
+    if len(manifest.digests) != expected:
+        raise MemoryInputInvalid(
+            f"{len(manifest.digests)} digest bytes for {chunks} chunks "
+            f"({expected} expected with {manifest.digest_algorithm})"
+        )
+
+
+def _check_binding(fd: int, manifest: MemoryManifest) -> None:
+    size = os.fstat(fd).st_size
+    if size != manifest.file_size:
+        raise MemoryPairMismatch(
+            f"memory file is {size} bytes, the snapshot's manifest says {manifest.file_size}"
+        )
+    stored = read_pair_xattr(fd)
+    if stored is not None and stored != manifest.pair_id:
+        raise MemoryPairMismatch(
+            f"memory file belongs to pair {stored}, the snapshot is pair {manifest.pair_id}"
+        )
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise MemoryIo(errno.EIO)  # the file ended inside a chunk: truncated
+        done += got
+
+
+def verify_fd(fd: int, manifest: MemoryManifest, mode: str) -> None:
+    """:func:`verify` on an open memory file."""
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"unknown verify mode {mode!r}; expected one of {VERIFY_MODES}")
+    if mode == "none":
+        return
+    try:
+        _check_binding(fd, manifest)
+        if mode == "size":
+            return
+        check_manifest(manifest)
+        hash_of = digest_function(manifest.digest_algorithm)
+        size = manifest.digest_size
+        buffer = memoryview(bytearray(manifest.chunk_size))
+        try:
+            for index, chunk in enumerate(iter_chunks(manifest.extents, manifest.chunk_size)):
+                view = buffer[: chunk.length]
+                _pread_exact(fd, view, chunk.offset)
+                expected = manifest.digests[index * size : (index + 1) * size]
+                if hash_of(view) != expected:
+                    raise MemoryDigestMismatch(chunk.offset, chunk.length)
+        finally:
+            buffer.release()
+    except OSError as error:
+        raise MemoryIo(error) from error
+
+
+def verify(state: _HasManifest | MemoryManifest, memory_path: str, mode: str) -> None:
+    """Check ``memory_path`` against the manifest of ``state`` (see the module doc).
+
+    Args:
+        state: a decoded state (anything with ``.memory``) or a manifest.
+        memory_path: the memory file.
+        mode: ``"none"``, ``"size"`` or ``"full"``.
+
+    Raises:
+        MemoryPairMismatch, MemoryDigestMismatch, MemoryInputInvalid, MemoryIo.
+    """
+    if mode == "none":
+        return
+    manifest = _manifest_of(state)
+    try:
+        fd = os.open(memory_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        raise MemoryIo(error) from error
+    try:
+        verify_fd(fd, manifest, mode)
+    finally:
+        os.close(fd)
+
+
+def data_extents(path: str) -> list[Extent]:
+    """Where ``path`` holds data according to ``SEEK_DATA``/``SEEK_HOLE``, coalesced."""
+    found: list[Extent] = []
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        position = 0
+        while position < size:
+            try:
+                start = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError as error:
+                if error.errno == errno.ENXIO:
+                    break
+                raise
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            found.append(Extent(start, end - start))
+            position = end
+    finally:
+        os.close(fd)
+    return found
+
+
+def first_difference(path_a: str, path_b: str) -> int | None:
+    """The first byte offset where two files' contents differ (holes read as zeros).
+
+    Files of different sizes differ at the shorter size at the latest. None if equal.
+    """
+    with open(path_a, "rb", buffering=0) as file_a, open(path_b, "rb", buffering=0) as file_b:
+        size_a = os.fstat(file_a.fileno()).st_size
+        size_b = os.fstat(file_b.fileno()).st_size
+        offset = 0
+        while offset < min(size_a, size_b):
+            block_a = file_a.read(_COMPARE_BLOCK)
+            block_b = file_b.read(_COMPARE_BLOCK)
+            if block_a != block_b:
+                for index, (x, y) in enumerate(zip(block_a, block_b, strict=False)):
+                    if x != y:
+                        return offset + index
+                return offset + min(len(block_a), len(block_b))
+            offset += len(block_a)
+        return None if size_a == size_b else min(size_a, size_b)

@@ -1,0 +1,242 @@
+"""The VMM side of lazy restore: register guest memory, hand it to a page server.
+
+``UffdBackend.connect(backend_path, memory)`` creates a userfaultfd,
+registers every (empty, anonymous) guest memory region for missing faults,
+connects to the page server and sends the Firecracker handshake. It raises a
+clear ``UffdError`` before any vCPU runs when the server is absent, refuses,
+closes the socket or reports an error.
+
+After the vCPUs start, ``start_monitor(on_dead)`` watches the socket from a
+thread; when the page server's end closes, ``on_dead(reason)`` is called
+(once, from that thread) so the runtime can stop the vCPUs and mark the VM
+failed. The userfaultfd stays open meanwhile: a closed userfaultfd would let
+the kernel zero-fill missing pages and the guest would run on memory that was
+never restored. Close the backend only after the vCPUs are stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from typing import Final, Protocol
+
+import attrs
+
+from .errors import HandshakeFailed, PageServerUnavailable
+from .handshake import MAX_SOCKET_PATH_BYTES, RegionMapping, send_handshake
+from .userfaultfd import Userfaultfd
+
+__all__ = ["DEFAULT_READY_TIMEOUT_S", "GuestMemoryLike", "HostRegion", "UffdBackend"]
+
+#: How long ``connect`` waits for a squibd page server's ``{"ready": true}``.
+#: Firecracker-style servers never answer; after this the load goes on and the
+#: monitor still catches a server that closes later.
+DEFAULT_READY_TIMEOUT_S: Final = 1.0
+_MS_PER_S: Final = 1000
+_STATUS_READ_BYTES: Final = 65536
+
+
+class HostRegion(Protocol):
+    """A guest memory region as mapped in this process (``vm.memory.GuestRegion``)."""
+
+    @property
+    def host_addr(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def file_offset(self) -> int: ...
+
+
+class GuestMemoryLike(Protocol):
+    """Guest memory mapped anonymous and empty (``GuestMemory.anonymous(regions)``)."""
+
+    @property
+    def regions(self) -> Sequence[HostRegion]: ...
+
+
+def _connect(path: str) -> socket.socket:
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        raise PageServerUnavailable(path, f"the path is longer than {MAX_SOCKET_PATH_BYTES} bytes")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except FileNotFoundError as exc:
+        sock.close()
+        raise PageServerUnavailable(path, "no socket exists at that path") from exc
+    except ConnectionRefusedError as exc:
+        sock.close()
+        raise PageServerUnavailable(path, "it refused the connection") from exc
+    except OSError as exc:
+        sock.close()
+        raise PageServerUnavailable(path, exc.strerror or str(exc)) from exc
+    return sock
+
+
+def _parse_status(data: bytes) -> tuple[bool, str | None]:
+    """(ready seen, error message) from status lines written by a squibd page server."""
+    ready, error = False, None
+    for line in data.splitlines():
+        try:
+            message = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(message, dict):
+            if message.get("ready") is True:
+                ready = True
+            if isinstance(message.get("error"), str):
+                error = message["error"]
+    return ready, error
+
+
+@attrs.define(eq=False)
+class UffdBackend:
+    """A live connection to a page server serving this process's guest memory."""
+
+    path: str
+    uffd: Userfaultfd
+    sock: socket.socket
+    regions: tuple[RegionMapping, ...]
+    #: Why the page server stopped serving, once it has (None while it serves).
+    dead_reason: str | None = None
+    _monitor: threading.Thread | None = None
+    _wake_r: int = -1
+    _wake_w: int = -1
+    _closed: bool = False
+
+    @classmethod
+    def connect(
+        cls,
+        backend_path: str,
+        memory: GuestMemoryLike,
+        *,
+        ready_timeout: float = DEFAULT_READY_TIMEOUT_S,
+    ) -> UffdBackend:
+        """Register ``memory`` with a new userfaultfd and hand it to the page server.
+
+        Args:
+            backend_path: the page server's Unix socket (at most 107 bytes).
+            memory: empty anonymous guest memory (nothing may have touched it).
+            ready_timeout: seconds to wait for a squibd page server's ready line.
+
+        Raises:
+            UffdUnsupported: no userfaultfd on this host.
+            PageServerUnavailable: no socket, or the connection is refused.
+            HandshakeFailed: the server closed the socket or reported an error.
+        """
+        page_size = os.sysconf("SC_PAGE_SIZE")
+        regions = tuple(
+            RegionMapping(r.host_addr, r.size, r.file_offset, page_size) for r in memory.regions
+        )
+        sock = _connect(backend_path)
+        try:
+            uffd = Userfaultfd.create()
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            for region in regions:
+                uffd.register(region.base_host_virt_addr, region.size)
+            try:
+                send_handshake(sock, regions, uffd.fd)
+            except OSError as exc:
+                raise HandshakeFailed(
+                    backend_path, f"it closed the socket ({exc.strerror or exc})"
+                ) from exc
+            cls._await_ready(backend_path, sock, ready_timeout)
+        except BaseException:
+            uffd.close()
+            sock.close()
+            raise
+        wake_r, wake_w = os.pipe2(os.O_CLOEXEC)
+        return cls(backend_path, uffd, sock, regions, wake_r=wake_r, wake_w=wake_w)
+
+    @staticmethod
+    def _await_ready(path: str, sock: socket.socket, timeout: float) -> None:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        if not poller.poll(int(timeout * _MS_PER_S)):
+            return  # a Firecracker-style server: it never answers
+        try:
+            data = sock.recv(_STATUS_READ_BYTES)
+        except ConnectionResetError:
+            data = b""  # it closed without reading everything we sent
+        except OSError as exc:
+            raise HandshakeFailed(path, f"the connection failed ({exc.strerror or exc})") from exc
+        ready, error = _parse_status(data)
+        if error is not None:
+            raise HandshakeFailed(path, f"the page server refused: {error}")
+        if not data:
+            raise HandshakeFailed(path, "it closed the socket during the handshake")
+        if not ready:
+            raise HandshakeFailed(path, f"unexpected reply {data[:80]!r}")
+
+    def start_monitor(self, on_dead: Callable[[str], None]) -> None:
+        """Watch the page server from a daemon thread; ``on_dead(reason)`` fires once if it goes.
+
+        ``on_dead`` runs in the monitor thread: hand the news to the runtime
+        thread-safely (e.g. ``trio.from_thread.run_sync`` or a lock).
+        """
+        if self._monitor is not None:
+            raise RuntimeError("the monitor is already running")
+        self._monitor = threading.Thread(
+            target=self._watch, args=(on_dead,), name=f"uffd-monitor:{self.path}", daemon=True
+        )
+        self._monitor.start()
+
+    def _watch(self, on_dead: Callable[[str], None]) -> None:
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        poller.register(self._wake_r, select.POLLIN)
+        error: str | None = None
+        while True:
+            events = dict(poller.poll())
+            if self._wake_r in events:
+                return
+            try:
+                data = self.sock.recv(_STATUS_READ_BYTES)
+            except ConnectionResetError:
+                data = b""
+            except OSError as exc:
+                data, error = b"", error or f"connection error: {exc.strerror or exc}"
+            if data:
+                error = _parse_status(data)[1] or error
+                continue
+            break
+        reason = f"the page server at {self.path!r} stopped serving guest memory: " + (
+            error if error is not None else "it closed the connection (exited or was killed)"
+        )
+        self.dead_reason = reason
+        on_dead(reason)
+
+    def close(self) -> None:
+        """Stop the monitor, close the socket and the userfaultfd (idempotent).
+
+        Call only after the vCPUs stopped and nothing touches guest memory:
+        once the userfaultfd is closed, missing pages read as zeros.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._monitor is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+            if self._monitor is not threading.current_thread():
+                self._monitor.join()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.uffd.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+
+    def __enter__(self) -> UffdBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

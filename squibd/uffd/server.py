@@ -1,0 +1,361 @@
+"""The page server: serves one VMM's guest memory faults from a snapshot chain.
+
+Theory of operation
+-------------------
+One connection is one VM. After the handshake (regions + userfaultfd) the
+server checks that the VM's layout is the snapshot's, pre-faults the pages
+the vCPUs touch first (a few pages: well under a millisecond), answers
+``{"ready": true}`` (a squibd extension Firecracker ignores), then loops:
+
+1. read every pending userfaultfd event without blocking; page faults are
+   served at once (demand first), remove events mark their pages as removed
+   (a later fault there gets a zero page, as after ``MADV_DONTNEED``);
+2. install one 2 MiB block of not-yet-served pages, in memory-file order
+   (background streaming), then go back to 1;
+3. once everything is streamed, block in ``poll`` until a fault or the VMM
+   closing the socket.
+
+Pages come from ``PageSource`` (newest version in a Diff chain, digest
+checked). Data pages are installed with ``UFFDIO_COPY``, holes and removed
+pages with ``UFFDIO_ZEROPAGE``. ``EEXIST`` means the page is already there
+(two vCPUs faulted it, or streaming got there first): it counts as served.
+``EAGAIN`` means the address space is changing: events are read and the
+range retried. A chunk that fails its digest stops the server: it logs the
+offset, tells the VMM why, and closes the connection; the faulting vCPUs stay
+blocked because the VMM keeps its userfaultfd open.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+from collections.abc import Iterator, Sequence
+from typing import Final
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from squibd.snapshot.manifest import MemoryRegion
+
+from . import _abi
+from .errors import ChunkCorrupt, HandshakeInvalid
+from .handshake import RegionMapping, encode_status, receive_handshake
+from .source import HOLE, PageSource
+from .userfaultfd import Userfaultfd
+
+__all__ = ["STREAM_CHUNK", "PageServer", "ServeStats"]
+
+#: Background streaming unit (issue 7: "the rest in 2 MiB chunks").
+STREAM_CHUNK: Final = 2 * 1024 * 1024
+#: Marks pages already served in the per-block segment computation.
+_SERVED: Final = -2
+_POLL_FOREVER: Final = -1
+_log = logging.getLogger("squibd.uffd")
+
+
+@attrs.define
+class ServeStats:
+    """What one connection was served (for logs, tests and benchmarks)."""
+
+    faults: int = 0
+    fault_zero_pages: int = 0
+    prefetched_pages: int = 0
+    streamed_bytes: int = 0
+    already_present: int = 0
+    removed_pages: int = 0
+    streaming_done: bool = False
+    #: Why serving stopped early (corrupt chunk, bad handshake), None when the VMM left.
+    error: str | None = None
+
+
+@attrs.define(eq=False)
+class _Connection:
+    """Serving state of one VMM."""
+
+    uffd: Userfaultfd
+    sock: socket.socket
+    regions: tuple[RegionMapping, ...]  # sorted by offset
+    bases: list[int]  # region index -> base_host_virt_addr, in host-address order
+    by_base: list[RegionMapping]
+    served: npt.NDArray[np.bool_]
+    removed: npt.NDArray[np.bool_]
+    stats: ServeStats = attrs.Factory(ServeStats)
+    vmm_gone: bool = False
+
+
+@attrs.define(eq=False)
+class PageServer:
+    """Serves guest memory faults from ``source`` (see the module docs).
+
+    Args:
+        source: the snapshot chain's memory.
+        regions: the manifest's regions (the VM's layout must equal them).
+        prefetch: memory-file offsets of pages to install right after the handshake.
+        fault_granule: bytes installed per demand fault (a multiple of the page size).
+        stream: stream the rest of memory in the background.
+    """
+
+    source: PageSource
+    regions: tuple[MemoryRegion, ...]
+    prefetch: Sequence[int] = ()
+    fault_granule: int = 0
+    stream: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        page = self.source.page_size
+        if self.fault_granule == 0:
+            self.fault_granule = page
+        if self.fault_granule % page:
+            raise ValueError(f"fault granule {self.fault_granule} is not a multiple of {page}")
+
+    # --- connection setup -----------------------------------------------------
+    def _accept(self, sock: socket.socket) -> _Connection:
+        regions, fd = receive_handshake(sock)
+        uffd = Userfaultfd.adopt(fd)
+        try:
+            os.set_blocking(fd, False)
+            self._check_layout(regions)
+        except BaseException:
+            uffd.close()
+            raise
+        by_base = sorted(regions, key=lambda r: r.base_host_virt_addr)
+        pages = self.source.size // self.source.page_size
+        return _Connection(
+            uffd=uffd,
+            sock=sock,
+            regions=tuple(sorted(regions, key=lambda r: r.offset)),
+            bases=[r.base_host_virt_addr for r in by_base],
+            by_base=by_base,
+            served=np.zeros(pages, dtype=np.bool_),
+            removed=np.zeros(pages, dtype=np.bool_),
+        )
+
+    def _check_layout(self, regions: Sequence[RegionMapping]) -> None:
+        page = self.source.page_size
+        for region in regions:
+            if region.page_size != page:
+                raise HandshakeInvalid(
+                    f"the VM uses {region.page_size}-byte pages; this page server serves "
+                    f"{page}-byte pages only"
+                )
+        theirs = sorted((r.offset, r.size) for r in regions)
+        ours = sorted((r.file_offset, r.size) for r in self.regions)
+        if theirs != ours:
+            raise HandshakeInvalid(
+                f"the VM's memory layout {theirs} (offset, size) differs from the snapshot's {ours}"
+            )
+
+    def serve(self, sock: socket.socket) -> ServeStats:
+        """Take the handshake on ``sock`` and serve that VM until it closes the socket.
+
+        Returns the statistics; ``stats.error`` says why serving stopped early.
+        Closes nothing it did not open except the received userfaultfd.
+        """
+        try:
+            conn = self._accept(sock)
+        except HandshakeInvalid as exc:
+            _log.error("refusing the handshake: %s", exc)
+            self._tell(sock, str(exc))
+            return ServeStats(error=str(exc))
+        try:
+            self._prefetch(conn)
+            self._tell(sock, None)
+            self._run(conn)
+        except ChunkCorrupt as exc:
+            _log.error("%s (file offset %#x); stopping: the VM must not run on it", exc, exc.offset)
+            conn.stats.error = str(exc)
+            self._tell(sock, str(exc))
+        finally:
+            conn.uffd.close()
+        _log.info("served: %s", conn.stats)
+        return conn.stats
+
+    @staticmethod
+    def _tell(sock: socket.socket, error: str | None) -> None:
+        with contextlib.suppress(OSError):  # a VMM that is gone needs no news
+            sock.sendall(encode_status(ready=error is None, error=error))
+
+    # --- the loop ---------------------------------------------------------------
+    def _prefetch(self, conn: _Connection) -> None:
+        page = self.source.page_size
+        for offset in self.prefetch:
+            conn.stats.prefetched_pages += self._install(conn, offset // page, 1)
+
+    def _run(self, conn: _Connection) -> None:
+        page = self.source.page_size
+        poller = select.poll()
+        poller.register(conn.uffd.fd, select.POLLIN)
+        poller.register(conn.sock, select.POLLIN)
+        cursor = 0 if self.stream else self.source.size
+        block_pages = STREAM_CHUNK // page
+        total_pages = self.source.size // page
+        while not conn.vmm_gone:
+            timeout = 0 if cursor < self.source.size else _POLL_FOREVER
+            for fd, _mask in poller.poll(timeout):
+                if fd == conn.sock.fileno():
+                    self._check_vmm(conn)
+            if conn.vmm_gone:
+                break
+            self._drain(conn)
+            if cursor < self.source.size:
+                first = cursor // page
+                count = min(block_pages, total_pages - first)
+                conn.stats.streamed_bytes += self._install(conn, first, count) * page
+                cursor += count * page
+                if cursor >= self.source.size:
+                    conn.stats.streaming_done = True
+                    _log.info("background streaming done")
+
+    @staticmethod
+    def _check_vmm(conn: _Connection) -> None:
+        try:
+            data = conn.sock.recv(4096)
+        except OSError:
+            data = b""
+        if not data:
+            conn.vmm_gone = True
+
+    def _drain(self, conn: _Connection) -> None:
+        """Serve every pending event now (faults first, before any streaming)."""
+        while True:
+            try:
+                events = conn.uffd.read_events()
+            except OSError as exc:
+                _log.warning("reading userfaultfd events failed: %s", exc)
+                conn.vmm_gone = True
+                return
+            if not events:
+                return
+            for event, word0, word1 in events:
+                if event == _abi.UFFD_EVENT_PAGEFAULT:
+                    self._on_fault(conn, word1)
+                elif event == _abi.UFFD_EVENT_REMOVE:
+                    self._on_remove(conn, word0, word1)
+
+    def _locate(self, conn: _Connection, address: int) -> tuple[RegionMapping, int] | None:
+        index = bisect.bisect_right(conn.bases, address) - 1
+        if index < 0:
+            return None
+        region = conn.by_base[index]
+        if address >= region.base_host_virt_addr + region.size:
+            return None
+        return region, address - region.base_host_virt_addr
+
+    def _on_fault(self, conn: _Connection, address: int) -> None:
+        located = self._locate(conn, address)
+        if located is None:
+            _log.warning("fault at %#x outside every registered region", address)
+            return
+        region, in_region = located
+        conn.stats.faults += 1
+        page = self.source.page_size
+        start = in_region - in_region % self.fault_granule
+        stop = min(start + self.fault_granule, region.size)
+        first = (region.offset + start) // page
+        count = (stop - start) // page
+        if self._install(conn, first, count) == 0:
+            # Already installed (EEXIST race): make sure the faulting thread runs.
+            conn.uffd.wake(address - address % page, page)
+
+    def _on_remove(self, conn: _Connection, start: int, end: int) -> None:
+        page = self.source.page_size
+        for region in conn.regions:
+            lo = max(start, region.base_host_virt_addr)
+            hi = min(end, region.base_host_virt_addr + region.size)
+            if lo < hi:
+                first = (region.offset + lo - region.base_host_virt_addr) // page
+                last = (region.offset + hi - region.base_host_virt_addr + page - 1) // page
+                conn.served[first:last] = False
+                conn.removed[first:last] = True
+                conn.stats.removed_pages += last - first
+
+    # --- installing pages ---------------------------------------------------------
+    def _segments(
+        self, conn: _Connection, first: int, count: int
+    ) -> Iterator[tuple[int, int, int]]:
+        """(first, count, layer) runs of the pages not yet served; removed pages are holes."""
+        if count == 1:
+            if not conn.served[first]:
+                yield first, 1, HOLE if conn.removed[first] else int(
+                    self.source.layer_of_page[first]
+                )
+            return
+        stop = first + count
+        kinds = self.source.layer_of_page[first:stop].astype(np.int16)
+        kinds[conn.removed[first:stop]] = HOLE
+        kinds[conn.served[first:stop]] = _SERVED
+        changes = np.flatnonzero(np.diff(kinds)) + 1
+        starts = [0, *changes.tolist()]
+        ends = [*changes.tolist(), count]
+        for lo, hi in zip(starts, ends, strict=True):
+            kind = int(kinds[lo])
+            if kind != _SERVED:
+                yield first + lo, hi - lo, kind
+
+    def _install(self, conn: _Connection, first: int, count: int) -> int:
+        """Install the unserved pages of ``[first, first+count)``; returns pages installed."""
+        installed = 0
+        page = self.source.page_size
+        for seg_first, seg_count, layer in list(self._segments(conn, first, count)):
+            offset, end = seg_first * page, (seg_first + seg_count) * page
+            for region in conn.regions:
+                lo = max(offset, region.offset)
+                hi = min(end, region.offset + region.size)
+                if lo < hi:
+                    dst = region.base_host_virt_addr + lo - region.offset
+                    installed += self._place(conn, dst, lo, hi - lo, layer)
+        return installed
+
+    def _place(self, conn: _Connection, dst: int, offset: int, length: int, layer: int) -> int:
+        """Copy (or zero) one run at ``dst``; returns pages newly installed."""
+        page = self.source.page_size
+        src = 0 if layer == HOLE else self.source.source_address(layer, offset, length)
+        installed = 0
+        while length > 0:
+            if layer == HOLE:
+                done, err = conn.uffd.zeropage(dst, length)
+            else:
+                done, err = conn.uffd.copy(dst, src, length)
+            if done:
+                first = offset // page
+                conn.served[first : first + done // page] = True
+                installed += done // page
+                dst, src, offset, length = dst + done, src + done, offset + done, length - done
+            if err == 0 or length == 0:
+                break
+            if err == errno.EEXIST:
+                conn.served[offset // page] = True
+                conn.stats.already_present += 1
+                dst, src, offset, length = dst + page, src + page, offset + page, length - page
+            elif err == errno.EAGAIN:
+                if not done:
+                    self._drain_removes_only(conn)
+                    if conn.removed[offset // page] and layer != HOLE:
+                        return installed  # now a removed page: a later fault zero-fills it
+            elif err in (errno.ENOENT, errno.ESRCH):
+                conn.vmm_gone = err == errno.ESRCH
+                return installed  # the mapping or the VMM is gone
+            else:
+                raise OSError(err, f"installing {length} bytes at {dst:#x}: {os.strerror(err)}")
+        return installed
+
+    def _drain_removes_only(self, conn: _Connection) -> None:
+        """Read events during an EAGAIN: removes apply now, faults are served after."""
+        try:
+            events = conn.uffd.read_events()
+        except OSError:
+            return
+        faults: list[int] = []
+        for event, word0, word1 in events:
+            if event == _abi.UFFD_EVENT_REMOVE:
+                self._on_remove(conn, word0, word1)
+            elif event == _abi.UFFD_EVENT_PAGEFAULT:
+                faults.append(word1)
+        for address in faults:
+            self._on_fault(conn, address)

@@ -1,0 +1,238 @@
+"""Where each page of guest memory comes from: a Full memory file and its Diffs.
+
+Theory of operation: a chain is a Full memory file followed by zero or more
+Diffs, in checkpoint order. The newest layer whose manifest extents cover a
+page holds that page's content; a page no layer wrote is zero (a hole). The
+chain is served as is, without rebasing: ``layer_of_page`` records, per host
+page, the index of the layer to copy from (``HOLE`` for zero pages).
+
+Every memory file is mapped read-only and private. Before any byte of a
+layer is handed out, every digest chunk of that layer inside the same
+chunk-size-aligned block is checked against the manifest (``ChunkCorrupt`` on
+mismatch, naming the file and offset); a block is checked once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from collections.abc import Iterator, Sequence
+from typing import Final
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from squibd.snapshot.digest import digest_function
+from squibd.snapshot.manifest import KIND_FULL, MemoryManifest, iter_chunks
+
+from .errors import ChunkCorrupt, SnapshotMismatch
+
+__all__ = ["HOLE", "PAIR_XATTR", "MemoryLayer", "PageSource"]
+
+#: ``layer_of_page`` value of a page no layer wrote: served as zeros.
+HOLE: Final = -1
+#: SPEC section 4: the memory file names its pair in this extended attribute.
+PAIR_XATTR: Final = "user.squibd.pair"
+#: Layers per chain at most (``layer_of_page`` is int8).
+MAX_LAYERS: Final = 127
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.argtypes = [
+    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.munmap.restype = ctypes.c_int
+#: ``MAP_FAILED`` is ``(void *) -1``.
+_MAP_FAILED: Final = ctypes.c_void_p(-1).value
+
+
+def _check_pair(path: str, fd: int, manifest: MemoryManifest) -> None:
+    size = os.fstat(fd).st_size
+    if size != manifest.file_size:
+        raise SnapshotMismatch(
+            f"memory file {path!r} is {size} bytes, its manifest says {manifest.file_size}"
+        )
+    try:
+        pair = os.getxattr(fd, PAIR_XATTR).decode(errors="replace")
+    except OSError:
+        return  # the filesystem keeps no xattrs, or the file was copied without them
+    if pair != manifest.pair_id:
+        raise SnapshotMismatch(
+            f"memory file {path!r} belongs to pair {pair}, the state file to {manifest.pair_id}"
+        )
+
+
+@attrs.define(eq=False)
+class MemoryLayer:
+    """One memory file of the chain, mapped read-only, with lazy digest checks."""
+
+    path: str
+    manifest: MemoryManifest
+    base: int
+    size: int
+    #: chunk-aligned block index -> [(offset, length, digest index)] of that block.
+    _chunks: dict[int, list[tuple[int, int, int]]]
+    _verified: set[int] = attrs.Factory(set)
+
+    @classmethod
+    def open(cls, path: str, manifest: MemoryManifest) -> MemoryLayer:
+        """Map ``path`` (checked against ``manifest``: size and pair xattr).
+
+        Raises:
+            SnapshotMismatch: the file does not belong to the manifest.
+            OSError: the file cannot be opened or mapped.
+        """
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _check_pair(path, fd, manifest)
+            base = _libc.mmap(None, manifest.file_size, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
+            if base is None or base == _MAP_FAILED:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mmap of {path!r}: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+        chunks: dict[int, list[tuple[int, int, int]]] = {}
+        for index, chunk in enumerate(iter_chunks(manifest.extents, manifest.chunk_size)):
+            chunks.setdefault(chunk.offset // manifest.chunk_size, []).append(
+                (chunk.offset, chunk.length, index)
+            )
+        count = sum(len(v) for v in chunks.values())
+        if count * manifest.digest_size != len(manifest.digests):
+            _libc.munmap(base, manifest.file_size)
+            raise SnapshotMismatch(
+                f"the manifest of {path!r} lists {len(manifest.digests)} digest bytes "
+                f"for {count} chunks"
+            )
+        return cls(path, manifest, base, manifest.file_size, chunks)
+
+    def view(self, offset: int, length: int) -> memoryview:
+        """A read-only view of ``[offset, offset+length)`` of the file (unchecked)."""
+        return memoryview((ctypes.c_char * length).from_address(self.base + offset)).cast("B")
+
+    def verify_range(self, offset: int, length: int) -> None:
+        """Check every chunk in the blocks touching ``[offset, offset+length)`` (once each).
+
+        Raises:
+            ChunkCorrupt: a chunk's digest differs from the manifest.
+        """
+        chunk_size = self.manifest.chunk_size
+        for block in range(offset // chunk_size, (offset + length - 1) // chunk_size + 1):
+            if block not in self._verified:
+                self._verify_block(block)
+
+    def _verify_block(self, block: int) -> None:
+        function = digest_function(self.manifest.digest_algorithm)
+        size = self.manifest.digest_size
+        digests = self.manifest.digests
+        for offset, length, index in self._chunks.get(block, ()):
+            if function(self.view(offset, length)) != digests[index * size : (index + 1) * size]:
+                raise ChunkCorrupt(self.path, offset, length)
+        self._verified.add(block)
+
+    def close(self) -> None:
+        """Unmap the file (idempotent)."""
+        if self.base:
+            _libc.munmap(self.base, self.size)
+            self.base = 0
+
+
+@attrs.define(eq=False)
+class PageSource:
+    """A Full memory file and its Diffs, served page by page (newest version wins)."""
+
+    layers: tuple[MemoryLayer, ...]
+    page_size: int
+    layer_of_page: npt.NDArray[np.int8]
+
+    @classmethod
+    def open(cls, chain: Sequence[tuple[str, MemoryManifest]]) -> PageSource:
+        """Open a chain of ``(memory file, manifest)``: a Full, then its Diffs in order.
+
+        Raises:
+            SnapshotMismatch: the chain is not Full + Diffs of one another, or a file
+                does not match its manifest.
+        """
+        if not chain:
+            raise SnapshotMismatch("no memory file given")
+        if not 0 < len(chain) <= MAX_LAYERS:
+            raise SnapshotMismatch(f"a chain holds at most {MAX_LAYERS} memory files")
+        first = chain[0][1]
+        if first.kind != KIND_FULL:
+            raise SnapshotMismatch(f"{chain[0][0]!r} is a {first.kind} snapshot; the chain "
+                                   "must start with a Full one")
+        page = first.page_size
+        for (path, manifest), (_, parent) in zip(chain[1:], chain, strict=False):
+            if manifest.parent_pair_id != parent.pair_id:
+                raise SnapshotMismatch(
+                    f"{path!r} applies to pair {manifest.parent_pair_id}, not to the "
+                    f"previous snapshot of the chain ({parent.pair_id})"
+                )
+            if manifest.regions != first.regions or manifest.page_size != page:
+                raise SnapshotMismatch(f"{path!r} has another memory layout than the Full")
+        layer_of_page = np.full(first.file_size // page, HOLE, dtype=np.int8)
+        layers: list[MemoryLayer] = []
+        try:
+            for index, (path, manifest) in enumerate(chain):
+                layers.append(MemoryLayer.open(path, manifest))
+                for extent in manifest.extents:
+                    if extent.offset % page or extent.length % page:
+                        raise SnapshotMismatch(
+                            f"{path!r}: extent at {extent.offset:#x} is not page aligned"
+                        )
+                    layer_of_page[extent.offset // page : extent.end // page] = index
+        except BaseException:
+            for layer in layers:
+                layer.close()
+            raise
+        return cls(tuple(layers), page, layer_of_page)
+
+    @property
+    def size(self) -> int:
+        """Bytes of guest memory (the memory file's size)."""
+        return len(self.layer_of_page) * self.page_size
+
+    def runs(self, first_page: int, count: int) -> Iterator[tuple[int, int, int]]:
+        """Cut ``count`` pages from ``first_page`` into ``(first, count, layer)`` runs."""
+        end = first_page + count
+        owners = self.layer_of_page
+        while first_page < end:
+            layer = int(owners[first_page])
+            stop = first_page + 1
+            while stop < end and owners[stop] == layer:
+                stop += 1
+            yield first_page, stop - first_page, layer
+            first_page = stop
+
+    def source_address(self, layer: int, offset: int, length: int) -> int:
+        """Address of verified bytes ``[offset, offset+length)`` of ``layer`` in this process.
+
+        Raises:
+            ChunkCorrupt: the data fails its digest.
+        """
+        source = self.layers[layer]
+        source.verify_range(offset, length)
+        return source.base + offset
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest memory bytes at a memory-file offset, newest version, verified."""
+        out = bytearray()
+        page = self.page_size
+        first = offset // page
+        last = (offset + length - 1) // page
+        for run_first, run_count, layer in self.runs(first, last - first + 1):
+            start = max(offset, run_first * page)
+            stop = min(offset + length, (run_first + run_count) * page)
+            if layer == HOLE:
+                out += bytes(stop - start)
+            else:
+                address = self.source_address(layer, start, stop - start)
+                out += ctypes.string_at(address, stop - start)
+        return bytes(out)
+
+    def close(self) -> None:
+        """Unmap every layer."""
+        for layer in self.layers:
+            layer.close()

@@ -1,0 +1,146 @@
+"""Load: build a fresh VM from a snapshot pair (SPEC section 8).
+
+Theory of operation. ``load_snapshot`` reads and checks the state file
+(size limit, CRC, magic, version, compatibility: ``read_state_file``),
+checks the pair binding (the memory file's size equals the manifest's and
+its ``user.squibd.pair`` xattr, where present, names the manifest's pair)
+before any vCPU exists, maps the memory, and rebuilds the VM: VM-level
+state, then vCPU state. The VM is left Paused with its vCPU threads not yet
+started, unless ``resume_vm``.
+
+Backends:
+- ``File``: the memory file mapped ``MAP_PRIVATE | MAP_NORESERVE``: lazily
+  faulted, copy-on-write; guest writes never reach the file.
+- ``Uffd``: anonymous memory registered with userfaultfd and served on
+  demand by a page server (``squibd.uffd.UffdBackend``); if the page server
+  dies after the vCPUs started, the VM enters the error state.
+
+A restored VM's last checkpoint is the loaded pair, so a Diff taken after
+the restore applies to it. With ``track_dirty_pages`` the slots log dirty
+pages from the first instruction.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import trio
+
+from ..kvm.errors import KvmError
+from ..snapshot.envelope import read_state_file
+from ..snapshot.errors import Capture
+from ..snapshot.manifest import KIND_FULL
+from ..snapshot.models import X86MicrovmState
+from ..snapshot.paths import validate_path
+from ..snapshot.verify import verify
+from ..uffd import UffdBackend
+from ._threads import run_blocking
+from .errors import PairMismatch
+from .machine import Vm
+from .memory import GuestMemory
+from .models import BACKEND_FILE, BACKEND_UFFD, MemBackend, Progress
+
+__all__ = ["load_snapshot"]
+
+#: Phases reported to the progress callback, in order.
+_PHASES: Final = ("read-state", "check-pair", "map-memory", "restore", "done")
+
+
+def _report(progress: Progress | None, phase: str) -> None:
+    if progress is not None:
+        progress(phase, _PHASES.index(phase) + 1, len(_PHASES))
+
+
+def _map_file(vm_id: str, state: X86MicrovmState, mem_path: str) -> GuestMemory:
+    if state.memory.kind != KIND_FULL:
+        raise PairMismatch(
+            vm_id,
+            "the snapshot is a Diff; rebase it onto its Full parent "
+            "(squibd --rebase-snapshot) and load the result",
+        )
+    verify(state, mem_path, "size")
+    return GuestMemory.from_file(mem_path, state.memory.regions)
+
+
+async def load_snapshot(
+    vm_id: str,
+    snapshot_path: str,
+    mem_backend: MemBackend,
+    *,
+    track_dirty_pages: bool,
+    resume_vm: bool,
+    quiesce_timeout_s: float,
+    limiter: trio.CapacityLimiter,
+    progress: Progress | None = None,
+) -> Vm:
+    """Build VM ``vm_id`` from a pair (see the module doc).
+
+    Raises:
+        InvalidPath: a path breaks SPEC section 10.
+        CrcMismatch, TooShort, MagicMismatch, VersionMismatch, Bitcode,
+        SizeLimitExceeded, Incompatible, Io: the state file is unusable.
+        MemoryIo (MemoryPairMismatch): the memory file is of another pair or size.
+        PairMismatch: the pair cannot be loaded as such (a Diff).
+        UffdError: the page server is absent or refused the handshake.
+        Capture: KVM refused the state.
+    """
+    snap = validate_path(snapshot_path, what="snapshot_path")
+    backend_path = validate_path(
+        mem_backend.backend_path,
+        what="backend_path",
+        socket=mem_backend.backend_type == BACKEND_UFFD,
+    )
+    _report(progress, "read-state")
+    state = await run_blocking(lambda: read_state_file(snap), limiter)
+    if not isinstance(state, X86MicrovmState):
+        raise PairMismatch(vm_id, "the snapshot is not an x86_64 snapshot")
+    _report(progress, "check-pair")
+    uffd_session: UffdBackend | None = None
+    if mem_backend.backend_type == BACKEND_FILE:
+        memory = await run_blocking(lambda: _map_file(vm_id, state, backend_path), limiter)
+    else:
+        memory, uffd_session = await _map_uffd(state, backend_path, limiter)
+    _report(progress, "map-memory")
+    token = trio.lowlevel.current_trio_token()
+    try:
+        vm = await run_blocking(
+            lambda: Vm.restore(
+                vm_id,
+                state.vm_info,
+                state.vm_state,
+                state.vcpu_states,
+                memory,
+                track_dirty_pages=track_dirty_pages,
+                token=token,
+                quiesce_timeout_s=quiesce_timeout_s,
+            ),
+            limiter,
+        )
+    except BaseException as error:
+        if uffd_session is not None:
+            uffd_session.close()
+        memory.close()
+        if isinstance(error, KvmError):
+            raise Capture(str(error)) from error
+        raise
+    vm.last_pair_id = state.memory.pair_id
+    if uffd_session is not None:
+        vm.attach_page_server(uffd_session)
+    _report(progress, "restore")
+    if resume_vm:
+        vm.resume()
+    _report(progress, "done")
+    return vm
+
+
+async def _map_uffd(
+    state: X86MicrovmState, socket_path: str, limiter: trio.CapacityLimiter
+) -> tuple[GuestMemory, UffdBackend]:
+    """Anonymous memory registered with userfaultfd and handed to the page server."""
+    memory = GuestMemory.anonymous(state.memory.regions)
+    try:
+        session = await run_blocking(lambda: UffdBackend.connect(socket_path, memory), limiter)
+    except BaseException:
+        memory.close()
+        raise
+    return memory, session

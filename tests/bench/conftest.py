@@ -1,0 +1,10 @@
+"""tests/bench: put the repository's bench/ directory on sys.path so tests import the helpers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))

@@ -1,0 +1,336 @@
+"""The pair commit and its recovery (SPEC section 5, invariant 4 as far as files go)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from squibd.demo_format import sample_manifest, sample_x86_state
+from squibd.snapshot.commit import (
+    COMMIT_STEPS,
+    JOURNAL_MARKER,
+    PairTransaction,
+    recover_directory,
+    recover_pair,
+)
+from squibd.snapshot.envelope import encode_state, read_state_file
+from squibd.snapshot.errors import (
+    AtomicCommitCrossFs,
+    AtomicCommitFailed,
+    Incompatible,
+    InvalidPath,
+    Io,
+    MemoryIo,
+)
+
+OLD_MEM = b"old memory page " * 512
+NEW_MEM = b"NEW" * 5000
+OLD_STATE = encode_state(sample_x86_state(1, 1, manifest=sample_manifest(1, pair_id="old")))
+NEW_STATE = encode_state(sample_x86_state(2, 1, manifest=sample_manifest(1, pair_id="new")))
+#: The first step after which the new pair must win.
+COMMIT_POINT = COMMIT_STEPS.index("committed")
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[str, str]:
+    return str(tmp_path / "vm.snap"), str(tmp_path / "vm.mem")
+
+
+def write_old_pair(snap: str, mem: str) -> None:
+    Path(snap).write_bytes(OLD_STATE)
+    Path(mem).write_bytes(OLD_MEM)
+
+
+def save(snap: str, mem: str, **kwargs: object) -> None:
+    with PairTransaction(snap, mem, **kwargs) as tx:  # type: ignore[arg-type]
+        os.pwrite(tx.mem_fd, NEW_MEM, 0)
+        tx.commit(NEW_STATE)
+
+
+def pair_bytes(snap: str, mem: str) -> tuple[bytes | None, bytes | None]:
+    def read(path: str) -> bytes | None:
+        return Path(path).read_bytes() if os.path.lexists(path) else None
+
+    return read(snap), read(mem)
+
+
+def leftovers(*directories: str) -> list[str]:
+    return sorted(
+        name
+        for directory in directories
+        for name in os.listdir(directory)
+        if ".squibd-" in name
+    )
+
+
+def test_save_puts_the_new_pair_in_place_with_no_temps(pair: tuple[str, str]) -> None:
+    snap, mem = pair
+    write_old_pair(snap, mem)
+    save(snap, mem)
+    assert pair_bytes(snap, mem) == (NEW_STATE, NEW_MEM)
+    assert read_state_file(snap).memory.pair_id == "new"
+    assert leftovers(os.path.dirname(snap)) == []
+    assert stat.S_IMODE(os.stat(snap).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(mem).st_mode) == 0o600
+
+
+def test_temps_are_beside_the_destinations_with_mode_0600(tmp_path: Path) -> None:
+    (tmp_path / "s").mkdir()
+    (tmp_path / "m").mkdir()
+    snap, mem = str(tmp_path / "s" / "a.snap"), str(tmp_path / "m" / "a.mem")
+    with PairTransaction(snap, mem) as tx:
+        assert os.path.dirname(tx.mem_tmp_path) == str(tmp_path / "m")
+        assert os.path.dirname(tx.state_tmp_path) == str(tmp_path / "s")
+        for path in (tx.mem_tmp_path, tx.state_tmp_path):
+            assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+        other = PairTransaction(str(tmp_path / "s" / "b.snap"), str(tmp_path / "m" / "b.mem"))
+        assert other.mem_tmp_path != tx.mem_tmp_path  # unique names
+        other.abort()
+    assert leftovers(str(tmp_path / "s"), str(tmp_path / "m")) == []
+
+
+def test_commit_sizes_the_memory_file_and_keeps_its_xattr(pair: tuple[str, str]) -> None:
+    snap, mem = pair
+    with PairTransaction(snap, mem) as tx:
+        os.pwrite(tx.mem_fd, b"x", 0)
+        try:
+            os.setxattr(tx.mem_fd, "user.squibd.pair", b"new")
+        except OSError as exc:
+            pytest.skip(f"no user xattrs here: {exc}")
+        tx.commit(NEW_STATE, mem_size=1 << 20)
+    assert os.path.getsize(mem) == 1 << 20
+    assert os.getxattr(mem, "user.squibd.pair") == b"new"
+
+
+def test_exit_without_commit_aborts_and_keeps_the_old_pair(pair: tuple[str, str]) -> None:
+    snap, mem = pair
+    write_old_pair(snap, mem)
+    with PairTransaction(snap, mem) as tx:
+        os.pwrite(tx.mem_fd, NEW_MEM, 0)
+    assert pair_bytes(snap, mem) == (OLD_STATE, OLD_MEM)
+    assert leftovers(os.path.dirname(snap)) == []
+
+
+def test_prior_pair_survives_a_save_that_fails_validation(pair: tuple[str, str]) -> None:
+    snap, mem = pair
+    write_old_pair(snap, mem)
+    broken = sample_x86_state(1, 3, manifest=sample_manifest(1))  # manifest != mem_size_mib
+    with pytest.raises(Incompatible), PairTransaction(snap, mem) as tx:
+        os.pwrite(tx.mem_fd, NEW_MEM, 0)
+        tx.commit(encode_state(broken))
+    assert pair_bytes(snap, mem) == (OLD_STATE, OLD_MEM)
+    assert leftovers(os.path.dirname(snap)) == []
+
+
+@pytest.mark.parametrize(
+    ("snap", "mem"),
+    [("/tmp/x/a.snap", "/tmp/x/a.snap"), ("/tmp/x/a.snap", "/tmp/x/./a.snap"),
+     ("relative.snap", "/tmp/a.mem"), ("/tmp/a.snap", "/tmp/../a.mem")],
+)  # fmt: skip
+def test_invalid_or_identical_paths_are_refused(snap: str, mem: str) -> None:
+    with pytest.raises(InvalidPath):
+        PairTransaction(snap, mem)
+
+
+def test_same_file_through_a_symlinked_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    with pytest.raises(InvalidPath, match="must be different files"):
+        PairTransaction(str(tmp_path / "real" / "a"), str(tmp_path / "alias" / "a"))
+    assert os.listdir(tmp_path / "real") == []
+
+
+def test_planted_symlink_at_a_temp_path_is_never_followed(pair: tuple[str, str]) -> None:
+    snap, mem = pair
+    directory = os.path.dirname(snap)
+    victim = Path(directory) / "victim"
+    victim.write_bytes(b"precious")
+
+    def plant(step: str) -> None:
+        if step == "journal_created":  # txid known, temps not yet created
+            (journal,) = [n for n in os.listdir(directory) if JOURNAL_MARKER in n]
+            txid = journal.rsplit(".", 1)[1]
+            os.symlink(victim, os.path.join(directory, f".vm.snap.squibd-tmp-state.{txid}"))
+
+    with pytest.raises(Io, match=r"File exists \(os error 17\)"):
+        PairTransaction(snap, mem, step_hook=plant)
+    assert victim.read_bytes() == b"precious"
+    (planted,) = leftovers(directory)  # our journal is gone; the planted link is not ours
+    assert os.path.islink(os.path.join(directory, planted))
+
+
+def test_planted_symlink_at_the_memory_temp_is_a_memory_io_error(pair: tuple[str, str]) -> None:
+    snap, mem = pair
+    directory = os.path.dirname(snap)
+    victim = Path(directory) / "victim"
+    victim.write_bytes(b"precious")
+
+    def plant(step: str) -> None:
+        if step == "journal_prepared":
+            (journal,) = [n for n in os.listdir(directory) if JOURNAL_MARKER in n]
+            txid = journal.rsplit(".", 1)[1]
+            os.symlink(victim, os.path.join(directory, f".vm.mem.squibd-tmp-mem.{txid}"))
+
+    with pytest.raises(MemoryIo, match="os error 17"):
+        PairTransaction(snap, mem, step_hook=plant)
+    assert victim.read_bytes() == b"precious"
+    assert len(leftovers(directory)) == 1  # only the planted link; the state temp was removed
+
+
+def test_a_symlink_at_the_destination_is_replaced_not_followed(pair: tuple[str, str]) -> None:
+    snap, mem = pair
+    victim = Path(os.path.dirname(snap)) / "victim"
+    victim.write_bytes(b"precious")
+    os.symlink(victim, snap)
+    save(snap, mem)
+    assert not os.path.islink(snap)
+    assert victim.read_bytes() == b"precious"
+
+
+def test_a_second_save_of_the_same_paths_is_busy(pair: tuple[str, str]) -> None:
+    snap, mem = pair
+    with PairTransaction(snap, mem):
+        with pytest.raises(Io) as info:
+            PairTransaction(snap, str(Path(mem).with_suffix(".other")))
+        assert info.value.errno == errno.EBUSY
+    save(snap, mem)  # free again afterwards
+
+
+def test_failed_rename_rolls_back_to_the_old_pair(pair: tuple[str, str]) -> None:
+    snap, mem = pair
+    Path(snap).write_bytes(OLD_STATE)
+    os.mkdir(mem)  # rename(file, directory) fails for real with EISDIR
+    with pytest.raises(AtomicCommitFailed, match=r"Is a directory \(os error 21\)"):
+        save(snap, mem)
+    assert Path(snap).read_bytes() == OLD_STATE
+    assert os.path.isdir(mem)
+    assert leftovers(os.path.dirname(snap)) == []
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    mount_point = tmp_path / "staging"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                            capture_output=True, check=False)  # fmt: skip
+    if result.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_staging_dir_on_another_filesystem_fails_before_any_write(tmp_path: Path,
+                                                                  tmpfs: Path) -> None:  # fmt: skip
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(AtomicCommitCrossFs) as info:
+        PairTransaction(str(dest / "a.snap"), str(dest / "a.mem"), staging_dir=str(tmpfs))
+    assert str(info.value) == (
+        "snapshot temp-file path is on a different filesystem from the destination "
+        f'(dest="{dest}/a.snap", temp_dir="{tmpfs}"); rename(2) cannot be atomic across mounts'
+    )
+    assert os.listdir(dest) == [] and os.listdir(tmpfs) == []
+
+
+def test_staging_dir_on_the_same_filesystem_holds_the_temps(tmp_path: Path) -> None:
+    stage, dest = tmp_path / "stage", tmp_path / "dest"
+    stage.mkdir()
+    dest.mkdir()
+    snap, mem = str(dest / "a.snap"), str(dest / "a.mem")
+    with PairTransaction(snap, mem, staging_dir=str(stage)) as tx:
+        assert os.path.dirname(tx.mem_tmp_path) == str(stage)
+        os.pwrite(tx.mem_fd, NEW_MEM, 0)
+        tx.commit(NEW_STATE)
+    assert pair_bytes(snap, mem) == (NEW_STATE, NEW_MEM)
+    assert leftovers(str(stage), str(dest)) == []
+
+
+# --- crash safety: SIGKILL at every step of the commit ------------------------
+
+
+def save_and_die_at(step: str, snap: str, mem: str) -> None:
+    """Fork a child that saves and SIGKILLs itself right after ``step``."""
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 3
+        try:
+
+            def die(name: str) -> None:
+                if name == step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            save(snap, mem, step_hook=die)
+            code = 4
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+@pytest.mark.parametrize("had_old_pair", [True, False], ids=["old-pair", "no-old-pair"])
+@pytest.mark.parametrize("step", COMMIT_STEPS)
+def test_sigkill_at_any_step_leaves_old_or_new_pair_after_recovery(
+    pair: tuple[str, str], step: str, had_old_pair: bool
+) -> None:
+    snap, mem = pair
+    if had_old_pair:
+        write_old_pair(snap, mem)
+    save_and_die_at(step, snap, mem)
+    recover_pair(snap, mem)
+    old = (OLD_STATE, OLD_MEM) if had_old_pair else (None, None)
+    expected = (NEW_STATE, NEW_MEM) if COMMIT_STEPS.index(step) >= COMMIT_POINT else old
+    assert pair_bytes(snap, mem) == expected
+    assert leftovers(os.path.dirname(snap)) == []
+    recover_pair(snap, mem)  # idempotent
+    assert pair_bytes(snap, mem) == expected
+
+
+@pytest.mark.parametrize("step", ["temps_created", "committed", "mem_renamed"])
+def test_next_save_of_the_paths_recovers_first(pair: tuple[str, str], step: str) -> None:
+    snap, mem = pair
+    write_old_pair(snap, mem)
+    save_and_die_at(step, snap, mem)
+    if step == "mem_renamed":  # the torn instant recovery exists for
+        assert pair_bytes(snap, mem) == (OLD_STATE, NEW_MEM)
+    with PairTransaction(snap, mem):
+        pass  # aborted; recovery ran on entry
+    won = COMMIT_STEPS.index(step) >= COMMIT_POINT
+    assert pair_bytes(snap, mem) == ((NEW_STATE, NEW_MEM) if won else (OLD_STATE, OLD_MEM))
+    assert leftovers(os.path.dirname(snap)) == []
+
+
+def test_recover_directory_at_daemon_start(tmp_path: Path) -> None:
+    pairs = [(str(tmp_path / f"{i}.snap"), str(tmp_path / f"{i}.mem")) for i in range(2)]
+    for (snap, mem), step in zip(pairs, ["state_synced", "state_renamed"], strict=True):
+        write_old_pair(snap, mem)
+        save_and_die_at(step, snap, mem)
+    assert leftovers(str(tmp_path))
+    recover_directory(str(tmp_path))
+    assert pair_bytes(*pairs[0]) == (OLD_STATE, OLD_MEM)
+    assert pair_bytes(*pairs[1]) == (NEW_STATE, NEW_MEM)
+    assert leftovers(str(tmp_path)) == []
+
+
+def test_recovery_in_another_process_leaves_a_live_save_alone(pair: tuple[str, str]) -> None:
+    snap, mem = pair
+    write_old_pair(snap, mem)
+    with PairTransaction(snap, mem) as tx:
+        os.pwrite(tx.mem_fd, NEW_MEM, 0)
+        code = "import sys; from squibd.snapshot.commit import recover_directory as r; " \
+            "r(sys.argv[1])"
+        subprocess.run([sys.executable, "-c", code, os.path.dirname(snap)], check=True)
+        assert os.path.exists(tx.mem_tmp_path) and os.path.exists(tx.state_tmp_path)
+        recover_pair(snap, mem)  # in-process: the paths are reserved, nothing happens
+        assert os.path.exists(tx.mem_tmp_path)
+        tx.commit(NEW_STATE)
+    assert pair_bytes(snap, mem) == (NEW_STATE, NEW_MEM)

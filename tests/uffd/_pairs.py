@@ -1,0 +1,132 @@
+"""Builds real snapshot pairs (state file + memory file) for the lazy-restore tests.
+
+The memory files are written here directly (pwrite of chosen extents, digests
+from squibd.snapshot.digest, the pair xattr), so the page server can be tested
+without a running VM; state files go through the real envelope encoder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+from squibd.snapshot.digest import digest_function
+from squibd.snapshot.envelope import encode_state
+from squibd.snapshot.manifest import (
+    DEFAULT_CHUNK_SIZE,
+    KIND_DIFF,
+    KIND_FULL,
+    Extent,
+    MemoryManifest,
+    MemoryRegion,
+    iter_chunks,
+)
+from squibd.snapshot.models import (
+    CpuidEntry,
+    DebugRegs,
+    DTable,
+    Segment,
+    VmInfo,
+    X86MicrovmState,
+    X86Regs,
+    X86Sregs,
+    X86VcpuState,
+    X86VmState,
+)
+from squibd.uffd.source import PAIR_XATTR
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MIB = 1024 * 1024
+#: Two regions with a guest-physical gap, like x86 RAM around the MMIO hole.
+REGIONS = (MemoryRegion(0, 4 * MIB, 0), MemoryRegion(0x1000_0000, 4 * MIB, 4 * MIB))
+MEM_SIZE = sum(r.size for r in REGIONS)
+ALGORITHM = "xxh3-64"
+
+
+def page_pattern(page: int, version: int = 0) -> bytes:
+    """Recognisable content of one page: its number and a version, repeated."""
+    return (page.to_bytes(4, "little") + version.to_bytes(4, "little")) * (PAGE // 8)
+
+
+def write_memory(
+    path: Path,
+    pages: Mapping[int, bytes],
+    *,
+    kind: str = KIND_FULL,
+    parent: str | None = None,
+    regions: tuple[MemoryRegion, ...] = REGIONS,
+) -> MemoryManifest:
+    """Write ``pages`` (page index -> content) into a sparse file and return its manifest."""
+    size = sum(r.size for r in regions)
+    extents: list[Extent] = []
+    with open(path, "wb") as out:
+        out.truncate(size)
+        for page in sorted(pages):
+            out.seek(page * PAGE)
+            out.write(pages[page])
+            if extents and extents[-1].end == page * PAGE:
+                extents[-1] = Extent(extents[-1].offset, extents[-1].length + PAGE)
+            else:
+                extents.append(Extent(page * PAGE, PAGE))
+    digest = digest_function(ALGORITHM)
+    data = path.read_bytes()
+    digests = b"".join(
+        digest(data[c.offset : c.end]) for c in iter_chunks(extents, DEFAULT_CHUNK_SIZE)
+    )
+    pair_id = str(uuid.uuid4())
+    with contextlib.suppress(OSError):
+        os.setxattr(path, PAIR_XATTR, pair_id.encode())
+    return MemoryManifest(
+        page_size=PAGE,
+        regions=regions,
+        kind=kind if parent is None else KIND_DIFF,
+        file_size=size,
+        pair_id=pair_id,
+        parent_pair_id=parent,
+        extents=tuple(extents),
+        digest_algorithm=ALGORITHM,
+        chunk_size=DEFAULT_CHUNK_SIZE,
+        digests=digests,
+    )
+
+
+def _segment(dpl: int = 3) -> Segment:
+    return Segment(0, 0xFFFFFFFF, 0, 11, 1, dpl, 0, 1, 1, 1, 0, 0)
+
+
+def vcpu_state(*, rip: int, rsp: int, cr0: int = 0, cr3: int = 0, cr4: int = 0, efer: int = 0
+               ) -> X86VcpuState:
+    """A complete (for the compatibility check) x86 vCPU state with these registers."""
+    regs = X86Regs(*([0] * 6), rsp, *([0] * 9), rip, 2)
+    sregs = X86Sregs(
+        *(_segment() for _ in range(8)), DTable(0, 0), DTable(0, 0),
+        cr0, 0, cr3, cr4, 0, efer, 0xFEE00900, (0, 0, 0, 0),
+    )
+    return X86VcpuState(
+        cpuid=(CpuidEntry(0, 0, 0, 0, 0, 0, 0),),
+        regs=regs,
+        sregs=sregs,
+        xsave=bytes(4096),
+        xcrs=(),
+        msrs=(),
+        lapic=bytes(1024),
+        vcpu_events=bytes(64),
+        mp_state=0,
+        debug_regs=DebugRegs((0, 0, 0, 0), 0, 0, 0),
+    )
+
+
+def write_state(path: Path, manifest: MemoryManifest, vcpus: tuple[X86VcpuState, ...]) -> None:
+    """Write a real state file holding ``manifest`` and ``vcpus``."""
+    state = X86MicrovmState(
+        vm_info=VmInfo(mem_size_mib=MEM_SIZE // MIB, vcpu_count=len(vcpus)),
+        vm_state=X86VmState(clock=None, irqchips=(), pit=None),
+        vcpu_states=vcpus,
+        device_states=(),
+        mmds_state=None,
+        memory=manifest,
+    )
+    path.write_bytes(encode_state(state))

@@ -1,0 +1,147 @@
+"""The handshake: Firecracker's wire shape, checked by a page server written here with
+plain sockets and raw ioctls (no squibd code on the serving side)."""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import fcntl
+import json
+import os
+import select
+import socket
+import struct
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from squibd.uffd import HandshakeInvalid, RegionMapping, UffdBackend, decode_regions, encode_regions
+from squibd.vm.memory import GuestMemory
+
+from ._pairs import PAGE, REGIONS
+
+# Raw values from linux/userfaultfd.h, written out here on purpose (independent of squibd).
+RAW_UFFDIO_COPY = 0xC028AA03
+RAW_EVENT_PAGEFAULT = 0x12
+FAILSAFE_S = 30
+
+
+class PlainPageServer:
+    """Accepts one handshake and serves faults with a fill byte per page (page index % 251)."""
+
+    def __init__(self, path: Path, pages_to_serve: int) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(1)
+        self.pages_to_serve = pages_to_serve
+        self.regions: list[dict[str, Any]] = []
+        self.fd_count = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        conn, _ = self.listener.accept()
+        data, anc, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(4))
+        fds = array.array("i")
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload)
+        self.fd_count = len(fds)
+        self.regions = json.loads(data)
+        uffd = fds[0]
+        source = ctypes.create_string_buffer(PAGE)
+        for _ in range(self.pages_to_serve):
+            select.select([uffd], [], [])
+            msg = os.read(uffd, 32)
+            event = msg[0]
+            address = struct.unpack_from("<Q", msg, 16)[0]
+            assert event == RAW_EVENT_PAGEFAULT
+            page_address = address - address % PAGE
+            region = next(r for r in self.regions
+                          if r["base_host_virt_addr"] <= page_address
+                          < r["base_host_virt_addr"] + r["size"])
+            page = (region["offset"] + page_address - region["base_host_virt_addr"]) // PAGE
+            ctypes.memset(source, page % 251, PAGE)
+            arg = bytearray(struct.pack("<QQQQq", page_address, ctypes.addressof(source), PAGE,
+                                        0, 0))
+            fcntl.ioctl(uffd, RAW_UFFDIO_COPY, arg)
+        conn.close()
+        os.close(uffd)
+
+
+def test_handshake_has_firecrackers_fields_and_serves_faults(tmp_path: Path) -> None:
+    path = tmp_path / "plain.sock"
+    server = PlainPageServer(path, pages_to_serve=2)
+    with GuestMemory.anonymous(REGIONS) as memory:
+        backend = UffdBackend.connect(str(path), memory, ready_timeout=0)
+        try:
+            buf = ctypes.create_string_buffer(PAGE)
+            ctypes.memmove(buf, memory.regions[0].host_addr + 5 * PAGE, PAGE)
+            assert buf.raw == bytes([5]) * PAGE
+            ctypes.memmove(buf, memory.regions[1].host_addr, PAGE)
+            first_of_second = REGIONS[1].file_offset // PAGE
+            assert buf.raw == bytes([first_of_second % 251]) * PAGE
+            server.thread.join(FAILSAFE_S)
+        finally:
+            backend.close()
+    assert server.fd_count == 1
+    assert [sorted(r) for r in server.regions] == [
+        sorted(["base_host_virt_addr", "size", "offset", "page_size", "page_size_kib"])
+    ] * len(REGIONS)
+    for sent, region, mapped in zip(server.regions, REGIONS, memory.regions, strict=True):
+        assert sent["size"] == region.size
+        assert sent["offset"] == region.file_offset
+        assert sent["base_host_virt_addr"] == mapped.host_addr
+        assert sent["page_size"] == PAGE
+        assert sent["page_size_kib"] == PAGE  # bytes, as Firecracker sends it
+
+
+_region = st.builds(
+    RegionMapping,
+    base_host_virt_addr=st.integers(0, 2**64 - 1),
+    size=st.integers(0, 2**48),
+    offset=st.integers(0, 2**48),
+    page_size=st.sampled_from([4096, 2 * 1024 * 1024]),
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(_region, min_size=1, max_size=8))
+def test_regions_round_trip(regions: list[RegionMapping]) -> None:
+    assert decode_regions(encode_regions(regions)) == tuple(regions)
+
+
+def test_older_page_size_kib_only_handshake_is_accepted() -> None:
+    body = json.dumps([{"base_host_virt_addr": 4096, "size": 8192, "offset": 0,
+                        "page_size_kib": 4096}]).encode()
+    assert decode_regions(body) == (RegionMapping(4096, 8192, 0, 4096),)
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        (b"not json", "not JSON"),
+        (b"{}", "non-empty JSON array"),
+        (b"[]", "non-empty JSON array"),
+        (b'[{"base_host_virt_addr": 1, "size": 2, "offset": 0, "page_size": 3}]', "power of two"),
+        (b'[{"base_host_virt_addr": -1, "size": 2, "offset": 0, "page_size": 4096}]',
+         "non-negative"),
+        (b'[{"size": 2, "offset": 0, "page_size": 4096}]', "base_host_virt_addr"),
+    ],
+)
+def test_malformed_handshakes_are_rejected(body: bytes, match: str) -> None:
+    with pytest.raises(HandshakeInvalid, match=match):
+        decode_regions(body)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=200))
+def test_decoding_arbitrary_bytes_never_crashes(body: bytes) -> None:
+    try:
+        decode_regions(body)
+    except HandshakeInvalid:
+        pass

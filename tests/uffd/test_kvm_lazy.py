@@ -1,0 +1,151 @@
+"""Lazy restore of real KVM guests through userfaultfd and a page-server process."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Final
+
+import pytest
+import trio
+
+from squibd.vm.machine import Vm
+from squibd.vm.models import GuestSpec, MemBackend
+from squibd.vm.runtime import Runtime
+
+from ._procs import page_server, read_stderr_until
+from .test_handshake import PlainPageServer
+
+pytestmark = pytest.mark.kvm
+
+MEM_MIB: Final = 64
+#: Generous bound for a guest to show progress on a noisy, shared host.
+PROGRESS_TIMEOUT_S: Final = 60.0
+
+
+@pytest.fixture
+async def runtime() -> AsyncIterator[Runtime]:
+    rt = Runtime(quiesce_timeout_s=1.0)
+    try:
+        yield rt
+    finally:
+        await rt.aclose()
+
+
+async def _progress_beyond(vm: Vm, floor: list[int]) -> list[int]:
+    with trio.fail_after(PROGRESS_TIMEOUT_S):
+        while True:
+            # guest_progress faults pages in from this (trio) thread: run it off-thread.
+            progress = await trio.to_thread.run_sync(vm.guest_progress)
+            if all(now > before for now, before in zip(progress, floor, strict=True)):
+                return progress
+            await vm.wait_heartbeats(1)
+
+
+async def _saved_counter_vm(runtime: Runtime, tmp_path: Path, *, dirty: bool = False
+                            ) -> tuple[Path, list[int]]:
+    vm = await runtime.create_vm("src", 2, MEM_MIB, dirty, GuestSpec("counter"))
+    await runtime.start("src")
+    await _progress_beyond(vm, [0, 0])
+    snap = tmp_path / "full.snap"
+    await runtime.save("src", "Full", str(snap), str(tmp_path / "full.mem"), resume=False)
+    saved = vm.guest_progress()
+    return snap, saved
+
+
+async def test_full_snapshot_continues_through_uffd(runtime: Runtime, tmp_path: Path) -> None:
+    snap, saved = await _saved_counter_vm(runtime, tmp_path)
+    await runtime.destroy("src")
+    sock = tmp_path / "ps.sock"
+    with page_server(snap, sock) as proc:
+        vm = await runtime.load("dst", str(snap), MemBackend("Uffd", str(sock)), resume_vm=True)
+        now = await _progress_beyond(vm, saved)
+        assert all(n > s > 0 for n, s in zip(now, saved, strict=True))
+        assert runtime.describe("dst").error is None
+        await runtime.destroy("dst")
+        assert proc.wait(PROGRESS_TIMEOUT_S) == 0
+
+
+async def test_full_plus_diff_chain_is_served_without_rebase(runtime: Runtime, tmp_path: Path
+                                                             ) -> None:
+    snap, _ = await _saved_counter_vm(runtime, tmp_path, dirty=True)
+    vm = runtime.get("src")
+    await runtime.resume("src")
+    first = vm.guest_progress()
+    await _progress_beyond(vm, first)
+    diff = tmp_path / "diff.snap"
+    await runtime.save("src", "Diff", str(diff), str(tmp_path / "diff.mem"), resume=False)
+    saved = vm.guest_progress()
+    await runtime.destroy("src")
+    sock = tmp_path / "ps.sock"
+    with page_server(snap, sock, "--diff-snapshot", str(diff)):
+        vm2 = await runtime.load("dst", str(diff), MemBackend("Uffd", str(sock)), resume_vm=True)
+        # Continues from the Diff's counters (newer than the Full's), not from the Full.
+        now = await _progress_beyond(vm2, saved)
+        assert all(n > s for n, s in zip(now, saved, strict=True))
+        await runtime.destroy("dst")
+
+
+async def test_plain_socket_page_server_can_serve_the_vm(runtime: Runtime, tmp_path: Path
+                                                         ) -> None:
+    """The handshake-shape server of test_handshake (no squibd code) serving a fresh VM's
+    first pages: its fill pattern lands in guest memory read through the VM."""
+    snap, _ = await _saved_counter_vm(runtime, tmp_path)
+    await runtime.destroy("src")
+    path = tmp_path / "plain.sock"
+    server = PlainPageServer(path, pages_to_serve=1)
+    vm = await runtime.load("dst", str(snap), MemBackend("Uffd", str(path)), resume_vm=False)
+    assert len(server.regions) == len(vm.memory.regions)
+    data = await trio.to_thread.run_sync(lambda: vm.memory.read(0x5000, 8))
+    assert data == bytes([5]) * 8
+    await trio.to_thread.run_sync(lambda: server.thread.join(PROGRESS_TIMEOUT_S))
+    await runtime.destroy("dst")
+
+
+async def test_killed_page_server_puts_the_vm_in_error_and_others_keep_running(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    snap, saved = await _saved_counter_vm(runtime, tmp_path)
+    await runtime.destroy("src")
+    other = await runtime.create_vm("other", 1, MEM_MIB, False, GuestSpec("counter"))
+    await runtime.start("other")
+    sock = tmp_path / "ps.sock"
+    with page_server(snap, sock, "--no-stream") as proc:
+        vm = await runtime.load("dst", str(snap), MemBackend("Uffd", str(sock)), resume_vm=True)
+        await _progress_beyond(vm, saved)
+        os.kill(proc.pid, signal.SIGKILL)
+        with trio.fail_after(PROGRESS_TIMEOUT_S):
+            while runtime.describe("dst").error is None:
+                await vm.wait_heartbeats(1)  # heartbeats stop once it is parked; fail_after bounds
+        error = runtime.describe("dst").error
+        assert error is not None and "page server" in error and str(sock) in error
+        assert runtime.describe("dst").state == "Paused"
+        before = other.guest_progress()
+        await _progress_beyond(other, before)  # the other VM and the runtime keep going
+        await runtime.destroy("dst")
+
+
+async def test_corrupt_chunk_stops_the_vm_and_names_the_offset(runtime: Runtime, tmp_path: Path
+                                                               ) -> None:
+    snap, _ = await _saved_counter_vm(runtime, tmp_path)
+    await runtime.destroy("src")
+    # Corrupt the counter guest's progress page (vCPU 0 counter at guest 0x20000).
+    corrupt = 0x20000
+    with open(tmp_path / "full.mem", "r+b") as mem:
+        mem.seek(corrupt + 64)
+        byte = mem.read(1)
+        mem.seek(corrupt + 64)
+        mem.write(bytes([byte[0] ^ 0xFF]))
+    sock = tmp_path / "ps.sock"
+    with page_server(snap, sock, "--no-stream") as proc:
+        vm = await runtime.load("dst", str(snap), MemBackend("Uffd", str(sock)), resume_vm=True)
+        with trio.fail_after(PROGRESS_TIMEOUT_S):
+            while runtime.describe("dst").error is None:
+                await trio.to_thread.run_sync(read_stderr_until, proc, "corrupt")
+        error = runtime.describe("dst").error
+        assert error is not None and "0x0" in error or "0x20000" in (error or "")
+        assert proc.wait(PROGRESS_TIMEOUT_S) == 1
+        await runtime.destroy("dst")
+    del vm

@@ -1,0 +1,179 @@
+"""Live saves (issue 6): pre-copy passes while a memwriter guest writes, short pause."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from squibd.snapshot.envelope import read_state_file
+from squibd.snapshot.errors import QuiesceTimeout
+from squibd.snapshot.rebase import rebase
+from squibd.snapshot.verify import verify
+from squibd.vm.errors import DiffNotAllowed
+from squibd.vm.machine import Vm
+from squibd.vm.models import GuestSpec, MemBackend
+from squibd.vm.runtime import Runtime
+
+from ._helpers import first_memory_difference, wait_progress_beyond
+
+pytestmark = pytest.mark.kvm
+
+MEM_MIB = 128
+WRITER = GuestSpec("memwriter", {"working_set_mib": 16, "stride_pages": 1})
+
+
+async def _running_writer(runtime: Runtime, vm_id: str, *, track: bool = True) -> Vm:
+    vm = await runtime.create_vm(vm_id, 2, MEM_MIB, track, WRITER)
+    await runtime.start(vm_id)
+    await wait_progress_beyond(vm, [0, 0])
+    return vm
+
+
+async def test_live_full_equals_memory_at_the_pause_and_restores(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    vm = await _running_writer(runtime, "live")
+    snap, mem = tmp_path / "l.snap", tmp_path / "l.mem"
+    result = await runtime.save("live", "Full", str(snap), str(mem), live=True, resume=False)
+    assert runtime.describe("live").state == "Paused"
+    assert result.live and result.passes >= 2
+    assert len(result.bytes_per_pass) == result.passes
+    assert result.bytes_per_pass[0] >= 16 * 1024 * 1024  # pass 1: the whole working set
+    assert result.pause_ms > 0
+    assert first_memory_difference(str(mem), vm) is None
+    verify(read_state_file(str(snap)), str(mem), "full")
+    saved = vm.guest_progress()
+    await runtime.destroy("live")
+
+    restored = await runtime.load("back", str(snap), MemBackend("File", str(mem)),
+                                  resume_vm=True)  # fmt: skip
+    await wait_progress_beyond(restored, saved)
+
+
+async def test_live_diff_after_full_rebases_to_memory_at_the_pause(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    vm = await _running_writer(runtime, "ldiff")
+    await runtime.save("ldiff", "Full", str(tmp_path / "f.snap"), str(tmp_path / "f.mem"))
+    await wait_progress_beyond(vm, vm.guest_progress())
+    marker = 100 * 1024 * 1024  # outside the working set: a device write during the save
+    runtime.write_memory("ldiff", marker, b"device write")
+    result = await runtime.save("ldiff", "Diff", str(tmp_path / "d.snap"),
+                                str(tmp_path / "d.mem"), live=True, resume=False)  # fmt: skip
+    assert result.live and result.parent_pair_id is not None
+    rebase(
+        str(tmp_path / "f.snap"), [str(tmp_path / "d.snap")], str(tmp_path / "r.snap"),
+        str(tmp_path / "r.mem"), base_mem=str(tmp_path / "f.mem"),
+        diff_mems=[str(tmp_path / "d.mem")],
+    )  # fmt: skip
+    assert first_memory_difference(str(tmp_path / "r.mem"), vm) is None
+    # The checkpoint moved: a Diff right away (still paused) is empty.
+    empty = await runtime.save("ldiff", "Diff", str(tmp_path / "e.snap"),
+                               str(tmp_path / "e.mem"), resume=False)  # fmt: skip
+    assert empty.pages_written == 0
+
+
+@pytest.mark.parametrize(("max_passes", "budget_ms"), [(1, 10.0), (3, 0.0)])
+async def test_live_save_forced_into_its_last_pass_is_correct(
+    runtime: Runtime, tmp_path: Path, max_passes: int, budget_ms: float
+) -> None:
+    vm = await _running_writer(runtime, "forced")
+    result = await runtime.save("forced", "Full", str(tmp_path / "x.snap"),
+                                str(tmp_path / "x.mem"), live=True, max_passes=max_passes,
+                                pause_budget_ms=budget_ms, resume=False)  # fmt: skip
+    assert result.passes == max_passes
+    assert result.pass_limit_reached
+    assert first_memory_difference(str(tmp_path / "x.mem"), vm) is None
+
+
+async def test_live_full_of_an_untracked_vm_turns_the_log_off_again(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    vm = await _running_writer(runtime, "untracked", track=False)
+    assert not vm.dirty_logging
+    await runtime.save("untracked", "Full", str(tmp_path / "u.snap"), str(tmp_path / "u.mem"),
+                       live=True, resume=False)  # fmt: skip
+    assert first_memory_difference(str(tmp_path / "u.mem"), vm) is None
+    assert not vm.dirty_logging
+    with pytest.raises(DiffNotAllowed):
+        await runtime.save("untracked", "Diff", str(tmp_path / "d.snap"),
+                           str(tmp_path / "d.mem"), live=True)  # fmt: skip
+    assert sorted(os.listdir(tmp_path)) == ["u.mem", "u.snap"]
+
+
+async def test_cancelled_live_save_rolls_back_and_keeps_the_vm_running(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    # Deterministic: the cancel is requested from pass 1's progress report,
+    # which trio runs before the save task can go on to its next pass.
+    vm = await _running_writer(runtime, "cancel")
+    await runtime.save("cancel", "Full", str(tmp_path / "f.snap"), str(tmp_path / "f.mem"))
+    before = sorted(os.listdir(tmp_path))
+    dirty_before = vm.dirty_page_count()
+    phases: list[str] = []
+    with trio.CancelScope() as scope:
+
+        def progress(phase: str, done: int, total: int) -> None:
+            phases.append(phase)
+            scope.cancel()  # an explicit cancel, in the middle of the first pass
+
+        await runtime.save("cancel", "Full", str(tmp_path / "c.snap"), str(tmp_path / "c.mem"),
+                           live=True, progress=progress)  # fmt: skip
+    assert scope.cancelled_caught
+    assert phases
+    assert sorted(os.listdir(tmp_path)) == before  # no temps, no new pair
+    assert runtime.describe("cancel").state == "Running"
+    assert vm.dirty_page_count() >= dirty_before
+    await wait_progress_beyond(vm, vm.guest_progress())
+
+
+async def test_live_save_quiesce_timeout_after_the_passes_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    rt = Runtime(quiesce_timeout_s=0.2)
+    try:
+        vm = await _running_writer(rt, "lstall", track=False)
+        vm.arm_stall(1)
+        assert await trio.to_thread.run_sync(vm.wait_stalled, 1, 30.0)
+        try:
+            with pytest.raises(QuiesceTimeout):
+                await rt.save("lstall", "Full", str(tmp_path / "s.snap"),
+                              str(tmp_path / "s.mem"), live=True)  # fmt: skip
+        finally:
+            vm.release_stall(1)
+        assert os.listdir(tmp_path) == []
+        assert rt.describe("lstall").state == "Running"
+        assert not vm.dirty_logging
+        await wait_progress_beyond(vm, vm.guest_progress())
+    finally:
+        await rt.aclose()
+
+
+async def test_cancel_during_quiesce_rolls_back(tmp_path: Path) -> None:
+    rt = Runtime(quiesce_timeout_s=60.0)
+    try:
+        vm = await _running_writer(rt, "qcancel")
+        vm.arm_stall(0)
+        assert await trio.to_thread.run_sync(vm.wait_stalled, 0, 30.0)
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def save() -> None:
+                    await rt.save("qcancel", "Full", str(tmp_path / "q.snap"),
+                                  str(tmp_path / "q.mem"))  # fmt: skip
+
+                nursery.start_soon(save)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+        finally:
+            vm.release_stall(0)
+        assert os.listdir(tmp_path) == []
+        assert rt.describe("qcancel").state == "Running"
+        await wait_progress_beyond(vm, vm.guest_progress())
+        await rt.pause("qcancel")  # the abandoned quiesce left nothing behind
+    finally:
+        await rt.aclose()
