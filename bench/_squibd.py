@@ -28,10 +28,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import _common
+import attrs
 import numpy as np
 import trio
 
@@ -102,29 +104,79 @@ def _cleanup(*paths: str) -> Callable[[], None]:
     return remove
 
 
-async def _runtime_full_save(runtime_mod: Any, mem_mib: int, reps: int,
-                             directory: str) -> _common.Stats:
+@attrs.define(eq=False)
+class BenchVm:
+    """A runtime VM with random-filled RAM, kept for many saves (see :func:`bench_vm`).
+
+    Between saves the VM is Paused (no vCPU competes with a baseline for the
+    two cores); :meth:`save_live` resumes it first, as a live save needs a
+    running guest, and pauses it again afterwards.
+    """
+
+    rt: Any
+    directory: str
+    mem_mib: int
+    program: str
+    filled_bytes: int = 0
+
+    def _paths(self, stem: str) -> tuple[str, str]:
+        return os.path.join(self.directory, f"{stem}.snap"), os.path.join(self.directory,
+                                                                           f"{stem}.mem")
+
+    async def save_full(self) -> float:
+        """One durable stop-and-copy Full save of the paused VM; wall seconds (files removed)."""
+        snap, mem = self._paths("full")
+        try:
+            with _common.Stopwatch() as sw:
+                await self.rt.save(BENCH_VM_ID, "Full", snap, mem)
+        finally:
+            _cleanup(snap, mem)()
+        return sw.seconds
+
+    async def save_live(self) -> Any:
+        """One live Full save of the running guest; the runtime's SaveResult (files removed)."""
+        snap, mem = self._paths("live")
+        await self.rt.resume(BENCH_VM_ID)
+        try:
+            return await self.rt.save(BENCH_VM_ID, "Full", snap, mem, live=True)
+        finally:
+            _cleanup(snap, mem)()
+            await self.rt.pause(BENCH_VM_ID)
+
+
+@asynccontextmanager
+async def bench_vm(mem_mib: int, directory: str, *,
+                   program: str = "counter") -> AsyncIterator[BenchVm]:
+    """A started-then-paused VM of ``mem_mib`` MiB with random-filled RAM (runtime path).
+
+    Raises:
+        SquibdUnavailable: the runtime does not import or /dev/kvm is missing.
+    """
+    runtime_mod, why = _try_import("squibd.vm.runtime")
+    models_mod, why_models = _try_import("squibd.vm.models")
+    if runtime_mod is None or models_mod is None:
+        raise SquibdUnavailable(why or why_models or "squibd.vm unavailable")
+    if not _common.kvm_available():
+        raise SquibdUnavailable("/dev/kvm is not available")
     rt = runtime_mod.Runtime()
     try:
-        vm = await rt.create_vm(BENCH_VM_ID, BENCH_VCPUS, mem_mib, False)
-        _fill_vm_memory(vm)
-        # Only a started VM can be saved; pause it so that, like QEMU -S, the
-        # save is of a paused VM (no quiesce in the timing).
+        vm = await rt.create_vm(BENCH_VM_ID, BENCH_VCPUS, mem_mib, False,
+                                models_mod.GuestSpec(program=program))
+        filled = await trio.to_thread.run_sync(_fill_vm_memory, vm)
+        # Only a started VM can be saved; keep it paused between saves so that,
+        # like QEMU -S, a stop-and-copy save is of a paused VM.
         await rt.start(BENCH_VM_ID)
         await rt.pause(BENCH_VM_ID)
-        snap = os.path.join(directory, "full.snap")
-        mem = os.path.join(directory, "full.mem")
-        remove = _cleanup(snap, mem)
-
-        async def save() -> None:
-            await rt.save(BENCH_VM_ID, "Full", snap, mem)
-
-        async def teardown() -> None:
-            remove()
-
-        return await _common.measure_async(save, reps=reps, teardown=teardown)
+        yield BenchVm(rt=rt, directory=directory, mem_mib=mem_mib, program=program,
+                      filled_bytes=filled)
     finally:
         await rt.aclose()
+
+
+async def _runtime_full_save(mem_mib: int, reps: int, directory: str) -> _common.Stats:
+    async with bench_vm(mem_mib, directory) as vm:
+        samples = [await vm.save_full() for _ in range(reps + _common.DEFAULT_WARMUP)]
+    return _common.summarize(samples[_common.DEFAULT_WARMUP:])
 
 
 def _memwriter_full_save(mem_mib: int, reps: int, directory: str) -> _common.Stats:
@@ -158,7 +210,7 @@ def full_save(mem_mib: int, reps: int) -> tuple[_common.Stats, str]:
     runtime_mod, why_runtime = _try_import("squibd.vm.runtime")
     with _common.scratch_dir() as directory:
         if runtime_mod is not None and _common.kvm_available():
-            stats = trio.run(_runtime_full_save, runtime_mod, mem_mib, reps, directory)
+            stats = trio.run(_runtime_full_save, mem_mib, reps, directory)
             return stats, PATH_RUNTIME
         memwriter, why_memwriter = _try_import("squibd.snapshot.memwriter")
         commit, why_commit = _try_import("squibd.snapshot.commit")
@@ -168,30 +220,13 @@ def full_save(mem_mib: int, reps: int) -> tuple[_common.Stats, str]:
     raise SquibdUnavailable("; ".join(reasons) or "/dev/kvm is not available")
 
 
-async def _runtime_live_pause(runtime_mod: Any, models_mod: Any, mem_mib: int, reps: int,
-                              directory: str, program: str) -> tuple[_common.Stats, list[int]]:
-    rt = runtime_mod.Runtime()
-    try:
-        vm = await rt.create_vm(BENCH_VM_ID, BENCH_VCPUS, mem_mib, False,
-                                models_mod.GuestSpec(program=program))
-        _fill_vm_memory(vm)
-        await rt.start(BENCH_VM_ID)
-        snap = os.path.join(directory, "live.snap")
-        mem = os.path.join(directory, "live.mem")
-        remove = _cleanup(snap, mem)
-        pauses: list[float] = []
-        passes: list[int] = []
-        for i in range(reps + _common.DEFAULT_WARMUP):
-            try:
-                result = await rt.save(BENCH_VM_ID, "Full", snap, mem, live=True)
-            finally:
-                remove()
-            if i >= _common.DEFAULT_WARMUP:
-                pauses.append(float(result.pause_ms))
-                passes.append(int(result.passes))
-        return _common.summarize(pauses), passes
-    finally:
-        await rt.aclose()
+async def _runtime_live_pause(mem_mib: int, reps: int, directory: str,
+                              program: str) -> tuple[_common.Stats, list[int]]:
+    async with bench_vm(mem_mib, directory, program=program) as vm:
+        results = [await vm.save_live() for _ in range(reps + _common.DEFAULT_WARMUP)]
+    measured = results[_common.DEFAULT_WARMUP:]
+    return (_common.summarize([float(r.pause_ms) for r in measured]),
+            [int(r.passes) for r in measured])
 
 
 def live_pause(mem_mib: int, reps: int, *, program: str = "counter") -> tuple[_common.Stats, str]:
@@ -200,13 +235,6 @@ def live_pause(mem_mib: int, reps: int, *, program: str = "counter") -> tuple[_c
     Raises:
         SquibdUnavailable: the runtime does not import or /dev/kvm is missing.
     """
-    runtime_mod, why = _try_import("squibd.vm.runtime")
-    models_mod, why_models = _try_import("squibd.vm.models")
-    if runtime_mod is None or models_mod is None:
-        raise SquibdUnavailable(why or why_models or "squibd.vm unavailable")
-    if not _common.kvm_available():
-        raise SquibdUnavailable("/dev/kvm is not available")
     with _common.scratch_dir() as directory:
-        stats, passes = trio.run(_runtime_live_pause, runtime_mod, models_mod, mem_mib, reps,
-                                 directory, program)
+        stats, passes = trio.run(_runtime_live_pause, mem_mib, reps, directory, program)
     return stats, f"{PATH_RUNTIME} (guest {program}, passes {passes})"

@@ -45,7 +45,7 @@ PAUSE_SERIES: dict[str, tuple[Source, ...]] = {
     "squibd stop-and-copy": (
         ("live_pause", ("stop_copy_pause_ms", "stop_and_copy_pause_ms", "stop_copy.pause_ms"),
          1.0),
-        ("full_save", ("full_save_s", "squibd_s", "save_s"), MS_PER_S),
+        ("full_save", ("pause_ms",), 1.0),
         ("vs_qemu", ("squibd_save.save_s",), MS_PER_S),
     ),
     "QEMU background-snapshot": (
@@ -62,6 +62,7 @@ SAVE_SERIES: dict[str, tuple[Source, ...]] = {
     ),
     "squibd stop-and-copy": (
         ("full_save", ("full_save_s", "squibd_s", "save_s"), 1.0),
+        ("live_pause", ("stop_copy_save_s",), 1.0),
         ("vs_qemu", ("squibd_save.save_s",), 1.0),
     ),
     "QEMU migrate (paused VM)": (

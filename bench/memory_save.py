@@ -74,11 +74,14 @@ def _touch(memory: GuestMemory, fraction: float) -> None:
 
 
 def _interleaved(runs: dict[str, Any], target: _Target, reps: int) -> dict[str, Any]:
-    """Time every callable of ``runs`` round-robin (the host is noisy: no config gets
-    a quiet or a busy stretch to itself); one untimed warm-up round first."""
+    """Time every callable of ``runs`` round-robin, rotating the order (the host is
+    noisy: no config gets a quiet or a busy stretch to itself); one warm-up round."""
     samples: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
     for round_index in range(1 + reps):
-        for name, run in runs.items():
+        # Rotate the order each round so that no config always follows the same one.
+        for name in names[round_index % len(names) :] + names[: round_index % len(names)]:
+            run = runs[name]
             target.setup()
             try:
                 with _common.Stopwatch() as watch:

@@ -10,7 +10,13 @@ QEMU on the same RAM file (its startup is not timed).
 
 Live: QEMU's ``background-snapshot`` capability on a running guest (SeaBIOS
 looping with no boot device) reports its downtime; squibd's live Full save of
-a running guest reports its pause.
+a running guest (the built-in ``counter`` program, which dirties almost
+nothing, like the idle BIOS) reports its pause.
+
+The machine is shared and noisy, so squibd and QEMU repetitions are
+interleaved (QEMU first on even repetitions, squibd first on odd ones) against
+one long-lived squibd VM, paused while QEMU runs; besides the ratio of medians
+the result carries the median of the per-pair ratios.
 
 Usage: python bench/vs_qemu.py [--quick] [--reps N]
 """
@@ -20,16 +26,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import _common
 import _qemu
 import _squibd
+import attrs
+import trio
 
 BENCH = "vs_qemu"
 # Issue 6: 1 GiB and 4 GiB guests; --quick keeps the suite near two minutes.
 SIZES_MIB = (1024, 4096)
-QUICK_SIZES_MIB = (256,)
+QUICK_SIZES_MIB = (128,)
 # Issue 6 targets.
 TARGET_SAVE_RATIO = 0.5
 RAM_FILE_PREFIX = "/dev/shm/squibd-bench-qemu-ram-"
@@ -71,22 +80,25 @@ def _qemu_run(binary: str, ram: str, mem_mib: int, directory: str, *,
     return sw.seconds, info
 
 
-def _qemu_series(binary: str, mem_mib: int, reps: int, *,
-                 background: bool) -> dict[str, Any]:
-    """Warm-up plus ``reps`` QEMU saves of a fresh QEMU on one random RAM file."""
-    ram = _ram_file(mem_mib)
-    try:
-        with _common.scratch_dir() as directory:
-            walls: list[float] = []
-            infos: list[dict[str, Any]] = []
-            for i in range(reps + _common.DEFAULT_WARMUP):
-                wall, info = _qemu_run(binary, ram, mem_mib, directory, background=background)
-                if i >= _common.DEFAULT_WARMUP:
-                    walls.append(wall)
-                    infos.append(info)
-    finally:
-        os.unlink(ram)
-    result: dict[str, Any] = {
+@attrs.define(eq=False)
+class _Pairs:
+    """Interleaved measurements of squibd and QEMU (order alternates per repetition)."""
+
+    squibd: list[float] = attrs.field(factory=list)
+    qemu: list[float] = attrs.field(factory=list)
+    qemu_infos: list[dict[str, Any]] = attrs.field(factory=list)
+    notes: list[Any] = attrs.field(factory=list)
+
+    def paired_ratio(self) -> dict[str, float | int] | None:
+        """Median/min/max of squibd_i / qemu_i over the repetitions (noise shared per pair)."""
+        if not self.squibd or len(self.squibd) != len(self.qemu):
+            return None
+        ratios = [a / b for a, b in zip(self.squibd, self.qemu, strict=True) if b > 0]
+        return _common.summarize(ratios).to_dict(digits=4) if ratios else None
+
+
+def _qemu_summary(infos: list[dict[str, Any]], walls: list[float]) -> dict[str, Any]:
+    return {
         "save_s": _common.summarize(walls).to_dict(),
         "qemu_total_time_ms": _common.summarize(
             [float(i.get("total-time", 0)) for i in infos]).to_dict(digits=1),
@@ -94,56 +106,132 @@ def _qemu_series(binary: str, mem_mib: int, reps: int, *,
             [float(i.get("downtime", 0)) for i in infos]).to_dict(digits=1),
         "file_bytes": infos[-1]["file_bytes"],
     }
-    return result
 
 
-def _squibd_save(mem_mib: int, reps: int) -> dict[str, Any]:
+async def _qemu_once(binary: str, ram: str, mem_mib: int, directory: str, *,
+                     background: bool) -> tuple[float, dict[str, Any]]:
+    return await trio.to_thread.run_sync(
+        lambda: _qemu_run(binary, ram, mem_mib, directory, background=background))
+
+
+async def _interleaved(reps: int, qemu: Callable[[], Awaitable[tuple[float, dict[str, Any]]]],
+                       squibd: Callable[[], Awaitable[tuple[float, Any]]]) -> _Pairs:
+    """Warm-up then ``reps`` pairs, QEMU first on even repetitions, squibd first on odd ones."""
+    pairs = _Pairs()
+    for i in range(reps + _common.DEFAULT_WARMUP):
+        if i % 2 == 0:
+            q_value, q_info = await qemu()
+            s_value, s_note = await squibd()
+        else:
+            s_value, s_note = await squibd()
+            q_value, q_info = await qemu()
+        if i >= _common.DEFAULT_WARMUP:
+            pairs.qemu.append(q_value)
+            pairs.qemu_infos.append(q_info)
+            pairs.squibd.append(s_value)
+            pairs.notes.append(s_note)
+    return pairs
+
+
+async def _compare_runtime(binary: str, ram: str, mem_mib: int, reps: int,
+                           directory: str) -> dict[str, Any]:
+    """Both comparisons against one long-lived squibd VM, interleaved with fresh QEMUs."""
+    async with _squibd.bench_vm(mem_mib, directory) as vm:
+        _common.log(f"vs_qemu {mem_mib} MiB: stop-and-copy save, squibd vs QEMU migrate")
+
+        async def squibd_save() -> tuple[float, Any]:
+            return await vm.save_full(), None
+
+        async def qemu_save() -> tuple[float, dict[str, Any]]:
+            return await _qemu_once(binary, ram, mem_mib, directory, background=False)
+
+        saves = await _interleaved(reps, qemu_save, squibd_save)
+        _common.log(f"vs_qemu {mem_mib} MiB: live save pause vs QEMU background-snapshot")
+
+        async def squibd_live() -> tuple[float, Any]:
+            result = await vm.save_live()
+            return float(result.pause_ms), int(result.passes)
+
+        async def qemu_background() -> tuple[float, dict[str, Any]]:
+            wall, info = await _qemu_once(binary, ram, mem_mib, directory, background=True)
+            info["wall_s"] = wall
+            return float(info.get("downtime", 0)), info
+
+        lives = await _interleaved(reps, qemu_background, squibd_live)
+    return {
+        "squibd_path": _squibd.PATH_RUNTIME,
+        "qemu_save": _qemu_summary(saves.qemu_infos, saves.qemu),
+        "squibd_save": {"save_s": _common.summarize(saves.squibd).to_dict()},
+        "paired_save_ratio": saves.paired_ratio(),
+        "qemu_background_snapshot": {
+            "downtime_ms": _common.summarize(lives.qemu).to_dict(digits=1),
+            "total_s": _common.summarize(
+                [float(i["wall_s"]) for i in lives.qemu_infos]).to_dict(),
+        },
+        "squibd_live": {"pause_ms": _common.summarize(lives.squibd).to_dict(digits=3),
+                        "passes": lives.notes, "guest": vm.program},
+    }
+
+
+async def _compare_fallback(binary: str, ram: str, mem_mib: int, reps: int, directory: str,
+                            why: str) -> dict[str, Any]:
+    """No runtime: QEMU alone, then the memory-writer path (not interleaved)."""
+    _common.log(f"vs_qemu {mem_mib} MiB: runtime unavailable ({why}); memwriter path")
+    walls: list[float] = []
+    infos: list[dict[str, Any]] = []
+    for i in range(reps + _common.DEFAULT_WARMUP):
+        wall, info = await _qemu_once(binary, ram, mem_mib, directory, background=False)
+        if i >= _common.DEFAULT_WARMUP:
+            walls.append(wall)
+            infos.append(info)
+    out: dict[str, Any] = {"qemu_save": _qemu_summary(infos, walls),
+                           "squibd_live": {"error": f"squibd live save unavailable: {why}"}}
     try:
-        stats, path = _squibd.full_save(mem_mib, reps)
+        stats, path = await trio.to_thread.run_sync(lambda: _squibd.full_save(mem_mib, reps))
     except _squibd.SquibdUnavailable as exc:
-        return {"error": f"squibd save unavailable: {exc}"}
-    return {"save_s": stats.to_dict(), "path": path}
+        out["squibd_save"] = {"error": f"squibd save unavailable: {exc}"}
+    else:
+        out["squibd_save"] = {"save_s": stats.to_dict()}
+        out["squibd_path"] = path
+    return out
 
 
-def _squibd_live(mem_mib: int, reps: int) -> dict[str, Any]:
+def _median(entry: dict[str, Any], *keys: str) -> float | None:
+    value: Any = entry
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return float(value["median"]) if isinstance(value, dict) and "median" in value else None
+
+
+async def _one_size(binary: str, mem_mib: int, reps: int) -> dict[str, Any]:
+    _common.log(f"vs_qemu {mem_mib} MiB: filling the QEMU RAM file with random bytes")
+    ram = await trio.to_thread.run_sync(_ram_file, mem_mib)
     try:
-        stats, path = _squibd.live_pause(mem_mib, reps)
-    except _squibd.SquibdUnavailable as exc:
-        return {"error": f"squibd live save unavailable: {exc}"}
-    return {"pause_ms": stats.to_dict(digits=3), "path": path}
-
-
-def _median(entry: dict[str, Any], key: str) -> float | None:
-    value = entry.get(key)
-    return float(value["median"]) if isinstance(value, dict) else None
-
-
-def _one_size(binary: str, mem_mib: int, reps: int) -> dict[str, Any]:
-    _common.log(f"vs_qemu {mem_mib} MiB: QEMU migrate of a paused VM")
-    qemu_save = _qemu_series(binary, mem_mib, reps, background=False)
-    _common.log(f"vs_qemu {mem_mib} MiB: squibd Full save")
-    squibd_save = _squibd_save(mem_mib, reps)
-    _common.log(f"vs_qemu {mem_mib} MiB: QEMU background-snapshot")
-    qemu_bg = _qemu_series(binary, mem_mib, reps, background=True)
-    _common.log(f"vs_qemu {mem_mib} MiB: squibd live Full save")
-    squibd_live = _squibd_live(mem_mib, reps)
-    save_ratio = _common.ratio(_median(squibd_save, "save_s"), _median(qemu_save, "save_s"))
-    pause_ratio = _common.ratio(_median(squibd_live, "pause_ms"),
-                                _median(qemu_bg, "qemu_downtime_ms"))
+        with _common.scratch_dir() as directory:
+            try:
+                out = await _compare_runtime(binary, ram, mem_mib, reps, directory)
+            except _squibd.SquibdUnavailable as exc:
+                out = await _compare_fallback(binary, ram, mem_mib, reps, directory, str(exc))
+    finally:
+        os.unlink(ram)
+    save_ratio = _common.ratio(_median(out, "squibd_save", "save_s"),
+                               _median(out, "qemu_save", "save_s"))
+    pause_ratio = _common.ratio(_median(out, "squibd_live", "pause_ms"),
+                                _median(out, "qemu_background_snapshot", "downtime_ms"))
     return {
         "mem_mib": mem_mib,
-        "qemu_save": qemu_save,
-        "squibd_save": squibd_save,
+        **out,
         "vs_qemu_ratio": save_ratio,
         "save_target_met": None if save_ratio is None else save_ratio <= TARGET_SAVE_RATIO,
-        "qemu_background_snapshot": {
-            "downtime_ms": qemu_bg["qemu_downtime_ms"],
-            "total_s": qemu_bg["save_s"],
-        },
-        "squibd_live": squibd_live,
         "pause_ratio": pause_ratio,
         "pause_below_qemu": None if pause_ratio is None else pause_ratio < 1.0,
     }
+
+
+async def _all_sizes(binary: str, sizes: tuple[int, ...], reps: int) -> list[dict[str, Any]]:
+    return [await _one_size(binary, mib, reps) for mib in sizes]
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -155,7 +243,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     except _qemu.QemuUnavailable as exc:
         _common.skip(BENCH, f"QEMU unavailable: {exc}")
     sizes = QUICK_SIZES_MIB if args.quick else SIZES_MIB
-    results = [_one_size(binary, mib, args.reps) for mib in sizes]
+    results = trio.run(_all_sizes, binary, sizes, args.reps)
     by_size = {r["mem_mib"]: r for r in results}
     largest = by_size[max(by_size)]
     return {

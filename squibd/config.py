@@ -133,6 +133,7 @@ class DaemonConfig:
 def _converter() -> cattrs.Converter:
     converter = cattrs.Converter(forbid_extra_keys=True, prefer_attrib_converters=True)
     converter.register_structure_hook(int, lambda v, _: _strict_int(v))
+    converter.register_structure_hook(bool, lambda v, _: _strict_bool(v))
     return converter
 
 
@@ -146,6 +147,12 @@ def _format_problem(exc: BaseException, type_: type | None) -> str:
     if type(exc) is ValueError:  # our validators and converters: their message says it all
         return str(exc)
     return format_exception(exc, type_)
+
+
+def _strict_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
 
 
 def parse_config(data: dict[str, Any]) -> DaemonConfig:

@@ -82,6 +82,10 @@ def map_exception(exc: Exception) -> RpcError | None:
     if isinstance(exc, NotAllowed):
         return not_allowed(str(exc))
     try:
+        from squibd.vm.memory import GuestAddressError
+
+        if isinstance(exc, GuestAddressError):  # vm.read_memory/write_memory range
+            return application_error(INVALID_PARAMS, "GuestAddressError", str(exc))
         code = _vm_error_code(exc)
     except ImportError:
         code = None

@@ -48,6 +48,8 @@ class MethodSpec:
         handler: ``async (api, call, params) -> result``.
         long_running: accepts ``progress_token`` and ``$/cancelRequest``.
         debug_only: only with ``squibd --debug-api`` (else -32005).
+        inline: no I/O and no waiting: the server answers it on the connection's
+            reader task instead of starting a task (cheap status queries).
         errors: application error codes it may answer.
     """
 
@@ -58,6 +60,7 @@ class MethodSpec:
     handler: Handler
     long_running: bool = False
     debug_only: bool = False
+    inline: bool = False
     errors: tuple[int, ...] = ()
 
 
@@ -70,7 +73,7 @@ def _spec(*args: Any, **kwargs: Any) -> tuple[str, MethodSpec]:
 METHODS: Final[dict[str, MethodSpec]] = dict(
     [
         _spec("daemon.status", "Version, pid, uptime, VM count and KVM availability.",
-              m.EmptyParams, m.StatusResult, h.daemon_status),
+              m.EmptyParams, m.StatusResult, h.daemon_status, inline=True),
         _spec("vm.create", "Create a NotStarted VM running a built-in guest program.",
               m.VmCreateParams, m.VmInfo, h.vm_create, errors=(WRONG_VM_STATE,)),
         _spec("vm.start", "Start a NotStarted VM.", m.VmIdParams, m.VmInfo, h.vm_start,
@@ -80,8 +83,8 @@ METHODS: Final[dict[str, MethodSpec]] = dict(
         _spec("vm.resume", "Resume a Paused VM.", m.VmIdParams, m.VmInfo, h.vm_resume,
               errors=_VM_ERRORS),
         _spec("vm.describe", "State, sizes and per-vCPU guest progress of a VM.",
-              m.VmIdParams, m.VmInfo, h.vm_describe, errors=(UNKNOWN_VM,)),
-        _spec("vm.list", "Every VM.", m.EmptyParams, m.VmListResult, h.vm_list),
+              m.VmIdParams, m.VmInfo, h.vm_describe, inline=True, errors=(UNKNOWN_VM,)),
+        _spec("vm.list", "Every VM.", m.EmptyParams, m.VmListResult, h.vm_list, inline=True),
         _spec("vm.destroy", "Stop a VM and release its memory.", m.VmIdParams,
               m.DestroyResult, h.vm_destroy, errors=(UNKNOWN_VM, BUSY)),
         _spec("snapshot.create",

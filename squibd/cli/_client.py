@@ -172,9 +172,15 @@ async def open_client(path: str) -> AsyncIterator[RpcClient]:
     """Connect to ``path`` and yield a client; closes the connection on exit."""
     stream = await connect_stream(path)
     client = RpcClient(stream)
-    async with stream, trio.open_nursery() as nursery:
-        nursery.start_soon(client._reader)
-        try:
-            yield client
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with stream, trio.open_nursery() as nursery:
+            nursery.start_soon(client._reader)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The reader never fails, so a lone error is the caller's own: give it back unwrapped.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

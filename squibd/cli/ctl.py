@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, Final
 
+import outcome
 import trio
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -145,12 +146,16 @@ def request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             return "vm.list", {}
         if verb == "read-memory":
             return "vm.read_memory", {
-                "vm_id": args.vm_id, "guest_addr": args.guest_addr, "length": args.length
+                "vm_id": args.vm_id,
+                "guest_addr": args.guest_addr,
+                "length": args.length,
             }
         if verb == "write-memory":
             data = base64.b64encode(bytes.fromhex(args.data_hex)).decode()
             return "vm.write_memory", {
-                "vm_id": args.vm_id, "guest_addr": args.guest_addr, "data_base64": data
+                "vm_id": args.vm_id,
+                "guest_addr": args.guest_addr,
+                "data_base64": data,
             }
         return f"vm.{verb}", {"vm_id": args.vm_id}
     if verb == "create":
@@ -211,13 +216,16 @@ async def _run_call(
 ) -> Any:
     """Call, turning the first Ctrl-C into ``$/cancelRequest`` (the second aborts)."""
     sent: list[int] = []
-    result: list[Any] = []
+    result: list[outcome.Outcome[Any]] = []
     async with trio.open_nursery() as nursery:
 
         async def call() -> None:
             try:
-                result.append(await client.call(method, params, on_progress=progress,
-                                                on_sent=sent.append))  # fmt: skip
+                result.append(
+                    await outcome.acapture(
+                        client.call, method, params, on_progress=progress, on_sent=sent.append
+                    )
+                )
             finally:
                 nursery.cancel_scope.cancel()
 
@@ -225,16 +233,20 @@ async def _run_call(
             with trio.open_signal_receiver(signal.SIGINT) as signals:
                 async for _ in signals:
                     if not sent:
-                        raise KeyboardInterrupt
+                        result.append(outcome.Error(KeyboardInterrupt()))
+                        nursery.cancel_scope.cancel()
+                        return
                     print("squibctl: cancelling (Ctrl-C again to abort)", file=sys.stderr)
                     await client.cancel(sent[0])
                     break
                 async for _ in signals:
-                    raise KeyboardInterrupt
+                    result.append(outcome.Error(KeyboardInterrupt()))
+                    nursery.cancel_scope.cancel()
+                    return
 
         nursery.start_soon(call)
         nursery.start_soon(watch_interrupt)
-    return result[0] if result else None
+    return result[0].unwrap()
 
 
 _LONG: Final = frozenset({"snapshot.create", "snapshot.load", "snapshot.rebase"})
@@ -242,9 +254,10 @@ _LONG: Final = frozenset({"snapshot.create", "snapshot.load", "snapshot.rebase"}
 
 async def _amain(args: argparse.Namespace, method: str, params: dict[str, Any]) -> Any:
     path = args.socket or os.environ.get(SOCKET_ENV) or default_socket_path()
-    show = args.progress if getattr(args, "progress", None) is not None else sys.stderr.isatty()
+    forced = getattr(args, "progress", None)
+    show = forced if forced is not None else sys.stderr.isatty() and not args.json
     async with open_client(path) as client:
-        if method in _LONG and show and not args.json:
+        if method in _LONG and show:
             console = Console(stderr=True, force_terminal=bool(args.progress) or None)
             with _Bar(console, method) as bar:
                 return await _run_call(client, method, params, bar.update)

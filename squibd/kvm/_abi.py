@@ -346,6 +346,12 @@ class KvmRunFailEntry(ctypes.Structure):
     _fields_ = [("hardware_entry_failure_reason", u64), ("cpu", u32)]
 
 
+class KvmRunMmio(ctypes.Structure):
+    """The ``mmio`` member of the ``kvm_run`` exit union."""
+
+    _fields_ = [("phys_addr", u64), ("data", u8 * 8), ("len", u32), ("is_write", u8)]
+
+
 #: ``KVM_INTERNAL_ERROR_MAX_DATA`` words in ``internal.data``.
 KVM_INTERNAL_ERROR_DATA_WORDS: Final = 16
 
@@ -366,6 +372,7 @@ class KvmRunExit(ctypes.Union):
     _fields_ = [
         ("io", KvmRunIo),
         ("fail_entry", KvmRunFailEntry),
+        ("mmio", KvmRunMmio),
         ("internal", KvmRunInternal),
         ("padding", ctypes.c_char * KVM_RUN_EXIT_UNION_SIZE),
     ]

@@ -133,17 +133,16 @@ class VcpuRunner:
         """Ask the vCPU to leave ``KVM_RUN`` and park; ``on_paused`` fires once parked.
 
         A runner that was never started acknowledges at once (from this thread).
+        Asking again while already paused acknowledges again (each request
+        gets one ``on_paused``).
         """
         with self._cond:
-            if self._pause_requested:
-                return
+            thread = self._thread
             self._pause_requested = True
-            self._pause_acked = False
+            # An unstarted runner acks below; a parked thread re-acks when woken.
+            self._pause_acked = thread is None
             self.vcpu.run.immediate_exit = 1
             self._cond.notify_all()
-            thread = self._thread
-            if thread is None:
-                self._pause_acked = True
         if thread is None:
             self._notify_paused()
         else:
@@ -307,7 +306,12 @@ class VcpuRunner:
         if reason == _abi.KVM_EXIT_DIRTY_RING_FULL:
             return f"{name}: the dirty ring is full but squibd does not use the ring"
         if reason == _abi.KVM_EXIT_MMIO:
-            return f"{name}: the guest accessed MMIO but this VM has no MMIO devices"
+            mmio = run.exit.mmio
+            access = "write" if mmio.is_write else "read"
+            return (
+                f"{name}: the guest did a {mmio.len}-byte MMIO {access} at "
+                f"{mmio.phys_addr:#x} but this VM has no MMIO devices"
+            )
         return f"{name}: squibd does not handle this exit"
 
     def _handle_io(self) -> None:

@@ -214,6 +214,9 @@ class ClientConnection:
                 BUSY, "ShuttingDown", "squibd is shutting down; retry when it is back"
             )
             return ErrorResponse(message.id, error.error)
+        spec = METHODS.get(message.method)
+        if spec is not None and spec.inline:
+            return await self._answer(message)  # no I/O, no waiting: answer on the reader
         await self.slots.acquire()
         self._call_started()
         self.server.start_call(self._call, message, batch)
@@ -254,6 +257,7 @@ class ClientConnection:
             else:
                 await self.send(self.rpc.send_response(answer))
         finally:
+            self.slots.release()
             self._call_done()
 
     async def _answer(self, request: Request) -> Response | ErrorResponse:
@@ -286,7 +290,6 @@ class ClientConnection:
             answer = ErrorResponse(request.id, failure)
         finally:
             del self._scopes[request.id]
-            self.slots.release()
         elapsed = (time.monotonic() - started) * _MS_PER_S
         self.server.log_request(self.peer, request.method, request.id, elapsed, failure)
         return answer

@@ -33,7 +33,6 @@ HOST_PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
 WORD_BITS: Final = 64
 _ALL_ONES_INT: Final = (1 << WORD_BITS) - 1
 _ALL_ONES: Final = np.uint64(_ALL_ONES_INT)
-_BIT_INDEX: Final = np.arange(WORD_BITS, dtype=np.int64)
 
 Words = npt.NDArray[np.uint64]
 Run = tuple[int, int]
@@ -58,18 +57,31 @@ def _set_range(words: Words, first: int, end: int) -> None:
         words[w1] |= np.uint64((1 << b1) - 1)
 
 
-def runs_from_words(words: Words) -> list[Run]:
-    """Coalesced runs ``(first_page, npages)`` of the set bits of ``words``, ascending."""
+def _bit_positions(words: Words) -> npt.NDArray[np.int64]:
+    """Indices of the set bits of ``words`` (bit ``i`` of word ``w`` is ``64 * w + i``)."""
     nonzero = np.flatnonzero(words)
-    if nonzero.size == 0:
-        return []
     chosen = words[nonzero].astype("<u8", copy=False)
-    bits = np.unpackbits(chosen.view(np.uint8), bitorder="little").reshape(-1, WORD_BITS)
-    pages = ((nonzero[:, None] * WORD_BITS) + _BIT_INDEX)[bits.astype(bool)]
-    breaks = np.flatnonzero(np.diff(pages) != 1)
-    starts = pages[np.concatenate(([0], breaks + 1))]
-    ends = pages[np.concatenate((breaks, [pages.size - 1]))] + 1
-    return list(zip(starts.tolist(), (ends - starts).tolist(), strict=True))
+    bits = np.flatnonzero(np.unpackbits(chosen.view(np.uint8), bitorder="little"))
+    positions: npt.NDArray[np.int64] = nonzero[bits // WORD_BITS] * WORD_BITS + bits % WORD_BITS
+    return positions
+
+
+def runs_from_words(words: Words) -> list[Run]:
+    """Coalesced runs ``(first_page, npages)`` of the set bits of ``words``, ascending.
+
+    Works on run boundaries only: a run starts at a set bit whose predecessor
+    is clear and ends at a set bit whose successor is clear (carrying across
+    words), so the cost follows the number of runs, not of dirty pages.
+    """
+    if words.size == 0 or not words.any():
+        return []
+    previous_high = np.zeros_like(words)
+    previous_high[1:] = words[:-1] >> np.uint64(WORD_BITS - 1)
+    next_low = np.zeros_like(words)
+    next_low[:-1] = (words[1:] & np.uint64(1)) << np.uint64(WORD_BITS - 1)
+    starts = _bit_positions(words & ~((words << np.uint64(1)) | previous_high))
+    lasts = _bit_positions(words & ~((words >> np.uint64(1)) | next_low))
+    return list(zip(starts.tolist(), (lasts - starts + 1).tolist(), strict=True))
 
 
 @attrs.define(eq=False)

@@ -16,6 +16,11 @@ Any failure becomes :class:`~squibd.snapshot.errors.Bitcode` whose reason
 names the field path, e.g. ``vcpu_states.0.regs.rip: expected an integer,
 got str``. The architecture is not guessed from the body: the envelope picks
 the class from the magic and passes it in.
+
+Speed: decoding first runs a converter without cattrs' detailed validation
+(same rules, first error wins); only a body that fails is structured again
+with detailed validation to name every bad field. Encoding unstructures with
+cattrs' generated code and checks the u64 rule in one walk over the result.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from cattrs.preconf.msgpack import MsgpackConverter
 from cattrs.preconf.msgpack import make_converter as _make_msgpack_converter
 
 from .errors import Bitcode
-from .models import MicrovmState
+from .models import Aarch64MicrovmState, MicrovmState, X86MicrovmState
 
 __all__ = [
     "U64_MAX",
@@ -69,14 +74,21 @@ def _structure_u64(value: object, _: type) -> int:
     return value
 
 
-def _unstructure_u64(value: int) -> int:
-    if type(value) is not int or not 0 <= value <= U64_MAX:
-        raise ValueError(f"integer {value!r} does not fit an unsigned 64-bit field")
-    return value
+def _check_u64_tree(plain: object) -> None:
+    """Refuse integers outside u64 anywhere in an unstructured tree (before packing).
 
-
-def _unstructure_bool(value: bool) -> bool:
-    return value
+    One iterative walk is ~7x cheaper than a cattrs unstructure hook per int.
+    """
+    stack: list[object] = [plain]
+    while stack:
+        value = stack.pop()
+        if type(value) is int:  # exactly int: bools are fine as they are
+            if not 0 <= value <= U64_MAX:
+                raise ValueError(f"integer {value} does not fit an unsigned 64-bit field")
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
 
 
 def _exact(expected: type, label: str) -> Callable[[object, type], Any]:
@@ -107,26 +119,29 @@ def _require(kind: type | tuple[type, ...], label: str, inner: Callable[..., Any
     return structure
 
 
-def make_state_converter() -> MsgpackConverter:
+def make_state_converter(*, detailed_validation: bool = True) -> MsgpackConverter:
     """Build the strict converter for state bodies (one per format, never global).
+
+    Args:
+        detailed_validation: collect every error with its field path (slower);
+            without it the first error stops structuring, with the same rules.
 
     Returns:
         A cattrs ``MsgpackConverter`` that unstructures models into plain
         MessagePack-ready values and structures them back strictly (see the
         module docstring for the rules).
     """
-    conv = _make_msgpack_converter(forbid_extra_keys=True, detailed_validation=True)
+    detailed = detailed_validation
+    conv = _make_msgpack_converter(forbid_extra_keys=True, detailed_validation=detailed)
     conv.register_structure_hook(int, _structure_u64)
-    conv.register_unstructure_hook(int, _unstructure_u64)
-    # bool is a subclass of int: without its own hook it would reach _unstructure_u64.
-    conv.register_unstructure_hook(bool, _unstructure_bool)
+    # bool is a subclass of int: it needs its own hook or it would reach _structure_u64.
     conv.register_structure_hook(bool, _exact(bool, "a boolean"))
     conv.register_structure_hook(str, _exact(str, "a string"))
     conv.register_structure_hook(bytes, _exact(bytes, "bytes"))
 
     def attrs_factory(cls: type) -> Any:
         inner: Callable[..., Any] = cattrs.gen.make_dict_structure_fn(
-            cls, conv, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=True
+            cls, conv, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=detailed
         )
         return _require(dict, f"a map for {cls.__name__}", inner)
 
@@ -143,9 +158,14 @@ def make_state_converter() -> MsgpackConverter:
 
 
 @functools.cache
-def _converter() -> MsgpackConverter:
-    # Converters are safe to share between threads once built; build it once.
-    return make_state_converter()
+def _converter(detailed: bool) -> MsgpackConverter:
+    # Built once per process and warmed for both state classes here, so that
+    # worker threads never race to generate hooks lazily.
+    conv = make_state_converter(detailed_validation=detailed)
+    for cls in (X86MicrovmState, Aarch64MicrovmState):
+        conv.get_structure_hook(cls)
+        conv.get_unstructure_hook(cls)
+    return conv
 
 
 def _leaf_errors(exc: BaseException, path: tuple[str, ...]) -> list[tuple[str, BaseException]]:
@@ -189,7 +209,8 @@ def encode_body(state: MicrovmState) -> bytes:
         Bitcode: a value cannot be represented (e.g. an integer outside u64).
     """
     try:
-        plain = _converter().unstructure(state, unstructure_as=type(state))
+        plain = _converter(False).unstructure(state, unstructure_as=type(state))
+        _check_u64_tree(plain)
         packed: bytes = msgpack.packb(plain, use_bin_type=True)
     except (ValueError, TypeError, OverflowError) as exc:
         raise Bitcode(f"cannot encode {type(state).__name__}: {exc}") from exc
@@ -212,6 +233,10 @@ def decode_body(body: bytes | memoryview, cls: type[_T]) -> _T:
     except Exception as exc:  # msgpack raises a zoo of types for damaged input
         raise Bitcode(f"body is not valid MessagePack: {exc}") from exc
     try:
-        return _converter().structure(plain, cls)
-    except (BaseValidationError, TypeError, ValueError, KeyError) as exc:
-        raise _bitcode_from(exc) from exc
+        return _converter(False).structure(plain, cls)
+    except Exception as fast_error:  # any failure: redo it with field paths
+        try:
+            _converter(True).structure(plain, cls)
+        except (BaseValidationError, TypeError, ValueError, KeyError) as exc:
+            raise _bitcode_from(exc) from exc
+        raise Bitcode(f"<body>: {fast_error}") from fast_error

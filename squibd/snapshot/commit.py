@@ -1,32 +1,31 @@
-"""The pair commit (SPEC section 5, items 4-7) and its crash recovery.
+"""The pair commit: one save of a snapshot pair (SPEC section 5, items 4-7).
 
 Theory of operation. Two files cannot be renamed atomically together, so a
 save is a small write-ahead transaction whose commit point is one record in
-a journal file beside the state file:
+a journal beside the state file (``journal.py`` holds the journal format and
+the recovery):
 
 1. ``.<snap>.squibd-journal.<txid>`` is created (O_EXCL, 0600) and locked
    with ``flock`` for the whole save; its *prepare* record names the two
    destinations and the two temp files; journal and directory are fsynced.
 2. The temp files are created beside their destinations (or in the staging
    directory) with ``O_CREAT|O_EXCL|O_NOFOLLOW``, mode 0600. The memory
-   writer fills ``mem_fd``; the caller hands the encoded state to
-   :meth:`PairTransaction.commit`.
+   writer fills ``mem_fd`` (and may set the ``user.squibd.pair`` xattr on
+   it); the caller hands the encoded state to :meth:`PairTransaction.commit`.
 3. ``commit`` sizes and fsyncs the memory temp, writes and fsyncs the state
    temp, fsyncs their directories, then appends and fsyncs the *commit*
    record: from here on the new pair wins.
 4. Both temps are renamed over the destinations, the directories fsynced,
    and the journal removed.
 
-Recovery (:func:`recover_pair` before a load or save of a path,
-:func:`recover_directory` at daemon start) looks at every journal that no
-live save holds locked: with a commit record it rolls forward (renames the
-temps that still exist), without one it rolls back (removes the temps).
 Temps exist only while their journal's prepare record is durable, so a
-SIGKILL at any instant leaves, after recovery, the whole old pair or the
-whole new pair at the user's paths and no temp files.
+SIGKILL at any instant leaves, after recovery (:func:`recover_pair` before a
+load or save of the paths, :func:`recover_directory` at daemon start), the
+whole old pair or the whole new pair at the user's paths and no temp files.
 
-Transactions are used from worker threads; one transaction per destination
-path at a time in this process (a second one fails with ``Io``/EBUSY).
+Thread use: a transaction may be driven from any worker thread (one at a
+time); one transaction per destination path at a time in this process (a
+second one fails with ``Io``/EBUSY rather than interleave renames).
 """
 
 from __future__ import annotations
@@ -34,24 +33,38 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import secrets
-import stat
-import threading
-import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Final
 
 import attrs
 
 from .errors import AtomicCommitCrossFs, AtomicCommitFailed, InvalidPath, Io, MemoryIo
+from .journal import (
+    JOURNAL_MARKER,
+    TEMP_MARKER,
+    JournalPlan,
+    canonical_path,
+    commit_record,
+    fsync_dir,
+    fsync_dirs,
+    journal_path_for,
+    recover_directory,
+    recover_pair,
+    recover_reserved,
+    release_paths,
+    reserve_paths,
+    temp_path_for,
+    unlink_if_ours,
+)
 from .paths import validate_path
 
 __all__ = [
     "COMMIT_STEPS",
     "JOURNAL_MARKER",
     "TEMP_MARKER",
+    "TEMP_MODE",
     "PairTransaction",
     "StepHook",
     "recover_directory",
@@ -74,195 +87,14 @@ COMMIT_STEPS: Final = (
     "dirs_synced",
     "journal_removed",
 )
-JOURNAL_MARKER: Final = ".squibd-journal."
-TEMP_MARKER: Final = ".squibd-tmp-"
 #: SPEC section 5: temp files are created with mode 0600.
 TEMP_MODE: Final = 0o600
+#: SPEC sections 5 and 10: never follow a symlink, never reuse an existing file.
 _CREATE_FLAGS: Final = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Bytes of randomness in a transaction id (hex-encoded in the file names).
 _TXID_BYTES: Final = 8
-_JOURNAL_VERSION: Final = 1
 
 StepHook = Callable[[str], None]
-
-_active_lock = threading.Lock()
-_active_paths: set[str] = set()
-
-
-def _canonical(path: str) -> str:
-    """The destination's identity: resolved parent directory plus base name."""
-    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-
-
-def _reserve(paths: Iterable[str]) -> bool:
-    keys = set(paths)
-    with _active_lock:
-        if keys & _active_paths:
-            return False
-        _active_paths.update(keys)
-        return True
-
-
-def _release(paths: Iterable[str]) -> None:
-    with _active_lock:
-        _active_paths.difference_update(paths)
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dirs(paths: Iterable[str]) -> None:
-    for directory in dict.fromkeys(os.path.dirname(p) for p in paths):
-        _fsync_dir(directory)
-
-
-def _record(payload: dict[str, object]) -> bytes:
-    text = json.dumps(payload, sort_keys=True)
-    return f"{text}\t{zlib.crc32(text.encode()):08x}\n".encode()
-
-
-def _parse_records(data: bytes) -> list[dict[str, object]]:
-    """Records whose checksum holds; a torn last line is simply absent."""
-    records: list[dict[str, object]] = []
-    for line in data.split(b"\n")[:-1]:
-        text, _, crc = line.decode("utf-8", "replace").rpartition("\t")
-        if text and crc == f"{zlib.crc32(text.encode()):08x}":
-            value = json.loads(text)
-            if isinstance(value, dict):
-                records.append(value)
-    return records
-
-
-def _unlink_if_regular(path: str) -> None:
-    """Remove a temp we created; never a symlink or anything else planted there."""
-    try:
-        if stat.S_ISREG(os.lstat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-@attrs.frozen
-class _Plan:
-    """What a journal's prepare record says."""
-
-    txid: str
-    snapshot_path: str
-    mem_file_path: str
-    state_tmp: str
-    mem_tmp: str
-
-    def to_record(self) -> bytes:
-        return _record({"journal": _JOURNAL_VERSION, **attrs.asdict(self)})
-
-    @classmethod
-    def from_record(cls, record: dict[str, object]) -> _Plan | None:
-        fields = [a.name for a in attrs.fields(cls)]
-        if record.get("journal") != _JOURNAL_VERSION:
-            return None
-        if not all(isinstance(record.get(name), str) for name in fields):
-            return None
-        return cls(**{name: str(record[name]) for name in fields})
-
-
-def _recover_journal(journal_path: str) -> None:
-    """Roll one journal forward or back unless a live save holds it."""
-    try:
-        fd = os.open(journal_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return  # a live save (maybe in another process) owns it
-        if os.fstat(fd).st_nlink == 0:
-            return  # someone else finished it while we waited
-        size = os.fstat(fd).st_size
-        records = _parse_records(os.pread(fd, size, 0))
-        plan = _Plan.from_record(records[0]) if records else None
-        if plan is not None:
-            committed = {"commit": plan.txid} in records[1:]
-            if committed:
-                for tmp, dest in ((plan.mem_tmp, plan.mem_file_path),
-                                  (plan.state_tmp, plan.snapshot_path)):  # fmt: skip
-                    if os.path.lexists(tmp) and stat.S_ISREG(os.lstat(tmp).st_mode):
-                        os.rename(tmp, dest)
-                _fsync_dirs((plan.mem_tmp, plan.state_tmp, plan.mem_file_path, plan.snapshot_path))
-            else:
-                _unlink_if_regular(plan.mem_tmp)
-                _unlink_if_regular(plan.state_tmp)
-                _fsync_dirs((plan.mem_tmp, plan.state_tmp))
-        os.unlink(journal_path)
-        _fsync_dir(os.path.dirname(journal_path))
-    finally:
-        os.close(fd)
-
-
-def _journals(directory: str, snapshot_name: str | None) -> list[str]:
-    prefix = f".{snapshot_name}{JOURNAL_MARKER}" if snapshot_name is not None else "."
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    return sorted(
-        os.path.join(directory, name)
-        for name in names
-        if name.startswith(prefix) and JOURNAL_MARKER in name
-    )
-
-
-def _recover_snapshot_journals(snapshot_path: str) -> None:
-    directory, name = os.path.split(snapshot_path)
-    for journal in _journals(directory, name):
-        _recover_journal(journal)
-
-
-def recover_pair(snapshot_path: str, mem_file_path: str) -> None:
-    """Finish or undo any interrupted save of this pair (idempotent).
-
-    Run before loading or saving these paths. Journals a live save holds are
-    left alone.
-
-    Raises:
-        Io: a rename, unlink or fsync of the recovery failed.
-    """
-    keys = (_canonical(snapshot_path), _canonical(mem_file_path))
-    if not _reserve(keys):
-        return  # a save of these paths is running in this process
-    try:
-        _recover_snapshot_journals(snapshot_path)
-    except OSError as exc:
-        raise Io(exc) from exc
-    finally:
-        _release(keys)
-
-
-def recover_directory(directory: str) -> None:
-    """Recover every interrupted save whose journal lies in ``directory``.
-
-    Run at daemon start for every directory snapshots were saved to.
-
-    Raises:
-        Io: a rename, unlink or fsync of the recovery failed.
-    """
-    try:
-        for journal in _journals(directory, None):
-            snapshot_name = os.path.basename(journal)[1:].split(JOURNAL_MARKER, 1)[0]
-            key = _canonical(os.path.join(directory, snapshot_name))
-            if not _reserve((key,)):
-                continue
-            try:
-                _recover_journal(journal)
-            finally:
-                _release((key,))
-    except OSError as exc:
-        raise Io(exc) from exc
 
 
 def _check_same_filesystem(dest: str, staging_dir: str) -> None:
@@ -325,24 +157,20 @@ class PairTransaction:
         snap = validate_path(self.snapshot_path, allowed_roots=self.allowed_roots)
         mem = validate_path(self.mem_file_path, what="mem_file_path",
                             allowed_roots=self.allowed_roots)  # fmt: skip
-        self._keys = (_canonical(snap), _canonical(mem))
+        self._keys = (canonical_path(snap), canonical_path(mem))
         if os.path.normpath(snap) == os.path.normpath(mem) or self._keys[0] == self._keys[1]:
             raise InvalidPath("snapshot_path and mem_file_path must be different files")
         if self.staging_dir is not None:
             for dest in (snap, mem):
                 _check_same_filesystem(dest, self.staging_dir)
-        if not _reserve(self._keys):
+        if not reserve_paths(self._keys, for_save=True):
             raise Io(errno.EBUSY)
         try:
-            _recover_pair_locked(snap)
+            recover_reserved(snap)
             self._open()
         except BaseException:
             self._abort_quietly()
             raise
-
-    def _temp_path(self, dest: str, role: str) -> str:
-        directory = self.staging_dir or os.path.dirname(dest)
-        return os.path.join(directory, f".{os.path.basename(dest)}{TEMP_MARKER}{role}.{self.txid}")
 
     def _step(self, name: str) -> None:
         if self.step_hook is not None:
@@ -350,10 +178,10 @@ class PairTransaction:
 
     def _open(self) -> None:
         self.txid = secrets.token_hex(_TXID_BYTES)
-        snap_dir, snap_name = os.path.split(self.snapshot_path)
-        self._journal_path = os.path.join(snap_dir, f".{snap_name}{JOURNAL_MARKER}{self.txid}")
-        self.state_tmp_path = self._temp_path(self.snapshot_path, "state")
-        self.mem_tmp_path = self._temp_path(self.mem_file_path, "mem")
+        self._journal_path = journal_path_for(self.snapshot_path, self.txid)
+        staging = self.staging_dir
+        self.state_tmp_path = temp_path_for(self.snapshot_path, "state", self.txid, staging)
+        self.mem_tmp_path = temp_path_for(self.mem_file_path, "mem", self.txid, staging)
         try:
             self._journal_fd = _create_temp(self._journal_path, os.O_RDWR)
             self._created.append(self._journal_path)
@@ -361,13 +189,13 @@ class PairTransaction:
             if os.fstat(self._journal_fd).st_nlink == 0:  # another process's recovery took it
                 raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
             self._step("journal_created")
-            plan = _Plan(self.txid, self.snapshot_path, self.mem_file_path,
+            plan = JournalPlan(self.txid, self.snapshot_path, self.mem_file_path,
                          self.state_tmp_path, self.mem_tmp_path)  # fmt: skip
             record = plan.to_record()
             os.write(self._journal_fd, record)
             self._prepare_len = len(record)
             os.fsync(self._journal_fd)
-            _fsync_dir(snap_dir)
+            fsync_dir(os.path.dirname(self._journal_path))
             self._step("journal_prepared")
             self._state_fd = _create_temp(self.state_tmp_path, os.O_WRONLY)
             self._created.append(self.state_tmp_path)
@@ -418,12 +246,12 @@ class PairTransaction:
                 self._step("state_written")
                 os.fsync(self._state_fd)
                 self._step("state_synced")
-                _fsync_dirs((self.mem_tmp_path, self.state_tmp_path))
+                fsync_dirs((self.mem_tmp_path, self.state_tmp_path))
             except OSError as exc:
                 raise Io(exc) from exc
             self._step("temps_durable")
             try:
-                os.write(self._journal_fd, _record({"commit": self.txid}))
+                os.write(self._journal_fd, commit_record(self.txid))
                 os.fsync(self._journal_fd)
                 self._step("committed")
                 os.rename(self.mem_tmp_path, self.mem_file_path)
@@ -448,11 +276,11 @@ class PairTransaction:
         try:
             os.rename(self.state_tmp_path, self.snapshot_path)
             self._step("state_renamed")
-            _fsync_dirs((self.mem_file_path, self.snapshot_path,
+            fsync_dirs((self.mem_file_path, self.snapshot_path,
                          self.mem_tmp_path, self.state_tmp_path))  # fmt: skip
             self._step("dirs_synced")
             os.unlink(self._journal_path)
-            _fsync_dir(os.path.dirname(self._journal_path))
+            fsync_dir(os.path.dirname(self._journal_path))
             self._step("journal_removed")
         except OSError as exc:
             # The commit record is durable: leave the journal for recovery.
@@ -469,11 +297,11 @@ class PairTransaction:
         try:
             temps = [p for p in self._created if p != self._journal_path]
             for path in temps:
-                _unlink_if_regular(path)
-            _fsync_dirs(temps)
+                unlink_if_ours(path)
+            fsync_dirs(temps)
             if self._journal_path in self._created:
                 os.unlink(self._journal_path)
-                _fsync_dir(os.path.dirname(self._journal_path))
+                fsync_dir(os.path.dirname(self._journal_path))
         except OSError as exc:
             raise Io(exc) from exc
         finally:
@@ -492,13 +320,5 @@ class PairTransaction:
                 os.close(fd)
                 setattr(self, name, -1)
         if self._keys[0]:
-            _release(self._keys)
+            release_paths(self._keys)
             self._keys = ("", "")
-
-
-def _recover_pair_locked(snapshot_path: str) -> None:
-    """Recovery for a caller that already reserved the pair's paths (internal)."""
-    try:
-        _recover_snapshot_journals(snapshot_path)
-    except OSError as exc:
-        raise Io(exc) from exc

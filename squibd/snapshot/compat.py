@@ -83,7 +83,7 @@ def _check_vm_info(info: VmInfo, vcpu_states: int) -> None:
         raise _fail("vm_info.mem_size_mib is 0")
 
 
-def _check_x86_vcpu(path: str, vcpu: X86VcpuState) -> None:
+def _check_x86_vcpu(path: str, vcpu: X86VcpuState, *, has_irqchip: bool) -> None:
     if not vcpu.cpuid:
         raise _fail(f"{path}.cpuid is empty")
     if len(vcpu.xsave) < MIN_XSAVE_SIZE or len(vcpu.xsave) % 4:
@@ -91,7 +91,9 @@ def _check_x86_vcpu(path: str, vcpu: X86VcpuState) -> None:
             f"{path}.xsave is {len(vcpu.xsave)} bytes, expected a multiple of 4"
             f" of at least {MIN_XSAVE_SIZE}"
         )
-    _check_size(f"{path}.lapic", vcpu.lapic, LAPIC_SIZE)
+    # KVM_GET_LAPIC needs the in-kernel irqchip; without one the LAPIC state may be empty.
+    if vcpu.lapic or has_irqchip:
+        _check_size(f"{path}.lapic", vcpu.lapic, LAPIC_SIZE)
     _check_size(f"{path}.vcpu_events", vcpu.vcpu_events, VCPU_EVENTS_SIZE)
     if len(vcpu.sregs.interrupt_bitmap) != INTERRUPT_BITMAP_WORDS:
         raise _fail(f"{path}.sregs.interrupt_bitmap has {len(vcpu.sregs.interrupt_bitmap)} words")
@@ -103,9 +105,9 @@ def _check_x86_vcpu(path: str, vcpu: X86VcpuState) -> None:
 
 
 def _check_x86(state: X86MicrovmState) -> None:
-    for i, vcpu in enumerate(state.vcpu_states):
-        _check_x86_vcpu(f"vcpu_states.{i}", vcpu)
     vm = state.vm_state
+    for i, vcpu in enumerate(state.vcpu_states):
+        _check_x86_vcpu(f"vcpu_states.{i}", vcpu, has_irqchip=bool(vm.irqchips))
     for i, chip in enumerate(vm.irqchips):
         _check_size(f"vm_state.irqchips.{i}.data", chip.data, IRQCHIP_DATA_SIZE)
     if vm.pit is not None:

@@ -37,6 +37,7 @@ from .errors import (
     TooShort,
     VersionMismatch,
 )
+from .journal import recover_snapshot
 from .models import Aarch64MicrovmState, MicrovmState, X86MicrovmState
 
 __all__ = [
@@ -255,6 +256,17 @@ def read_state_bytes(path: str | os.PathLike[str]) -> bytes:
     return data
 
 
-def read_state_file(path: str | os.PathLike[str]) -> MicrovmState:
-    """Read and fully load a state file (size limit first, then :func:`decode_state`)."""
+def read_state_file(path: str | os.PathLike[str], *, recover: bool = True) -> MicrovmState:
+    """Read and fully load a state file (size limit first, then :func:`decode_state`).
+
+    Args:
+        path: the state file.
+        recover: first finish or undo an interrupted save of this path
+            (SPEC section 5: recovery runs at the next load of a path).
+
+    Raises:
+        Io, SizeLimitExceeded, and every error of :func:`decode_state`.
+    """
+    if recover:
+        recover_snapshot(os.fspath(path))
     return decode_state(read_state_bytes(path))

@@ -17,8 +17,9 @@ regions as read sources. The writer
      scanned, its non-zero pages are written, all-zero pages stay holes;
 3. runs ``writers`` threads that take units in order, digest each piece in
    the thread (the hash releases the GIL on large inputs) and write it with
-   the chosen primitive (``pwrite`` from the mapping by default; see
-   ``WRITE_METHODS``), checking ``cancel`` between units;
+   the chosen primitive (by default O_DIRECT ``pwrite`` from the mapping for
+   large pieces, buffered ``pwrite`` for small ones; see ``WRITE_METHODS``),
+   checking ``cancel`` between batches of units;
 4. returns the written extents and the per-chunk digests in file order,
    independent of the number of writers.
 
@@ -34,7 +35,6 @@ import errno
 import os
 import queue
 import threading
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
@@ -53,10 +53,14 @@ from .manifest import (
     MemoryRegion,
 )
 from .memerrors import MemoryInputInvalid
+from .memplan import RegionSource, WorkPlan, check_regions, merge_extents, plan_units
+from .memplan import nonzero_page_runs as _nonzero_page_runs
+from .pairing import PAIR_XATTR, new_pair_id, read_pair_xattr, set_pair_xattr
 
 __all__ = [
     "DEFAULT_METHOD",
     "DEFAULT_WRITERS",
+    "DIRECT_MIN_BYTES",
     "PAIR_XATTR",
     "WRITE_METHODS",
     "RegionSource",
@@ -76,32 +80,19 @@ DEFAULT_WRITERS: Final = 2
 #: ``pwrite`` from the mapping, ``sendfile`` from the memfd (falls back to
 #: pwrite for regions without fd), ``direct`` (O_DIRECT pwrite; falls back to
 #: pwrite where the filesystem refuses it).
-WRITE_METHODS: Final = ("pwrite", "sendfile", "direct")
-#: Chosen by bench/memory_save.py (durable 1 GiB; see the module doc there).
-DEFAULT_METHOD: Final = "pwrite"
-#: SPEC section 4: the extended attribute binding a memory file to its pair.
-PAIR_XATTR: Final = "user.squibd.pair"
-#: Errors meaning "this filesystem keeps no user xattrs": not a failure.
-_XATTR_UNSUPPORTED: Final = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM})
+#: ``auto``: O_DIRECT for pieces of at least ``DIRECT_MIN_BYTES``, buffered pwrite for
+#: smaller ones (a Diff's single pages would each become a synchronous disk write).
+WRITE_METHODS: Final = ("auto", "pwrite", "sendfile", "direct")
+#: Chosen by bench/memory_save.py: for a durable 1 GiB Full, O_DIRECT with 2 writers
+#: beat buffered pwrite and sendfile (fsync then has almost nothing left to flush).
+DEFAULT_METHOD: Final = "auto"
+#: Smallest piece ``auto`` writes with O_DIRECT (256 KiB: below it the per-request
+#: disk latency outweighs the saved page-cache copy).
+DIRECT_MIN_BYTES: Final = 256 * 1024
 
 
 class WriteCancelled(Exception):
     """The ``cancel`` event was set; the file is partial and must be discarded."""
-
-
-class RegionSource(Protocol):
-    """What the writer reads from (``squibd.vm.memory.GuestRegion`` is one)."""
-
-    @property
-    def guest_addr(self) -> int: ...
-    @property
-    def size(self) -> int: ...
-    @property
-    def file_offset(self) -> int: ...
-    @property
-    def view(self) -> memoryview: ...
-    @property
-    def fd(self) -> int | None: ...
 
 
 @attrs.frozen
@@ -117,164 +108,7 @@ class WriteResult:
     chunk_size: int
 
 
-@attrs.frozen
-class _Unit:
-    """One piece of work: ``length`` bytes at ``offset`` (region-relative) of one region."""
-
-    region: int
-    offset: int
-    length: int
-    scan: bool  # write only the non-zero pages of this window
-
-
 Piece = tuple[int, int, bytes]  # (file offset, length, digest)
-
-
-def new_pair_id() -> str:
-    """A fresh random pair id (SPEC section 4: a random UUID)."""
-    return str(uuid.uuid4())
-
-
-def set_pair_xattr(fd: int, pair_id: str) -> bool:
-    """Store ``pair_id`` in the ``user.squibd.pair`` xattr; False where unsupported.
-
-    Raises:
-        MemoryIo: any other failure of ``fsetxattr``.
-    """
-    try:
-        os.setxattr(fd, PAIR_XATTR, pair_id.encode())
-    except OSError as error:
-        if error.errno in _XATTR_UNSUPPORTED:
-            return False
-        raise MemoryIo(error) from error
-    return True
-
-
-def read_pair_xattr(path_or_fd: str | int) -> str | None:
-    """The pair id stored on a memory file, or None when absent or unsupported."""
-    try:
-        return os.getxattr(path_or_fd, PAIR_XATTR).decode(errors="replace")
-    except OSError as error:
-        if error.errno in _XATTR_UNSUPPORTED or error.errno == errno.ENODATA:
-            return None
-        raise MemoryIo(error) from error
-
-
-def merge_extents(extents: Sequence[Extent]) -> tuple[Extent, ...]:
-    """Sort and coalesce overlapping or adjacent extents."""
-    merged: list[Extent] = []
-    for extent in sorted(extents, key=lambda e: e.offset):
-        if extent.length <= 0:
-            continue
-        if merged and extent.offset <= merged[-1].end:
-            last = merged.pop()
-            extent = Extent(last.offset, max(last.end, extent.end) - last.offset)
-        merged.append(extent)
-    return tuple(merged)
-
-
-def _check_regions(regions: Sequence[RegionSource], page_size: int) -> int:
-    if page_size <= 0 or page_size & (page_size - 1):
-        raise MemoryInputInvalid(f"page size {page_size} is not a power of two")
-    if not regions:
-        raise MemoryInputInvalid("no memory regions to write")
-    expected = 0
-    for index, region in enumerate(regions):
-        if region.file_offset != expected:
-            raise MemoryInputInvalid(
-                f"region {index} starts at file offset {region.file_offset}, expected {expected}"
-            )
-        if region.size <= 0 or region.size % page_size:
-            raise MemoryInputInvalid(
-                f"region {index} size {region.size} is not a positive multiple of the "
-                f"{page_size}-byte page"
-            )
-        if len(region.view) != region.size:
-            raise MemoryInputInvalid(
-                f"region {index} maps {len(region.view)} bytes but declares {region.size}"
-            )
-        expected += region.size
-    return expected
-
-
-def _memfd_extents(fd: int, size: int) -> list[tuple[int, int]]:
-    """Touched ``(offset, length)`` ranges of a memfd, via SEEK_DATA/SEEK_HOLE."""
-    found: list[tuple[int, int]] = []
-    position = 0
-    while position < size:
-        try:
-            start = os.lseek(fd, position, os.SEEK_DATA)
-        except OSError as error:
-            if error.errno == errno.ENXIO:  # no data past position
-                break
-            raise
-        if start >= size:
-            break
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        found.append((start, end - start))
-        position = end
-    return found
-
-
-def _cut(region_index: int, base: int, start: int, length: int, chunk: int, scan: bool,
-         out: list[_Unit]) -> None:
-    """Append units for region bytes ``[start, start+length)`` cut at file chunk boundaries."""
-    offset, end = start, start + length
-    while offset < end:
-        boundary = ((base + offset) // chunk + 1) * chunk - base
-        stop = min(end, boundary)
-        out.append(_Unit(region_index, offset, stop - offset, scan))
-        offset = stop
-
-
-def _plan(regions: Sequence[RegionSource], kind: str,
-          runs_per_region: Sequence[Sequence[tuple[int, int]]] | None,
-          page_size: int, chunk: int) -> list[_Unit]:
-    units: list[_Unit] = []
-    if kind == KIND_DIFF:
-        if runs_per_region is None:
-            raise MemoryInputInvalid("a Diff needs the dirty runs of every region")
-        if len(runs_per_region) != len(regions):
-            raise MemoryInputInvalid(
-                f"{len(runs_per_region)} run lists for {len(regions)} regions"
-            )
-    elif kind != KIND_FULL:
-        raise MemoryInputInvalid(f"unknown snapshot kind {kind!r} (expected Full or Diff)")
-    for index, region in enumerate(regions):
-        npages = region.size // page_size
-        ranges: list[tuple[int, int]]
-        if runs_per_region is not None:
-            spans = []
-            for first, count in runs_per_region[index]:
-                if first < 0 or count <= 0 or first + count > npages:
-                    raise MemoryInputInvalid(
-                        f"run of pages [{first}, {first + count}) lies outside region {index} "
-                        f"({npages} pages)"
-                    )
-                spans.append(Extent(first * page_size, count * page_size))
-            ranges = [(e.offset, e.length) for e in merge_extents(spans)]
-            scan = False
-        elif region.fd is not None:
-            ranges = _memfd_extents(region.fd, region.size)
-            scan = False
-        else:
-            ranges = [(0, region.size)]
-            scan = True
-        for start, length in ranges:
-            _cut(index, region.file_offset, start, length, chunk, scan, units)
-    return units
-
-
-def _nonzero_page_runs(data: memoryview, page_size: int) -> list[tuple[int, int]]:
-    """``(offset, length)`` byte runs of the non-zero pages of ``data``."""
-    pages = np.frombuffer(data, dtype=np.uint64).reshape(-1, page_size // 8)
-    touched = pages.any(axis=1)
-    del pages
-    if not touched.any():
-        return []
-    edges = np.flatnonzero(np.diff(np.concatenate(([False], touched, [False])).astype(np.int8)))
-    starts, ends = edges[0::2], edges[1::2]
-    return [(int(s) * page_size, int(e - s) * page_size) for s, e in zip(starts, ends, strict=True)]
 
 
 class _Writer:
@@ -284,8 +118,9 @@ class _Writer:
         self.out_fd = out_fd
         self.method = method
         self.own_fd: int | None = None
-        if method in ("sendfile", "direct"):
-            flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_DIRECT if method == "direct" else 0)
+        if method in ("sendfile", "direct", "auto"):
+            direct = os.O_DIRECT if method in ("direct", "auto") else 0
+            flags = os.O_WRONLY | os.O_CLOEXEC | direct
             try:
                 # A new open file description: its own position for sendfile.
                 self.own_fd = os.open(f"/proc/self/fd/{out_fd}", flags)
@@ -305,7 +140,10 @@ class _Writer:
         if self.method == "sendfile" and source.fd is not None and self.own_fd is not None:
             self._sendfile(source.fd, offset, len(view), file_offset)
             return
-        if self.method == "direct" and self.own_fd is not None:
+        direct = self.method == "direct" or (
+            self.method == "auto" and len(view) >= DIRECT_MIN_BYTES
+        )
+        if direct and self.own_fd is not None:
             try:
                 self._pwrite(self.own_fd, view, file_offset)
                 return
@@ -356,7 +194,8 @@ def write_memory(
         writers: number of writer threads (1 writes in the calling thread).
         progress: called in the calling thread with ``(bytes_done, bytes_total)``.
         algorithm: digest algorithm (``"xxh3-64"`` or ``"blake3"``).
-        cancel: checked between units; when set, :class:`WriteCancelled` is raised.
+        cancel: checked between batches of units; when set, :class:`WriteCancelled`
+            is raised.
         chunk_size: digest chunk size (SPEC section 4: at most 2 MiB).
         page_size: the page of the runs (default: the host page).
         method: one of ``WRITE_METHODS``.
@@ -369,93 +208,23 @@ def write_memory(
         raise MemoryInputInvalid(f"writers must be at least 1, got {writers}")
     if method not in WRITE_METHODS:
         raise MemoryInputInvalid(f"unknown write method {method!r}")
-    total_size = _check_regions(regions, page_size)
+    total_size = check_regions(regions, page_size)
     if chunk_size <= 0 or chunk_size % page_size:
         raise MemoryInputInvalid(f"chunk size {chunk_size} is not a multiple of the page")
     hash_of = digest_function(algorithm)
     try:
-        units = _plan(regions, kind, runs_per_region, page_size, chunk_size)
+        plan = plan_units(regions, kind, runs_per_region, page_size, chunk_size)
         os.ftruncate(out_fd, total_size)
     except OSError as error:
         raise MemoryIo(error) from error
-    total = sum(unit.length for unit in units)
-    results: list[list[Piece]] = [[] for _ in units]
-    stop = threading.Event()
-    failures: list[BaseException] = []
-    next_unit = iter(range(len(units)))
-    take_lock = threading.Lock()
-    done_queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-
-    def run_unit(writer: _Writer, index: int) -> None:
-        unit = units[index]
-        source = regions[unit.region]
-        if unit.scan:
-            with source.view[unit.offset : unit.offset + unit.length] as window:
-                found = _nonzero_page_runs(window, page_size)
-            spans = [(unit.offset + s, n) for s, n in found]
-        else:
-            spans = [(unit.offset, unit.length)]
-        pieces = results[index]
-        for start, length in spans:
-            file_offset = source.file_offset + start
-            with source.view[start : start + length] as piece:
-                digest = hash_of(piece)
-                writer.write(source, piece, start, file_offset)
-            pieces.append((file_offset, length, digest))
-
-    def work() -> None:
-        writer: _Writer | None = None
-        try:
-            writer = _Writer(out_fd, method)
-            while not stop.is_set():
-                if cancel is not None and cancel.is_set():
-                    stop.set()
-                    break
-                with take_lock:
-                    index = next(next_unit, None)
-                if index is None:
-                    break
-                run_unit(writer, index)
-                done_queue.put(units[index].length)
-        except BaseException as error:
-            failures.append(error)
-            stop.set()
-        finally:
-            if writer is not None:
-                writer.close()
-            done_queue.put(None)
-
-    threads = [threading.Thread(target=work, name=f"squibd-memwriter-{i}", daemon=True)
-               for i in range(min(writers, max(1, len(units))))]
-    for thread in threads:
-        thread.start()
-    done_bytes = 0
-    running = len(threads)
-    try:
-        while running:
-            item = done_queue.get()
-            if item is None:
-                running -= 1
-                continue
-            done_bytes += item
-            if progress is not None:
-                progress(done_bytes, total)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
-    if failures:
-        failure = failures[0]
-        if isinstance(failure, OSError):
-            raise MemoryIo(failure) from failure
-        raise failure
-    if cancel is not None and cancel.is_set():
-        raise WriteCancelled("memory write cancelled")
-    pieces = [piece for unit_pieces in results for piece in unit_pieces]
-    extents = _extents_by_region(pieces, regions)
-    written = sum(length for _, length, _ in pieces)
+    run = _Run(plan, regions, hash_of, page_size, out_fd, method, cancel)
+    run.execute(writers, progress)
+    pieces = run.pieces()
+    offsets = [offset for offset, _, _ in pieces]
+    lengths = [length for _, length, _ in pieces]
+    written = sum(lengths)
     return WriteResult(
-        extents=extents,
+        extents=_coalesce(offsets, lengths, regions),
         digests=b"".join(digest for _, _, digest in pieces),
         bytes_written=written,
         pages_written=written // page_size,
@@ -465,18 +234,150 @@ def write_memory(
     )
 
 
-def _extents_by_region(pieces: Sequence[Piece], regions: Sequence[RegionSource]) -> tuple[
-        Extent, ...]:
-    """Coalesce pieces into extents, never across a region boundary."""
-    boundaries = {region.file_offset for region in regions}
-    merged: list[Extent] = []
-    for offset, length, _ in pieces:
-        if merged and merged[-1].end == offset and offset not in boundaries:
-            last = merged.pop()
-            merged.append(Extent(last.offset, last.length + length))
+class _Run:
+    """The state of one write shared by its writer threads."""
+
+    def __init__(self, plan: WorkPlan, regions: Sequence[RegionSource],
+                 hash_of: Callable[[memoryview], bytes], page_size: int, out_fd: int,
+                 method: str, cancel: threading.Event | None) -> None:
+        self.plan = plan
+        self.regions = regions
+        self.hash_of = hash_of
+        self.page_size = page_size
+        self.out_fd = out_fd
+        self.method = method
+        self.cancel = cancel
+        self.digests: list[bytes | None] = [None] * len(plan.lengths)
+        #: Pieces of scan units (their non-zero page runs), by unit index.
+        self.scanned: dict[int, list[Piece]] = {}
+        self.stop = threading.Event()
+        self.failures: list[BaseException] = []
+        self._next_batch = iter(plan.batches)
+        self._take = threading.Lock()
+
+    def _unit(self, writer: _Writer, index: int) -> None:
+        plan = self.plan
+        source = self.regions[plan.regions[index]]
+        offset, length = plan.offsets[index], plan.lengths[index]
+        if not plan.scan[index]:
+            with source.view[offset : offset + length] as piece:
+                self.digests[index] = self.hash_of(piece)
+                writer.write(source, piece, offset, source.file_offset + offset)
+            return
+        with source.view[offset : offset + length] as window:
+            found = _nonzero_page_runs(window, self.page_size)
+        pieces: list[Piece] = []
+        for start, size in found:
+            start += offset
+            with source.view[start : start + size] as piece:
+                digest = self.hash_of(piece)
+                writer.write(source, piece, start, source.file_offset + start)
+            pieces.append((source.file_offset + start, size, digest))
+        self.scanned[index] = pieces
+
+    def _batches(self, report: Callable[[int], None]) -> None:
+        writer = _Writer(self.out_fd, self.method)
+        try:
+            while not self.stop.is_set():
+                if self.cancel is not None and self.cancel.is_set():
+                    self.stop.set()
+                    break
+                with self._take:
+                    batch = next(self._next_batch, None)
+                if batch is None:
+                    break
+                first, stop = batch
+                for index in range(first, stop):
+                    self._unit(writer, index)
+                report(sum(self.plan.lengths[first:stop]))
+        finally:
+            writer.close()
+
+    def execute(self, writers: int, progress: Callable[[int, int], None] | None) -> None:
+        total = self.plan.total
+        done = 0
+        if writers == 1 or len(self.plan.batches) <= 1:
+
+            def report_here(size: int) -> None:
+                nonlocal done
+                done += size
+                if progress is not None:
+                    progress(done, total)
+
+            try:
+                self._batches(report_here)
+            except OSError as error:
+                raise MemoryIo(error) from error
         else:
-            merged.append(Extent(offset, length))
-    return tuple(merged)
+            self._threads(min(writers, len(self.plan.batches)), progress, total)
+        if self.cancel is not None and self.cancel.is_set():
+            raise WriteCancelled("memory write cancelled")
+
+    def _threads(self, count: int, progress: Callable[[int, int], None] | None,
+                 total: int) -> None:
+        done_queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+
+        def work() -> None:
+            try:
+                self._batches(done_queue.put)
+            except BaseException as error:
+                self.failures.append(error)
+                self.stop.set()
+            finally:
+                done_queue.put(None)
+
+        threads = [threading.Thread(target=work, name=f"squibd-memwriter-{i}", daemon=True)
+                   for i in range(count)]
+        for thread in threads:
+            thread.start()
+        done, running = 0, count
+        try:
+            while running:
+                item = done_queue.get()
+                if item is None:
+                    running -= 1
+                    continue
+                done += item
+                if progress is not None:
+                    progress(done, total)
+        finally:
+            self.stop.set()
+            for thread in threads:
+                thread.join()
+        if self.failures:
+            failure = self.failures[0]
+            if isinstance(failure, OSError):
+                raise MemoryIo(failure) from failure
+            raise failure
+
+    def pieces(self) -> list[Piece]:
+        """Every written piece in file order: ``(file offset, length, digest)``."""
+        plan = self.plan
+        out: list[Piece] = []
+        for index, digest in enumerate(self.digests):
+            if plan.scan[index]:
+                out += self.scanned.get(index, [])
+            elif digest is not None:
+                source = self.regions[plan.regions[index]]
+                out.append((source.file_offset + plan.offsets[index], plan.lengths[index], digest))
+        return out
+
+
+def _coalesce(offsets: list[int], lengths: list[int], regions: Sequence[RegionSource]
+              ) -> tuple[Extent, ...]:
+    """Merge adjacent pieces into extents, never across a region boundary."""
+    if not offsets:
+        return ()
+    starts = np.asarray(offsets, dtype=np.int64)
+    ends = starts + np.asarray(lengths, dtype=np.int64)
+    boundaries = np.asarray([r.file_offset for r in regions], dtype=np.int64)
+    new = np.concatenate(([True], (starts[1:] != ends[:-1]) | np.isin(starts[1:], boundaries)))
+    first = np.flatnonzero(new)
+    last = np.concatenate((first[1:] - 1, [starts.size - 1]))
+    return tuple(
+        Extent(s, e - s)
+        for s, e in zip(starts[first].tolist(), ends[last].tolist(), strict=True)
+    )
 
 
 class _HasLayout(Protocol):

@@ -17,9 +17,9 @@ duration on a VM created without it, Full only):
 
 Every page is written by the last pass that saw it dirty, after the KVM
 log was reset for it, so the file equals guest memory at the pause
-instant. Because later passes overwrite pages, the manifest's digests are
-computed from the temp file after the final pass (while the guest runs
-again), over the union of everything written. The commit, and the clear of
+instant. Because later passes overwrite pages, the chunks they touched are
+digested again from the temp file after the final pass (while the guest
+runs again); chunks only one pass wrote keep that pass's digests. The commit, and the clear of
 the dirty set (exactly the words seen up to the pause), come after that.
 
 Failures (quiesce timeout, cancel, ENOSPC, ...) at any pass abort the
@@ -38,24 +38,31 @@ import uuid
 from collections.abc import Sequence
 from typing import Final
 
-import numpy as np
 import trio
 
 from ..snapshot.bitmap import Words
 from ..snapshot.commit import PairTransaction
-from ..snapshot.digest import DEFAULT_ALGORITHM, digest_function
+from ..snapshot.digest import DEFAULT_ALGORITHM, DigestFunction, digest_function
 from ..snapshot.envelope import encode_state
 from ..snapshot.errors import MemoryIo
 from ..snapshot.manifest import (
     DEFAULT_CHUNK_SIZE,
+    DIGEST_SIZES,
     KIND_DIFF,
     Extent,
     MemoryManifest,
     iter_chunks,
 )
-from ..snapshot.memwriter import WriteCancelled, merge_extents, set_pair_xattr, write_memory
+from ..snapshot.memwriter import (
+    WriteCancelled,
+    WriteResult,
+    merge_extents,
+    set_pair_xattr,
+    write_memory,
+)
 from ..snapshot.models import X86MicrovmState
 from ._threads import run_blocking, run_cancellable
+from .dirty import or_words, page_count, runs_of
 from .machine import CapturedState, Vm
 from .models import Progress, SaveResult, VmState
 from .save import SaveRequest, capture, save_stop_and_copy, thread_progress
@@ -69,47 +76,67 @@ _MS_PER_S: Final = 1000.0
 _INITIAL_BYTES_PER_S: Final = 2.0e9
 
 
-def _or_words(a: Sequence[Words] | None, b: Sequence[Words] | None) -> list[Words] | None:
-    if a is None:
-        return None if b is None else [w.copy() for w in b]
-    if b is None:
-        return [w.copy() for w in a]
-    return [np.bitwise_or(x, y) for x, y in zip(a, b, strict=True)]
+def _split_at(extents: Sequence[Extent], boundaries: Sequence[int]) -> tuple[Extent, ...]:
+    """Cut extents at region starts, as ``write_memory`` reports them."""
+    out: list[Extent] = []
+    for extent in extents:
+        start = extent.offset
+        for boundary in boundaries:
+            if start < boundary < extent.end:
+                out.append(Extent(start, boundary - start))
+                start = boundary
+        out.append(Extent(start, extent.end - start))
+    return tuple(out)
 
 
-def _page_count(words: Sequence[Words] | None) -> int:
-    if words is None:
-        return 0
-    return int(sum(int(np.bitwise_count(w).sum()) for w in words))
+def _read_digest(fd: int, chunk: Extent, buffer: memoryview, hash_of: DigestFunction) -> bytes:
+    view = buffer[: chunk.length]
+    done = 0
+    while done < chunk.length:
+        got = os.preadv(fd, [view[done:]], chunk.offset + done)
+        if got == 0:
+            raise MemoryIo(errno.EIO)  # the temp file ended inside a written chunk
+        done += got
+    return hash_of(view)
 
 
-def _digest_file(
-    fd: int,
-    extents: Sequence[Extent],
-    chunk_size: int,
-    algorithm: str,
-    cancel: threading.Event,
-) -> bytes:
-    """Digests of the written chunks, read back from the (temp) memory file."""
-    hash_of = digest_function(algorithm)
-    out: list[bytes] = []
-    buffer = memoryview(bytearray(chunk_size))
-    try:
-        for chunk in iter_chunks(tuple(extents), chunk_size):
-            if cancel.is_set():
-                raise WriteCancelled("digest of the live save cancelled")
-            view = buffer[: chunk.length]
-            done = 0
-            while done < chunk.length:
-                got = os.preadv(fd, [view[done:]], chunk.offset + done)
-                if got == 0:
-                    # The temp file ended inside a written chunk.
-                    raise MemoryIo(errno.EIO)
-                done += got
-            out.append(hash_of(view))
-    finally:
-        buffer.release()
-    return b"".join(out)
+class _ChunkDigests:
+    """Digests the passes computed, and which chunks later passes made stale.
+
+    A chunk of the final manifest keeps the digest a pass computed when that
+    pass was the only one to write into it and wrote exactly that chunk;
+    every other chunk is read back from the temp file and hashed again.
+    """
+
+    def __init__(self, chunk_size: int) -> None:
+        self.chunk_size = chunk_size
+        self._digests: dict[tuple[int, int], bytes] = {}
+        self._writers: dict[int, set[int]] = {}
+
+    def record(self, pass_index: int, result: WriteResult) -> None:
+        size = DIGEST_SIZES[result.algorithm]
+        for number, chunk in enumerate(iter_chunks(result.extents, self.chunk_size)):
+            self._writers.setdefault(chunk.offset // self.chunk_size, set()).add(pass_index)
+            self._digests[(chunk.offset, chunk.length)] = result.digests[
+                number * size : (number + 1) * size
+            ]
+
+    def final(self, fd: int, extents: tuple[Extent, ...], cancel: threading.Event) -> bytes:
+        hash_of = digest_function(DEFAULT_ALGORITHM)
+        out: list[bytes] = []
+        buffer = memoryview(bytearray(self.chunk_size))
+        try:
+            for chunk in iter_chunks(extents, self.chunk_size):
+                if cancel.is_set():
+                    raise WriteCancelled("digest of the live save cancelled")
+                known = self._digests.get((chunk.offset, chunk.length))
+                if known is not None and len(self._writers[chunk.offset // self.chunk_size]) == 1:
+                    out.append(known)
+                else:
+                    out.append(_read_digest(fd, chunk, buffer, hash_of))
+        finally:
+            buffer.release()
+        return b"".join(out)
 
 
 class _LivePair:
@@ -121,6 +148,7 @@ class _LivePair:
         self.txn = PairTransaction(request.snapshot_path, request.mem_file_path)
         self.extents: list[Extent] = []
         self.bytes_per_pass: list[int] = []
+        self.digests = _ChunkDigests(DEFAULT_CHUNK_SIZE)
 
     def write_pass(
         self,
@@ -139,7 +167,10 @@ class _LivePair:
             runs_per_region=runs,
             progress=progress,  # type: ignore[arg-type]
             cancel=cancel,
+            algorithm=DEFAULT_ALGORITHM,
+            chunk_size=DEFAULT_CHUNK_SIZE,
         )
+        self.digests.record(len(self.bytes_per_pass), result)
         self.extents.extend(result.extents)
         self.bytes_per_pass.append(result.bytes_written)
         return time.perf_counter() - began
@@ -148,7 +179,8 @@ class _LivePair:
         self, captured: CapturedState, pair_id: str, parent: str | None, cancel: threading.Event
     ) -> MemoryManifest:
         """Digest the union of the passes, encode the state, commit the pair."""
-        extents = merge_extents(sorted(self.extents, key=lambda e: e.offset))
+        boundaries = [region.file_offset for region in self.vm.memory.regions[1:]]
+        extents = _split_at(merge_extents(self.extents), boundaries)
         manifest = MemoryManifest(
             page_size=self.vm.page_size,
             regions=self.vm.memory.manifest_regions(),
@@ -159,9 +191,7 @@ class _LivePair:
             extents=extents,
             digest_algorithm=DEFAULT_ALGORITHM,
             chunk_size=DEFAULT_CHUNK_SIZE,
-            digests=_digest_file(
-                self.txn.mem_fd, extents, DEFAULT_CHUNK_SIZE, DEFAULT_ALGORITHM, cancel
-            ),
+            digests=self.digests.final(self.txn.mem_fd, extents, cancel),
         )
         state = X86MicrovmState(
             vm_info=self.vm.vm_info(),
@@ -204,13 +234,13 @@ async def save_live(
     pair: _LivePair | None = None
     if enabled_here:
         await run_blocking(lambda: vm.set_dirty_logging(True), limiter)
-    vm.begin_write_journal()
+    vm.dirty.begin_journal()
     try:
         pair = await run_blocking(lambda: _LivePair(vm, request), limiter)
         live_pair = pair
         # Pass 1: reset the log, then everything (Full) or the dirty set (Diff).
         await run_blocking(vm.harvest_kvm, limiter)
-        runs = vm.runs_of(vm.dirty_words()) if diff else None
+        runs = runs_of(vm.dirty.words()) if diff else None
         seconds = await run_cancellable(
             functools.partial(
                 live_pair.write_pass,
@@ -231,7 +261,7 @@ async def save_live(
                 limit_reached = True
                 break
             harvested = await run_blocking(vm.harvest_kvm, limiter)
-            remaining = _page_count(harvested) * vm.page_size
+            remaining = page_count(harvested) * vm.page_size
             if remaining / rate * _MS_PER_S <= request.pause_budget_ms:
                 # The log was reset for these pages: the final pass writes them.
                 leftover = harvested
@@ -241,7 +271,7 @@ async def save_live(
                 functools.partial(
                     live_pair.write_pass,
                     KIND_DIFF,
-                    vm.runs_of(harvested),
+                    runs_of(harvested),
                     progress=thread_progress(progress, f"pass-{passes}"),
                 ),
                 limiter,
@@ -250,10 +280,10 @@ async def save_live(
         paused_at = time.perf_counter()
         await vm.pause()
         final_harvest = await run_blocking(vm.harvest_kvm, limiter)
-        seen = vm.dirty_words()  # the dirty set only grows during the save
-        final_words = _or_words(_or_words(final_harvest, leftover), vm.journal_words())
+        seen = vm.dirty.words()  # the dirty set only grows during the save
+        final_words = or_words(or_words(final_harvest, leftover), vm.dirty.journal_words())
         passes += 1
-        final_runs = vm.runs_of(final_words)
+        final_runs = runs_of(final_words)
         await run_cancellable(
             functools.partial(
                 live_pair.write_pass,
@@ -271,11 +301,11 @@ async def save_live(
         manifest = await run_cancellable(
             lambda cancel: live_pair.commit(captured, pair_id, parent, cancel), limiter
         )
-        vm.clear_dirty(seen)
+        vm.dirty.clear(seen)
         vm.last_pair_id = pair_id
         committed = True
     finally:
-        vm.end_write_journal()
+        vm.dirty.end_journal()
         if pair is not None and not committed:
             closing = pair
             with trio.CancelScope(shield=True):

@@ -35,6 +35,7 @@ from ..snapshot.paths import validate_path
 from ..snapshot.verify import verify
 from ..uffd import UffdBackend
 from ._threads import run_blocking
+from .build import build_restored
 from .errors import PairMismatch
 from .machine import Vm
 from .memory import GuestMemory
@@ -104,7 +105,7 @@ async def load_snapshot(
     token = trio.lowlevel.current_trio_token()
     try:
         vm = await run_blocking(
-            lambda: Vm.restore(
+            lambda: build_restored(
                 vm_id,
                 state.vm_info,
                 state.vm_state,

@@ -1,18 +1,15 @@
 """One VM: its KVM objects, guest memory, vCPU threads, dirty set and lifecycle.
 
-A ``Vm`` is built either fresh (``Vm.create``: a built-in guest program in
-new memfd RAM) or from a snapshot (``Vm.restore``: RAM given by the loader,
-VM-level state restored before vCPU state). Building runs in a worker
-thread; the lifecycle methods (``start``, ``pause``, ``resume``) run on the
-trio thread. Blocking helpers used by the save and load orchestration
-(``capture_state``, ``harvest_kvm``, ...) run in worker threads while the
-vCPUs are parked or, for a live save's harvests, while they run.
+A ``Vm`` is built (``build.py``) either fresh, running a built-in guest
+program, or from a snapshot; building runs in a worker thread. The
+lifecycle methods (``start``, ``pause``, ``resume``) run on the trio thread.
+Blocking helpers of the save and load orchestration (``capture_state``,
+``harvest_kvm``, ...) run in worker threads while the vCPUs are parked or,
+for a live save's harvests, while they run.
 
 Dirty set. For a VM with ``track_dirty_pages`` every memory slot carries
-``KVM_MEM_LOG_DIRTY_PAGES`` and the VM keeps one ``DirtyBitmap`` per
-region: KVM harvests are OR-ed into it, and so are squibd's own writes
-(``write_memory``). A save copies the words, writes them, and after the
-commit clears exactly those words, so marks that arrive meanwhile survive.
+``KVM_MEM_LOG_DIRTY_PAGES``; KVM harvests (``harvest_kvm``) and squibd's own
+writes (``write_memory``) feed the VM's ``DirtySet`` (``dirty.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-from collections.abc import Sequence
 from typing import Final, Protocol
 
 import attrs
@@ -32,10 +28,11 @@ from ..kvm.runner import VcpuRunner
 from ..kvm.system import Kvm
 from ..kvm.vcpu import Vcpu
 from ..kvm.vm import KvmVm
-from ..snapshot.bitmap import DirtyBitmap, Words, runs_from_words
+from ..snapshot.bitmap import Words
 from ..snapshot.memwriter import RegionSource
 from ..snapshot.models import VmInfo, X86VcpuState, X86VmState
 from ..uffd import UffdBackend
+from .dirty import DirtySet
 from .errors import InvalidVmConfig
 from .memory import GuestMemory
 from .models import GuestSpec, VmDescription, VmState
@@ -49,8 +46,6 @@ MAX_VCPUS: Final = 32
 PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
 #: Progress counters are little-endian u64 (the guest programs of squibd.kvm).
 _U64: Final = struct.Struct("<Q")
-
-Run = tuple[int, int]
 
 
 class Closeable(Protocol):
@@ -67,16 +62,9 @@ class CapturedState:
     vcpu_states: tuple[X86VcpuState, ...]
 
 
-def _check_config(vm_id: str, vcpu_count: int, mem_size_mib: int) -> None:
-    if not 1 <= vcpu_count <= MAX_VCPUS:
-        raise InvalidVmConfig(vm_id, f"vcpu_count must be 1 to {MAX_VCPUS}, not {vcpu_count}")
-    if mem_size_mib < 1:
-        raise InvalidVmConfig(vm_id, f"mem_size_mib must be at least 1, not {mem_size_mib}")
-
-
 @attrs.define(eq=False)
 class Vm:
-    """A VM run by squibd (see the module doc). Build with ``create`` or ``restore``."""
+    """A VM run by squibd (see the module doc); ``build.py`` makes them."""
 
     vm_id: str
     vcpu_count: int
@@ -90,6 +78,8 @@ class Vm:
     _vcpus: list[Vcpu] = attrs.field(repr=False)
     _gate: VcpuGate = attrs.field(repr=False)
     _progress_addrs: tuple[int, ...] = attrs.field(repr=False)
+    #: Pages written since the last checkpoint (see ``dirty.py``).
+    dirty: DirtySet = attrs.field(init=False, repr=False)
     state: VmState = VmState.NOT_STARTED
     #: Non-None once a vCPU failed (exit error); the VM then refuses to run.
     error: str | None = None
@@ -97,12 +87,9 @@ class Vm:
     busy: str | None = None
     #: pair_id of the last committed snapshot: the parent of the next Diff.
     last_pair_id: str | None = None
-    _runners: list[VcpuRunner] = attrs.field(factory=list, repr=False)
-    _dirty: list[DirtyBitmap] = attrs.field(factory=list, repr=False)
+    _runners: list[VcpuRunner] = attrs.field(init=False, repr=False)
     #: Whether the memory slots currently carry KVM_MEM_LOG_DIRTY_PAGES.
-    _log_enabled: bool = False
-    #: Pages squibd wrote during a live save (None outside one), per region.
-    _journal: list[DirtyBitmap] | None = attrs.field(default=None, repr=False)
+    _log_enabled: bool = attrs.field(init=False)
     #: Extra resources closed with the VM after its vCPUs stop (a page-server session).
     _resources: list[Closeable] = attrs.field(factory=list, repr=False)
     _page_server: UffdBackend | None = attrs.field(default=None, repr=False)
@@ -111,191 +98,21 @@ class Vm:
     _failed: trio.Event = attrs.field(factory=trio.Event, repr=False)
     _closed: bool = False
 
-    # --- construction (worker thread) -------------------------------------
-
-    @classmethod
-    def _open(
-        cls,
-        vm_id: str,
-        vcpu_count: int,
-        memory: GuestMemory,
-        track_dirty_pages: bool,
-    ) -> tuple[Kvm, KvmVm, list[Vcpu]]:
-        kvm = Kvm.open()
-        try:
-            if vcpu_count > kvm.max_vcpus:
-                raise InvalidVmConfig(
-                    vm_id,
-                    f"vcpu_count {vcpu_count} exceeds the {kvm.max_vcpus} vCPUs KVM allows here",
-                )
-            kvm_vm = KvmVm.create(kvm)
-            try:
-                kvm_vm.setup_x86()
-                for slot, region in enumerate(memory.regions):
-                    kvm_vm.set_memory_region(
-                        slot,
-                        region.guest_addr,
-                        region.size,
-                        region.host_addr,
-                        log_dirty=track_dirty_pages,
-                    )
-                vcpus: list[Vcpu] = []
-                try:
-                    for index in range(vcpu_count):
-                        vcpus.append(Vcpu.create(kvm_vm, index))
-                except BaseException:
-                    for vcpu in vcpus:
-                        vcpu.close()
-                    raise
-            except BaseException:
-                kvm_vm.close()
-                raise
-        except BaseException:
-            kvm.close()
-            raise
-        return kvm, kvm_vm, vcpus
-
-    @classmethod
-    def create(
-        cls,
-        vm_id: str,
-        vcpu_count: int,
-        mem_size_mib: int,
-        track_dirty_pages: bool,
-        guest: GuestSpec,
-        *,
-        token: trio.lowlevel.TrioToken,
-        quiesce_timeout_s: float,
-    ) -> Vm:
-        """A fresh VM running ``guest`` (NotStarted). Blocking: call from a worker thread.
-
-        Raises:
-            InvalidVmConfig: bad vCPU count, memory size or guest program.
-        """
-        _check_config(vm_id, vcpu_count, mem_size_mib)
-        memory = GuestMemory.create(mem_size_mib, name=f"squibd-{vm_id}")
-        try:
-            try:
-                image = kvm_guest.build_guest(memory, guest.program, dict(guest.params), vcpu_count)
-            except (ValueError, KeyError) as error:
-                raise InvalidVmConfig(vm_id, f"guest {guest.program!r}: {error}") from error
-            kvm, kvm_vm, vcpus = cls._open(vm_id, vcpu_count, memory, track_dirty_pages)
-            try:
-                for vcpu in vcpus:
-                    image.setup_vcpu(vcpu)
-            except BaseException:
-                for vcpu in vcpus:
-                    vcpu.close()
-                kvm_vm.close()
-                kvm.close()
-                raise
-        except BaseException:
-            memory.close()
-            raise
-        progress = tuple(image.progress_addr(i) for i in range(vcpu_count))
-        spec = GuestSpec(image.program, dict(image.params))
-        return cls._assemble(
-            vm_id, vcpu_count, mem_size_mib, track_dirty_pages, spec, memory,
-            kvm, kvm_vm, vcpus, progress, token=token, quiesce_timeout_s=quiesce_timeout_s,
-        )  # fmt: skip
-
-    @classmethod
-    def restore(
-        cls,
-        vm_id: str,
-        info: VmInfo,
-        vm_state: X86VmState,
-        vcpu_states: Sequence[X86VcpuState],
-        memory: GuestMemory,
-        *,
-        track_dirty_pages: bool,
-        token: trio.lowlevel.TrioToken,
-        quiesce_timeout_s: float,
-    ) -> Vm:
-        """A VM rebuilt from captured state on ``memory`` (Paused, threads not started).
-
-        VM-level state is restored before vCPU state (KVM-NOTES). The caller
-        keeps ownership of ``memory`` if this raises. Blocking.
-        """
-        _check_config(vm_id, info.vcpu_count, info.mem_size_mib)
-        if len(vcpu_states) != info.vcpu_count:
-            raise InvalidVmConfig(
-                vm_id, f"state has {len(vcpu_states)} vCPU states for {info.vcpu_count} vCPUs"
-            )
-        kvm, kvm_vm, vcpus = cls._open(vm_id, info.vcpu_count, memory, track_dirty_pages)
-        try:
-            kvm_vm.restore_vm_state(vm_state)
-            for vcpu, vcpu_state in zip(vcpus, vcpu_states, strict=True):
-                vcpu.restore(vcpu_state)
-        except BaseException:
-            for vcpu in vcpus:
-                vcpu.close()
-            kvm_vm.close()
-            kvm.close()
-            raise
-        guest = (
-            GuestSpec(info.guest_program, dict(info.guest_params))
-            if info.guest_program is not None
-            else None
+    def __attrs_post_init__(self) -> None:
+        self._log_enabled = self.track_dirty_pages
+        self.dirty = DirtySet(
+            tuple(region.size for region in self.memory.regions), self.track_dirty_pages
         )
-        progress: tuple[int, ...] = ()
-        if guest is not None:
-            progress = tuple(
-                kvm_guest.progress_addr(guest.program, dict(guest.params), i)
-                for i in range(info.vcpu_count)
-            )
-        vm = cls._assemble(
-            vm_id, info.vcpu_count, info.mem_size_mib, track_dirty_pages, guest, memory,
-            kvm, kvm_vm, vcpus, progress, token=token, quiesce_timeout_s=quiesce_timeout_s,
-        )  # fmt: skip
-        vm.state = VmState.PAUSED
-        return vm
-
-    @classmethod
-    def _assemble(
-        cls,
-        vm_id: str,
-        vcpu_count: int,
-        mem_size_mib: int,
-        track_dirty_pages: bool,
-        guest: GuestSpec | None,
-        memory: GuestMemory,
-        kvm: Kvm,
-        kvm_vm: KvmVm,
-        vcpus: list[Vcpu],
-        progress: tuple[int, ...],
-        *,
-        token: trio.lowlevel.TrioToken,
-        quiesce_timeout_s: float,
-    ) -> Vm:
-        vm = cls(
-            vm_id=vm_id,
-            vcpu_count=vcpu_count,
-            mem_size_mib=mem_size_mib,
-            track_dirty_pages=track_dirty_pages,
-            guest=guest,
-            memory=memory,
-            quiesce_timeout_s=quiesce_timeout_s,
-            kvm=kvm,
-            kvm_vm=kvm_vm,
-            vcpus=vcpus,
-            gate=VcpuGate(vcpu_count, token),
-            progress_addrs=progress,
-        )
-        vm._log_enabled = track_dirty_pages
-        if track_dirty_pages:
-            vm._dirty = [DirtyBitmap(region.size) for region in memory.regions]
-        vm._runners = [
+        self._runners = [
             VcpuRunner(
                 vcpu,
-                io_handler=vm._io_from_thread,
-                on_paused=vm._gate.on_paused_from_thread,
-                on_exit_error=vm._exit_error_from_thread,
+                io_handler=self._io_from_thread,
+                on_paused=self._gate.on_paused_from_thread,
+                on_exit_error=self._exit_error_from_thread,
             )
-            for vcpu in vcpus
+            for vcpu in self._vcpus
         ]
-        vm._gate.attach(vm._runners)
-        return vm
+        self._gate.attach(self._runners)
 
     # --- lifecycle (trio thread) ------------------------------------------
 
@@ -317,7 +134,13 @@ class Vm:
         self.state = VmState.PAUSED
 
     def resume(self) -> None:
-        """Paused -> Running (starts the threads of a restored VM)."""
+        """Paused -> Running (starts the threads of a restored VM).
+
+        A VM in the error state stays parked (the runtime refuses to resume
+        it; this also covers a save that fails after the error arrived).
+        """
+        if self.error is not None:
+            return
         if not self._runners or not self._runners[0].started:
             self.start()
             return
@@ -361,7 +184,10 @@ class Vm:
             self.error = message if index < 0 else f"vCPU {index} stopped: {message}"
             self._failed.set()
         if self.state is VmState.RUNNING:
-            self._gate.request_pause_all()  # park the others; nothing waits for them
+            # Park the other vCPUs. Straight on the runners, not through the
+            # gate: a quiesce in progress keeps its own request and acks.
+            for runner in self._runners:
+                runner.request_pause()
             self.state = VmState.PAUSED
 
     # --- state and dirty set (worker threads) -----------------------------
@@ -394,8 +220,7 @@ class Vm:
         harvested: list[Words] = []
         for slot in range(len(self.memory.regions)):
             words = np.asarray(self._kvm_vm.harvest_dirty_log(slot), dtype=np.uint64)
-            if self._dirty:
-                self._dirty[slot].merge_kvm(words)
+            self.dirty.merge_kvm(slot, words)
             harvested.append(words)
         return harvested
 
@@ -404,31 +229,7 @@ class Vm:
         if not self._log_enabled:
             return None
         self.harvest_kvm()
-        return self.dirty_words()
-
-    def dirty_words(self) -> list[Words] | None:
-        """A copy of the dirty set's words per region (None when not tracking)."""
-        if not self._dirty:
-            return None
-        return [bitmap.snapshot_words() for bitmap in self._dirty]
-
-    @staticmethod
-    def runs_of(words: Sequence[Words] | None) -> list[list[Run]]:
-        """Dirty runs ``(first_page, npages)`` per region."""
-        if words is None:
-            return []
-        return [runs_from_words(region_words) for region_words in words]
-
-    def clear_dirty(self, saved: Sequence[Words] | None) -> None:
-        """Clear exactly the saved words (after a commit)."""
-        if saved is None or not self._dirty:
-            return
-        for bitmap, words in zip(self._dirty, saved, strict=True):
-            bitmap.clear_words(words)
-
-    def dirty_page_count(self) -> int:
-        """Pages in the dirty set (0 when not tracking)."""
-        return sum(bitmap.dirty_count() for bitmap in self._dirty)
+        return self.dirty.words()
 
     def region_sources(self) -> list[RegionSource]:
         """The regions as the memory writer reads them (a ``GuestRegion`` is a source)."""
@@ -444,33 +245,12 @@ class Vm:
     def write_memory(self, guest_addr: int, data: bytes) -> None:
         """Write guest RAM as an emulated device; the pages become dirty.
 
-        KVM does not log writes made from userspace, so squibd marks them in
-        the dirty set, and in the journal of a live save in progress.
+        KVM does not log writes made from userspace, so squibd marks them itself.
         """
         region = self.memory.region_at(guest_addr, len(data))
         self.memory.write(guest_addr, data)
         index = self.memory.regions.index(region)
-        offset = guest_addr - region.guest_addr
-        if self._dirty:
-            self._dirty[index].mark_addr(offset, len(data))
-        journal = self._journal
-        if journal is not None:
-            journal[index].mark_addr(offset, len(data))
-
-    def begin_write_journal(self) -> None:
-        """Start recording squibd's own writes (a live save's final pass includes them)."""
-        self._journal = [DirtyBitmap(region.size) for region in self.memory.regions]
-
-    def journal_words(self) -> list[Words] | None:
-        """The journal's words per region (None when no journal runs)."""
-        journal = self._journal
-        if journal is None:
-            return None
-        return [bitmap.snapshot_words() for bitmap in journal]
-
-    def end_write_journal(self) -> None:
-        """Stop recording squibd's own writes."""
-        self._journal = None
+        self.dirty.mark(index, guest_addr - region.guest_addr, len(data))
 
     def arm_stall(self, index: int) -> None:
         """Hold vCPU ``index`` in userspace at its next exit (it then cannot ack a pause)."""

@@ -16,6 +16,7 @@ import trio
 
 from ..kvm.runner import install_signal_handler
 from ._threads import IO_LIMITER_TOKENS, run_blocking
+from .build import build_fresh
 from .errors import Busy, DuplicateVm, UnknownVm, VmFailed, WrongVmState
 from .live import save_live
 from .load import load_snapshot
@@ -102,7 +103,7 @@ class Runtime:
         spec = guest if guest is not None else GuestSpec()
         token = trio.lowlevel.current_trio_token()
         vm = await run_blocking(
-            lambda: Vm.create(
+            lambda: build_fresh(
                 vm_id,
                 vcpu_count,
                 mem_size_mib,

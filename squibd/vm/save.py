@@ -40,6 +40,7 @@ from ..snapshot.memwriter import build_manifest, set_pair_xattr, write_memory
 from ..snapshot.models import X86MicrovmState
 from ..snapshot.paths import validate_path
 from ._threads import run_blocking, run_cancellable
+from .dirty import runs_of
 from .errors import DiffNotAllowed, NoParentCheckpoint, WrongVmState
 from .machine import CapturedState, Vm
 from .models import SNAPSHOT_TYPES, Progress, SaveResult, VmState
@@ -197,7 +198,7 @@ async def save_stop_and_copy(
     try:
         captured = await capture(vm, limiter)
         saved_words = await run_blocking(vm.harvest_dirty, limiter)
-        runs = vm.runs_of(saved_words) if request.kind == KIND_DIFF else None
+        runs = runs_of(saved_words) if request.kind == KIND_DIFF else None
         parent = vm.last_pair_id if request.kind == KIND_DIFF else None
         pair_id = str(uuid.uuid4())
         callback = thread_progress(progress, "memory")
@@ -215,7 +216,7 @@ async def save_stop_and_copy(
             limiter,
         )
         # Committed: only now may the saved dirty bits go (SPEC section 5, step 7).
-        vm.clear_dirty(saved_words)
+        vm.dirty.clear(saved_words)
         vm.last_pair_id = pair_id
         committed = True
     finally:

@@ -70,6 +70,10 @@ KVM_RUN_FIELDS = [
         for f in ("hardware_entry_failure_reason", "cpu")
     ],
     *[
+        (f"mmio.{f}", _EXIT + getattr(_abi.KvmRunMmio, f).offset, getattr(_abi.KvmRunMmio, f).size)
+        for f in ("phys_addr", "data", "len", "is_write")
+    ],
+    *[
         (f"internal.{f}", _EXIT + getattr(_abi.KvmRunInternal, f).offset,
          getattr(_abi.KvmRunInternal, f).size)
         for f in ("suberror", "ndata", "data")

@@ -6,6 +6,8 @@ import collections.abc
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from squibd.kvm import KvmUnsupported, Vcpu, VcpuLimitExceeded, guest
 from squibd.kvm._asm import Assembler
@@ -130,6 +132,19 @@ def test_triple_fault_is_an_error_naming_shutdown_and_pauses_still_ack() -> None
         machine.close()
 
 
+def test_mmio_outside_guest_ram_is_an_error_naming_the_exit_and_address() -> None:
+    # mov rax, 0xC0000000 (mapped by the page tables, no memory slot); mov [rax], rax
+    code = bytes.fromhex("48b8") + (0xC000_0000).to_bytes(8, "little") + bytes.fromhex("488900")
+    machine = _machine_with_code(code)
+    try:
+        machine.start()
+        message = machine.wait_error(0)
+        assert "KVM_EXIT_MMIO" in message
+        assert "8-byte MMIO write at 0xc0000000" in message
+    finally:
+        machine.close()
+
+
 def test_in_from_a_port_gets_the_io_handler_reply() -> None:
     # in al, dx (EC) with dx = 0x1234, then store al into the progress counter, then ud2.
     code = (
@@ -171,5 +186,48 @@ def test_missing_capability_is_named_fault_injected_into_caps() -> None:
         machine.kvm.capabilities["KVM_CAP_XCRS"] = 0  # what a host without it reports
         with pytest.raises(KvmUnsupported, match="KVM_CAP_XCRS"):
             machine.kvm.require_all()
+    finally:
+        machine.close()
+
+
+def test_memwriter_with_a_write_rate_runs_its_rdtsc_path() -> None:
+    machine = Machine.with_program(
+        "memwriter", 1, {"working_set_mib": 1, "write_rate_pages_per_sec": 200_000}, mem_mib=4
+    )
+    try:
+        assert machine.image is not None
+        assert machine.image.regs[0].r13 > 0  # TSC ticks per write, from KVM's TSC rate
+        machine.start()
+        machine.wait_progress_above([500])
+        assert machine.errors == {}
+    finally:
+        machine.close()
+
+
+@settings(max_examples=8, deadline=None)
+@given(ops=st.lists(st.sampled_from(["pause", "resume", "pause_one", "stall_release"]), max_size=8))
+def test_any_sequence_of_controls_ends_in_a_clean_pause(ops: list[str]) -> None:
+    machine = Machine.with_program("counter", 2)
+    try:
+        machine.start()
+        for op in ops:
+            if op == "pause":
+                machine.pause()
+            elif op == "pause_one":
+                machine.pause([1])
+            elif op == "resume":
+                machine.resume()
+            else:
+                machine.runners[0].arm_stall(kick=True)
+                assert machine.runners[0].wait_stalled(20)
+                machine.runners[0].release_stall()
+        machine.resume()
+        before = machine.progress()
+        machine.wait_progress_above(before)
+        machine.pause()
+        frozen = machine.progress()
+        machine.capture()
+        assert machine.progress() == frozen
+        assert machine.errors == {}
     finally:
         machine.close()

@@ -274,3 +274,17 @@ def test_never_removes_a_file_that_is_not_a_socket(sockdir: str) -> None:
         bind_unix_socket(path, mode=0o600)
     with open(path) as f:
         assert f.read() == "precious"
+
+
+def test_configured_mode_and_group_are_applied(sockdir: str) -> None:
+    import grp
+
+    group = grp.getgrgid(0).gr_name
+    path = f"{sockdir}/g.sock"
+    sock = bind_unix_socket(path, mode=0o660, group=group)
+    try:
+        info = os.stat(path)
+        assert stat.S_IMODE(info.st_mode) == 0o660
+        assert info.st_gid == 0
+    finally:
+        sock.close()

@@ -143,3 +143,13 @@ def test_runs_from_words_of_empty_and_full() -> None:
     assert runs_from_words(np.zeros(4, dtype=np.uint64)) == []
     full = np.full(4, 0xFFFF_FFFF_FFFF_FFFF, dtype=np.uint64)
     assert runs_from_words(full) == [(0, 256)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.sampled_from([0, 1, 1 << 63, 0xFFFF_FFFF_FFFF_FFFF, 0x8000_0000_0000_0001,
+                                 0x5555_5555_5555_5555, 0x0F0F_0000_FFFF_00F0]) |
+                st.integers(0, 0xFFFF_FFFF_FFFF_FFFF), min_size=1, max_size=12))
+def test_runs_from_words_matches_bit_by_bit_reference(values: list[int]) -> None:
+    words = np.array(values, dtype=np.uint64)
+    pages = {w * 64 + b for w, value in enumerate(values) for b in range(64) if value >> b & 1}
+    assert runs_from_words(words) == _runs_of(pages)

@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,15 @@ from squibd.snapshot.errors import (
     InvalidPath,
     Io,
     MemoryIo,
+)
+from squibd.snapshot.journal import (
+    JournalPlan,
+    canonical_path,
+    commit_record,
+    journal_path_for,
+    release_paths,
+    reserve_paths,
+    temp_path_for,
 )
 
 OLD_MEM = b"old memory page " * 512
@@ -309,6 +319,17 @@ def test_next_save_of_the_paths_recovers_first(pair: tuple[str, str], step: str)
     assert leftovers(os.path.dirname(snap)) == []
 
 
+@pytest.mark.parametrize("step", ["state_written", "mem_renamed"])
+def test_loading_the_state_file_recovers_first(pair: tuple[str, str], step: str) -> None:
+    snap, mem = pair
+    write_old_pair(snap, mem)
+    save_and_die_at(step, snap, mem)
+    won = COMMIT_STEPS.index(step) >= COMMIT_POINT
+    assert read_state_file(snap).memory.pair_id == ("new" if won else "old")
+    assert pair_bytes(snap, mem) == ((NEW_STATE, NEW_MEM) if won else (OLD_STATE, OLD_MEM))
+    assert leftovers(os.path.dirname(snap)) == []
+
+
 def test_recover_directory_at_daemon_start(tmp_path: Path) -> None:
     pairs = [(str(tmp_path / f"{i}.snap"), str(tmp_path / f"{i}.mem")) for i in range(2)]
     for (snap, mem), step in zip(pairs, ["state_synced", "state_renamed"], strict=True):
@@ -328,9 +349,131 @@ def test_recovery_in_another_process_leaves_a_live_save_alone(pair: tuple[str, s
         os.pwrite(tx.mem_fd, NEW_MEM, 0)
         code = "import sys; from squibd.snapshot.commit import recover_directory as r; " \
             "r(sys.argv[1])"
-        subprocess.run([sys.executable, "-c", code, os.path.dirname(snap)], check=True)
+        result = subprocess.run([sys.executable, "-c", code, os.path.dirname(snap)],
+                                capture_output=True, text=True, check=False)  # fmt: skip
+        assert result.returncode == 0, result.stderr
         assert os.path.exists(tx.mem_tmp_path) and os.path.exists(tx.state_tmp_path)
         recover_pair(snap, mem)  # in-process: the paths are reserved, nothing happens
         assert os.path.exists(tx.mem_tmp_path)
         tx.commit(NEW_STATE)
+    assert pair_bytes(snap, mem) == (NEW_STATE, NEW_MEM)
+
+
+# --- recovery trusts only what squibd wrote -----------------------------------
+
+#: The conventional unprivileged "nobody" uid, used to play another user.
+NOBODY_UID = 65534
+
+
+def plant_committed_journal(directory: Path, victim: Path, *, journal_uid: int,
+                            temp_uid: int, txid: str = "00ff") -> tuple[Path, Path]:  # fmt: skip
+    """A committed journal whose memory temp would be renamed over ``victim``."""
+    snap = directory / "x.snap"
+    state_tmp = Path(temp_path_for(str(snap), "state", txid))
+    mem_tmp = Path(temp_path_for(str(victim), "mem", txid))
+    mem_tmp.write_bytes(b"attacker")
+    os.chown(mem_tmp, temp_uid, temp_uid)
+    plan = JournalPlan(txid, str(snap), str(victim), str(state_tmp), str(mem_tmp))
+    journal = Path(journal_path_for(str(snap), txid))
+    journal.write_bytes(plan.to_record() + commit_record(txid))
+    os.chown(journal, journal_uid, journal_uid)
+    return journal, mem_tmp
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files as another user")
+def test_recovery_never_renames_another_users_temp(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    _, mem_tmp = plant_committed_journal(tmp_path, victim, journal_uid=0, temp_uid=NOBODY_UID)
+    recover_directory(str(tmp_path))
+    assert victim.read_bytes() == b"precious"
+    assert mem_tmp.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files as another user")
+def test_recovery_ignores_a_journal_owned_by_another_user(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    journal, _ = plant_committed_journal(tmp_path, victim, journal_uid=NOBODY_UID, temp_uid=0)
+    recover_directory(str(tmp_path))
+    assert victim.read_bytes() == b"precious"
+    assert journal.exists()
+
+
+def test_recovery_ignores_a_journal_that_does_not_match_its_name(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    uid = os.geteuid()
+    journal, _ = plant_committed_journal(tmp_path, victim, journal_uid=uid, temp_uid=uid)
+    renamed = journal.with_name(journal.name.replace("00ff", "abcd"))  # txid no longer matches
+    journal.rename(renamed)
+    recover_directory(str(tmp_path))
+    assert victim.read_bytes() == b"precious"
+    assert renamed.exists()
+
+
+def test_recovery_with_our_own_committed_journal_rolls_forward(tmp_path: Path) -> None:
+    target = tmp_path / "x.mem"
+    uid = os.geteuid()
+    journal, _ = plant_committed_journal(tmp_path, target, journal_uid=uid, temp_uid=uid)
+    recover_directory(str(tmp_path))
+    assert target.read_bytes() == b"attacker"  # the control case: it does roll forward
+    assert not journal.exists()
+
+
+def test_a_fifo_planted_as_a_journal_does_not_hang_recovery(tmp_path: Path) -> None:
+    fifo = tmp_path / f".x.snap{JOURNAL_MARKER}00ff"
+    os.mkfifo(fifo)
+    recover_directory(str(tmp_path))
+    recover_pair(str(tmp_path / "x.snap"), str(tmp_path / "x.mem"))
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_saves_from_worker_threads_into_one_directory(tmp_path: Path) -> None:
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            for round_ in range(5):
+                snap, mem = str(tmp_path / f"{index}.snap"), str(tmp_path / f"{index}.mem")
+                with PairTransaction(snap, mem) as tx:
+                    os.pwrite(tx.mem_fd, bytes([index, round_]) * 100, 0)
+                    recover_directory(str(tmp_path))  # a concurrent recovery must not interfere
+                    tx.commit(NEW_STATE)
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    for i in range(4):
+        assert pair_bytes(str(tmp_path / f"{i}.snap"), str(tmp_path / f"{i}.mem")) == (
+            NEW_STATE, bytes([i, 4]) * 100)  # fmt: skip
+    assert leftovers(str(tmp_path)) == []
+
+
+def test_a_save_waits_for_a_recovery_of_its_paths_instead_of_failing(
+    pair: tuple[str, str],
+) -> None:
+    snap, mem = pair
+    keys = (canonical_path(snap),)
+    assert reserve_paths(keys)  # a recovery in progress in this process
+    outcome: list[object] = []
+
+    def saver() -> None:
+        try:
+            save(snap, mem)
+            outcome.append("saved")
+        except BaseException as exc:  # asserted below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=saver)
+    thread.start()
+    assert not reserve_paths(keys)  # recoveries never wait: they skip busy paths
+    release_paths(keys)
+    thread.join()
+    assert outcome == ["saved"]
     assert pair_bytes(snap, mem) == (NEW_STATE, NEW_MEM)

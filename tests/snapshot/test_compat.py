@@ -90,6 +90,16 @@ def test_incompatible_names_the_problem(name: str, build: Callable[[], Any], det
     )
 
 
+def test_lapic_may_be_empty_only_without_an_irqchip() -> None:
+    no_chip = attrs.evolve(X86, vm_state=attrs.evolve(X86.vm_state, irqchips=(), pit=None))
+    check_compatible(no_chip)
+    empty = tuple(attrs.evolve(v, lapic=b"") for v in X86.vcpu_states)
+    check_compatible(attrs.evolve(no_chip, vcpu_states=empty))
+    with pytest.raises(Incompatible) as raised:
+        check_compatible(attrs.evolve(X86, vcpu_states=empty))
+    assert "vcpu_states.0.lapic is 0 bytes, expected 1024" in str(raised.value.detail)
+
+
 def test_x86_split_memory_layout_is_compatible() -> None:
     # RAM split around an MMIO gap: two regions, contiguous in the file.
     mib = 2**20

@@ -37,7 +37,9 @@ from squibd.snapshot.errors import (
     TooShort,
     VersionMismatch,
 )
-from squibd.snapshot.models import DeviceState
+from squibd.snapshot.models import DeviceState, MicrovmState, X86Regs
+
+from ._format_strategies import strategy_for
 
 SMALL_FILE = encode_state(sample_aarch64_state(1, 1))
 X86_FILE = encode_state(sample_x86_state(1, 1))
@@ -224,3 +226,32 @@ def test_valid_crc_around_random_bodies_raises_only_decode_kinds(
 ) -> None:
     with pytest.raises((Bitcode, MagicMismatch, VersionMismatch, Incompatible)):
         decode_state(wrap(body, magic=magic, version=version))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.sampled_from(["x86_64", "aarch64"]),
+    st.integers(1, 32),
+    st.integers(1, 8),
+    strategy_for(X86Regs),
+    st.integers(0, 2**64 - 1),
+)
+def test_compatible_states_round_trip_through_the_envelope(
+    arch: str, vcpus: int, mem_mib: int, regs: X86Regs, clock: int
+) -> None:
+    if arch == "x86_64":
+        base = sample_x86_state(vcpus, mem_mib)
+        first = attrs.evolve(base.vcpu_states[0], regs=regs)
+        assert base.vm_state.clock is not None
+        new_clock = attrs.evolve(base.vm_state.clock, clock=clock)
+        state: MicrovmState = attrs.evolve(
+            base, vcpu_states=(first, *base.vcpu_states[1:]),
+            vm_state=attrs.evolve(base.vm_state, clock=new_clock),
+        )  # fmt: skip
+    else:
+        arm = sample_aarch64_state(vcpus, mem_mib)
+        state = attrs.evolve(arm, vcpu_states=(attrs.evolve(arm.vcpu_states[0], pc=clock),
+                                               *arm.vcpu_states[1:]))  # fmt: skip
+    data = encode_state(state)
+    assert crc64(data) == 0
+    assert decode_state(data) == state

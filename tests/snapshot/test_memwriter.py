@@ -220,6 +220,22 @@ def test_cancel_event_stops_the_write(tmp_path: Path) -> None:
             write_memory(fd, memory.regions, kind="Full", cancel=cancel)
 
 
+def test_cancel_set_during_the_write_stops_between_batches(tmp_path: Path) -> None:
+    cancel = threading.Event()
+    seen: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        seen.append(done)
+        cancel.set()  # the operator cancels after the first batch
+
+    with GuestMemory.shared(LAYOUT) as memory, out_file(tmp_path) as (fd, path):
+        runs = [[(p, 1) for p in range(0, 768, 2)], [], []]  # 384 units: two batches
+        with pytest.raises(WriteCancelled):
+            write_memory(fd, memory.regions, kind="Diff", runs_per_region=runs, writers=1,
+                         progress=progress, cancel=cancel)
+    assert len(seen) == 1 and seen[0] < 384 * PAGE
+
+
 @pytest.mark.parametrize(
     "runs",
     [

@@ -31,13 +31,17 @@ FAILSAFE_S = 30
 
 
 class PlainPageServer:
-    """Accepts one handshake and serves faults with a fill byte per page (page index % 251)."""
+    """Accepts one handshake and serves faults until the VMM closes the socket.
 
-    def __init__(self, path: Path, pages_to_serve: int) -> None:
+    Each page comes from ``memory_file`` when given, else is a fill byte (page index % 251).
+    """
+
+    def __init__(self, path: Path, memory_file: Path | None = None) -> None:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(str(path))
         self.listener.listen(1)
-        self.pages_to_serve = pages_to_serve
+        self.memory_file = memory_file
+        self.served = 0
         self.regions: list[dict[str, Any]] = []
         self.fd_count = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -54,9 +58,15 @@ class PlainPageServer:
         self.regions = json.loads(data)
         uffd = fds[0]
         source = ctypes.create_string_buffer(PAGE)
-        for _ in range(self.pages_to_serve):
-            select.select([uffd], [], [])
-            msg = os.read(uffd, 32)
+        mem = os.open(self.memory_file, os.O_RDONLY) if self.memory_file else -1
+        while True:
+            readable, _, _ = select.select([uffd, conn], [], [])
+            if conn in readable and not conn.recv(1):
+                break  # the VMM closed the socket
+            try:
+                msg = os.read(uffd, 32)
+            except BlockingIOError:
+                continue
             event = msg[0]
             address = struct.unpack_from("<Q", msg, 16)[0]
             assert event == RAW_EVENT_PAGEFAULT
@@ -65,17 +75,26 @@ class PlainPageServer:
                           if r["base_host_virt_addr"] <= page_address
                           < r["base_host_virt_addr"] + r["size"])
             page = (region["offset"] + page_address - region["base_host_virt_addr"]) // PAGE
-            ctypes.memset(source, page % 251, PAGE)
+            if mem >= 0:
+                ctypes.memmove(source, os.pread(mem, PAGE, page * PAGE), PAGE)
+            else:
+                ctypes.memset(source, page % 251, PAGE)
             arg = bytearray(struct.pack("<QQQQq", page_address, ctypes.addressof(source), PAGE,
                                         0, 0))
-            fcntl.ioctl(uffd, RAW_UFFDIO_COPY, arg)
+            try:
+                fcntl.ioctl(uffd, RAW_UFFDIO_COPY, arg)
+            except FileExistsError:
+                pass  # two vCPUs faulted the same page
+            self.served += 1
         conn.close()
         os.close(uffd)
+        if mem >= 0:
+            os.close(mem)
 
 
 def test_handshake_has_firecrackers_fields_and_serves_faults(tmp_path: Path) -> None:
     path = tmp_path / "plain.sock"
-    server = PlainPageServer(path, pages_to_serve=2)
+    server = PlainPageServer(path)
     with GuestMemory.anonymous(REGIONS) as memory:
         backend = UffdBackend.connect(str(path), memory, ready_timeout=0)
         try:
@@ -85,9 +104,10 @@ def test_handshake_has_firecrackers_fields_and_serves_faults(tmp_path: Path) -> 
             ctypes.memmove(buf, memory.regions[1].host_addr, PAGE)
             first_of_second = REGIONS[1].file_offset // PAGE
             assert buf.raw == bytes([first_of_second % 251]) * PAGE
-            server.thread.join(FAILSAFE_S)
         finally:
             backend.close()
+        server.thread.join(FAILSAFE_S)
+        assert server.served == 2
     assert server.fd_count == 1
     assert [sorted(r) for r in server.regions] == [
         sorted(["base_host_virt_addr", "size", "offset", "page_size", "page_size_kib"])

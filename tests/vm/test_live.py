@@ -113,7 +113,7 @@ async def test_cancelled_live_save_rolls_back_and_keeps_the_vm_running(
     vm = await _running_writer(runtime, "cancel")
     await runtime.save("cancel", "Full", str(tmp_path / "f.snap"), str(tmp_path / "f.mem"))
     before = sorted(os.listdir(tmp_path))
-    dirty_before = vm.dirty_page_count()
+    dirty_before = vm.dirty.page_count()
     phases: list[str] = []
     with trio.CancelScope() as scope:
 
@@ -127,7 +127,7 @@ async def test_cancelled_live_save_rolls_back_and_keeps_the_vm_running(
     assert phases
     assert sorted(os.listdir(tmp_path)) == before  # no temps, no new pair
     assert runtime.describe("cancel").state == "Running"
-    assert vm.dirty_page_count() >= dirty_before
+    assert vm.dirty.page_count() >= dirty_before
     await wait_progress_beyond(vm, vm.guest_progress())
 
 

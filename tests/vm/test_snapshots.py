@@ -209,7 +209,7 @@ async def test_save_failing_mid_write_resumes_and_keeps_the_dirty_set(
                            str(small_tmpfs / "d.mem"))  # fmt: skip
     assert os.listdir(small_tmpfs) == []
     assert runtime.describe("enospc").state == "Running"
-    assert _is_dirty(vm.dirty_words(), marker // PAGE)
+    assert _is_dirty(vm.dirty.words(), marker // PAGE)
     await wait_progress_beyond(vm, vm.guest_progress())
 
     await runtime.save("enospc", "Diff", str(tmp_path / "d.snap"), str(tmp_path / "d.mem"),

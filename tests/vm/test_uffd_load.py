@@ -1,0 +1,82 @@
+"""Loading with the Uffd backend: a page server process serves the guest's memory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from squibd.vm.errors import VmFailed
+from squibd.vm.models import GuestSpec, MemBackend
+from squibd.vm.runtime import Runtime
+
+from ._helpers import PROGRESS_TIMEOUT_S, wait_progress_beyond
+
+pytestmark = pytest.mark.kvm
+
+#: The page server prints this line once its socket is bound.
+LISTENING = "listening "
+
+
+@pytest.fixture
+def saved_pair(tmp_path: Path) -> Iterator[tuple[Path, Path, list[int]]]:
+    async def save() -> list[int]:
+        rt = Runtime()
+        try:
+            vm = await rt.create_vm("src", 1, 64, False, GuestSpec("counter"))
+            await rt.start("src")
+            await wait_progress_beyond(vm, [0])
+            await rt.save("src", "Full", str(tmp_path / "u.snap"), str(tmp_path / "u.mem"),
+                          resume=False)  # fmt: skip
+            return vm.guest_progress()
+        finally:
+            await rt.aclose()
+
+    yield tmp_path / "u.snap", tmp_path / "u.mem", trio.run(save)
+
+
+def _start_page_server(snap: Path, socket_path: Path) -> subprocess.Popen[str]:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "squibd.cli.daemon", "--page-server", "--snapshot", str(snap),
+         "--socket", str(socket_path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert server.stdout is not None
+    line = server.stdout.readline()
+    assert line.startswith(LISTENING), line
+    return server
+
+
+def test_uffd_load_runs_and_page_server_death_is_an_error_state(
+    saved_pair: tuple[Path, Path, list[int]], tmp_path: Path
+) -> None:
+    snap, _, saved = saved_pair
+    socket_path = tmp_path / "ps.sock"
+    server = _start_page_server(snap, socket_path)
+
+    async def run() -> None:
+        rt = Runtime()
+        try:
+            vm = await rt.load("lazy", str(snap), MemBackend("Uffd", str(socket_path)),
+                               resume_vm=True)  # fmt: skip
+            await wait_progress_beyond(vm, saved)
+            server.kill()
+            with trio.fail_after(PROGRESS_TIMEOUT_S):
+                await vm.wait_failed()
+            described = rt.describe("lazy")
+            assert described.error is not None and "page server" in described.error
+            with pytest.raises(VmFailed):
+                await rt.resume("lazy")
+            await rt.destroy("lazy")
+        finally:
+            await rt.aclose()
+
+    try:
+        trio.run(run)
+    finally:
+        server.kill()
+        server.wait()
