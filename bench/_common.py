@@ -213,7 +213,8 @@ def parse_args(
 
     ``extra`` may add bench-specific options to the parser.
     """
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--quick", action="store_true", help="smaller sizes so the whole suite runs in ~2 min"
     )

@@ -188,7 +188,8 @@ def _title(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Draw the chart and table; prints one JSON line; exit status 0 unless the input is bad."""
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--output", type=Path, default=DEFAULT_PNG)
     parser.add_argument("--table", type=Path, default=DEFAULT_TABLE)

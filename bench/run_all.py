@@ -137,7 +137,8 @@ def run_chart(results_path: Path, *, timeout: float) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the suite; returns the process exit status."""
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="pass --quick to every bench")
     parser.add_argument("--reps", type=int, default=None, help="pass --reps N to every bench")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these benches")

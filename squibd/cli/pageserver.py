@@ -25,7 +25,7 @@ from typing import Final
 
 from squibd.snapshot.envelope import read_state_file
 from squibd.snapshot.errors import SnapshotError
-from squibd.uffd.errors import UffdError
+from squibd.uffd.errors import ChunkCorrupt, UffdError
 from squibd.uffd.prefetch import prefetch_offsets
 from squibd.uffd.server import PageServer
 from squibd.uffd.source import PageSource
@@ -112,15 +112,22 @@ def main(argv: list[str]) -> int:
         return EXIT_FAILED
     try:
         newest = states[-1]
-        prefetch = prefetch_offsets(
-            newest.vcpu_states, newest.memory.regions, source.read, source.page_size
-        )
+        try:
+            prefetch = prefetch_offsets(
+                newest.vcpu_states, newest.memory.regions, source.read, source.page_size
+            )
+        except ChunkCorrupt as exc:
+            # The vCPUs would touch it first: prefetching it refuses the handshake with
+            # this error, so the load fails before any vCPU runs.
+            log.error("%s", exc)
+            prefetch = [exc.offset - exc.offset % source.page_size]
         server = PageServer(
             source,
             newest.memory.regions,
             prefetch=prefetch,
             fault_granule=args.fault_granule,
             stream=not args.no_stream,
+            pair_id=newest.memory.pair_id,
         )
         listener = _bind(args.socket)
         try:

@@ -185,6 +185,7 @@ class VcpuRunner:
         with self._cond:
             self._stall_armed = True
             self._stalled.clear()
+            self._cond.notify_all()
             if kick:
                 self._stall_kick = True
                 self.vcpu.run.immediate_exit = 1
@@ -246,8 +247,8 @@ class VcpuRunner:
 
     def _stall_locked(self) -> None:
         """Hold here (lock held, waiting releases it) while the stall is armed."""
-        self._stalled.set()
         while self._stall_armed and not self._stop_requested:
+            self._stalled.set()  # again after a release and re-arm that raced the wake-up
             self._cond.wait()
         self._stalled.clear()
         if not self._pause_requested and not self._stop_requested:

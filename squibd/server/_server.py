@@ -174,9 +174,9 @@ class Server:
                 conns.start_soon(self._serve_connection, stream)
 
     async def _refuse(self, stream: trio.SocketStream, error: ErrorObject) -> None:
-        """Answer one error line and close; unread input is drained first, because
-        closing a Unix socket with unread data makes the peer's read fail with
-        ECONNRESET before it sees the answer."""
+        # Answer one error line, then drain the peer's input before closing: closing a
+        # Unix socket with unread data makes the peer's read fail with ECONNRESET
+        # before it has seen the answer.
         rpc = RpcConnection(Role.SERVER)
         with trio.move_on_after(_REFUSE_TIMEOUT_S):
             try:

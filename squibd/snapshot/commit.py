@@ -35,7 +35,7 @@ import errno
 import fcntl
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import attrs
@@ -137,7 +137,7 @@ class PairTransaction:
     snapshot_path: str
     mem_file_path: str
     staging_dir: str | None = attrs.field(default=None, kw_only=True)
-    allowed_roots: tuple[str, ...] | None = attrs.field(default=None, kw_only=True)
+    allowed_roots: Sequence[str] | None = attrs.field(default=None, kw_only=True)
     step_hook: StepHook | None = attrs.field(default=None, kw_only=True, repr=False)
     #: The temp memory file, opened O_RDWR; the memory writer fills it.
     mem_fd: int = attrs.field(init=False, default=-1)
@@ -190,7 +190,7 @@ class PairTransaction:
                 raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
             self._step("journal_created")
             plan = JournalPlan(self.txid, self.snapshot_path, self.mem_file_path,
-                         self.state_tmp_path, self.mem_tmp_path)  # fmt: skip
+                               self.state_tmp_path, self.mem_tmp_path)  # fmt: skip
             record = plan.to_record()
             os.write(self._journal_fd, record)
             self._prepare_len = len(record)

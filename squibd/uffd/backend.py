@@ -77,9 +77,9 @@ def _connect(path: str) -> socket.socket:
     return sock
 
 
-def _parse_status(data: bytes) -> tuple[bool, str | None]:
-    """(ready seen, error message) from status lines written by a squibd page server."""
-    ready, error = False, None
+def _parse_status(data: bytes) -> tuple[bool, str | None, str | None]:
+    """(ready seen, error message, pair id) from a squibd page server's status lines."""
+    ready, error, pair_id = False, None, None
     for line in data.splitlines():
         try:
             message = json.loads(line)
@@ -88,9 +88,11 @@ def _parse_status(data: bytes) -> tuple[bool, str | None]:
         if isinstance(message, dict):
             if message.get("ready") is True:
                 ready = True
+                if isinstance(message.get("pair_id"), str):
+                    pair_id = message["pair_id"]
             if isinstance(message.get("error"), str):
                 error = message["error"]
-    return ready, error
+    return ready, error, pair_id
 
 
 @attrs.define(eq=False)
@@ -115,6 +117,7 @@ class UffdBackend:
         memory: GuestMemoryLike,
         *,
         ready_timeout: float = DEFAULT_READY_TIMEOUT_S,
+        expected_pair_id: str | None = None,
     ) -> UffdBackend:
         """Register ``memory`` with a new userfaultfd and hand it to the page server.
 
@@ -122,6 +125,9 @@ class UffdBackend:
             backend_path: the page server's Unix socket (at most 107 bytes).
             memory: empty anonymous guest memory (nothing may have touched it).
             ready_timeout: seconds to wait for a squibd page server's ready line.
+            expected_pair_id: the loaded state file's ``memory.pair_id``; a squibd page
+                server announcing another pair is refused (Firecracker-style servers
+                announce nothing and are trusted).
 
         Raises:
             UffdUnsupported: no userfaultfd on this host.
@@ -147,7 +153,7 @@ class UffdBackend:
                 raise HandshakeFailed(
                     backend_path, f"it closed the socket ({exc.strerror or exc})"
                 ) from exc
-            cls._await_ready(backend_path, sock, ready_timeout)
+            cls._await_ready(backend_path, sock, ready_timeout, expected_pair_id)
         except BaseException:
             uffd.close()
             sock.close()
@@ -156,7 +162,9 @@ class UffdBackend:
         return cls(backend_path, uffd, sock, regions, wake_r=wake_r, wake_w=wake_w)
 
     @staticmethod
-    def _await_ready(path: str, sock: socket.socket, timeout: float) -> None:
+    def _await_ready(
+        path: str, sock: socket.socket, timeout: float, expected_pair_id: str | None
+    ) -> None:
         poller = select.poll()
         poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
         if not poller.poll(int(timeout * _MS_PER_S)):
@@ -167,13 +175,19 @@ class UffdBackend:
             data = b""  # it closed without reading everything we sent
         except OSError as exc:
             raise HandshakeFailed(path, f"the connection failed ({exc.strerror or exc})") from exc
-        ready, error = _parse_status(data)
+        ready, error, pair_id = _parse_status(data)
         if error is not None:
             raise HandshakeFailed(path, f"the page server refused: {error}")
         if not data:
             raise HandshakeFailed(path, "it closed the socket during the handshake")
         if not ready:
             raise HandshakeFailed(path, f"unexpected reply {data[:80]!r}")
+        if expected_pair_id is not None and pair_id is not None and pair_id != expected_pair_id:
+            raise HandshakeFailed(
+                path,
+                f"it serves the memory of snapshot pair {pair_id}, but the state file "
+                f"belongs to pair {expected_pair_id}",
+            )
 
     def start_monitor(self, on_dead: Callable[[str], None]) -> None:
         """Watch the page server from a daemon thread; ``on_dead(reason)`` fires once if it goes.

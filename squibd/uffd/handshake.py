@@ -9,7 +9,9 @@ compatibility with older page servers), with the userfaultfd attached as
 ``SCM_RIGHTS``. Firecracker sends nothing else and never reads.
 
 squibd extension (ignored by Firecracker): the page server may write one
-JSON line back, ``{"ready": true}`` once it has taken the handshake, or
+JSON line back, ``{"ready": true, "pair_id": ...}`` once it has taken the
+handshake (``pair_id`` names the newest snapshot of the chain it serves, so
+the VMM can refuse a server serving another snapshot), or
 ``{"error": "..."}`` right before it gives up serving (for example on a
 corrupt chunk). The squibd VMM side reads it to report why the VM stopped.
 """
@@ -166,7 +168,11 @@ def receive_handshake(sock: socket.socket) -> tuple[tuple[RegionMapping, ...], i
         raise
 
 
-def encode_status(*, ready: bool = False, error: str | None = None) -> bytes:
+def encode_status(
+    *, ready: bool = False, error: str | None = None, pair_id: str | None = None
+) -> bytes:
     """One status line from the page server to a squibd VMM (see the module docs)."""
     message: dict[str, object] = {"error": error} if error is not None else {"ready": ready}
+    if pair_id is not None and error is None:
+        message["pair_id"] = pair_id
     return json.dumps(message).encode() + b"\n"

@@ -99,6 +99,7 @@ class PageServer:
         prefetch: memory-file offsets of pages to install right after the handshake.
         fault_granule: bytes installed per demand fault (a multiple of the page size).
         stream: stream the rest of memory in the background.
+        pair_id: the newest snapshot's pair id, told to the VMM in the ready line.
     """
 
     source: PageSource
@@ -106,6 +107,8 @@ class PageServer:
     prefetch: Sequence[int] = ()
     fault_granule: int = 0
     stream: bool = True
+    #: Pair id of the newest snapshot served, sent in the ready line (None: not sent).
+    pair_id: str | None = None
 
     def __attrs_post_init__(self) -> None:
         page = self.source.page_size
@@ -176,10 +179,9 @@ class PageServer:
         _log.info("served: %s", conn.stats)
         return conn.stats
 
-    @staticmethod
-    def _tell(sock: socket.socket, error: str | None) -> None:
+    def _tell(self, sock: socket.socket, error: str | None) -> None:
         with contextlib.suppress(OSError):  # a VMM that is gone needs no news
-            sock.sendall(encode_status(ready=error is None, error=error))
+            sock.sendall(encode_status(ready=error is None, error=error, pair_id=self.pair_id))
 
     # --- the loop ---------------------------------------------------------------
     def _prefetch(self, conn: _Connection) -> None:
@@ -255,6 +257,16 @@ class PageServer:
         region, in_region = located
         conn.stats.faults += 1
         page = self.source.page_size
+        if self.fault_granule == page:  # the common case, kept short: one page
+            index = (region.offset + in_region) // page
+            if conn.served[index]:
+                conn.stats.already_present += 1
+                conn.uffd.wake(address - address % page, page)
+                return
+            layer = HOLE if conn.removed[index] else int(self.source.layer_of_page[index])
+            if not self._place(conn, address - address % page, index * page, page, layer):
+                conn.uffd.wake(address - address % page, page)
+            return
         start = in_region - in_region % self.fault_granule
         stop = min(start + self.fault_granule, region.size)
         first = (region.offset + start) // page

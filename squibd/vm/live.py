@@ -65,7 +65,7 @@ from ._threads import run_blocking, run_cancellable
 from .dirty import or_words, page_count, runs_of
 from .machine import CapturedState, Vm
 from .models import Progress, SaveResult, VmState
-from .save import SaveRequest, capture, save_stop_and_copy, thread_progress
+from .save import ByteProgress, SaveRequest, capture, save_stop_and_copy, thread_progress
 
 __all__ = ["save_live"]
 
@@ -156,7 +156,7 @@ class _LivePair:
         runs: list[list[tuple[int, int]]] | None,
         cancel: threading.Event,
         *,
-        progress: object,
+        progress: ByteProgress | None,
     ) -> float:
         """Stream one pass; returns its duration in seconds."""
         began = time.perf_counter()
@@ -165,7 +165,7 @@ class _LivePair:
             self.vm.region_sources(),
             kind=kind,
             runs_per_region=runs,
-            progress=progress,  # type: ignore[arg-type]
+            progress=progress,
             cancel=cancel,
             algorithm=DEFAULT_ALGORITHM,
             chunk_size=DEFAULT_CHUNK_SIZE,

@@ -26,6 +26,7 @@ import contextlib
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Final
 
 import attrs
@@ -45,9 +46,19 @@ from .errors import DiffNotAllowed, NoParentCheckpoint, WrongVmState
 from .machine import CapturedState, Vm
 from .models import SNAPSHOT_TYPES, Progress, SaveResult, VmState
 
-__all__ = ["SaveRequest", "capture", "commit_pair", "save_stop_and_copy", "thread_progress"]
+__all__ = [
+    "ByteProgress",
+    "SaveRequest",
+    "capture",
+    "commit_pair",
+    "save_stop_and_copy",
+    "thread_progress",
+]
 
 _MS_PER_S: Final = 1000.0
+
+#: ``(bytes_done, bytes_total)``, called from the writer's thread.
+ByteProgress = Callable[[int, int], None]
 
 
 @attrs.frozen
@@ -108,7 +119,7 @@ class SaveRequest:
         return cls(snapshot_type, snap, mem, live, max_passes, pause_budget_ms, resume)
 
 
-def thread_progress(progress: Progress | None, phase: str) -> object:
+def thread_progress(progress: Progress | None, phase: str) -> ByteProgress | None:
     """A ``(done, total)`` callback for worker threads that reports on the trio thread."""
     if progress is None:
         return None
@@ -131,7 +142,7 @@ def commit_pair(
     pair_id: str,
     parent_pair_id: str | None,
     cancel: threading.Event,
-    progress: object,
+    progress: ByteProgress | None,
 ) -> tuple[MemoryManifest, int]:
     """Write the memory file and the state file and commit them as one pair.
 
@@ -144,7 +155,7 @@ def commit_pair(
             vm.region_sources(),
             kind=request.kind,
             runs_per_region=runs,
-            progress=progress,  # type: ignore[arg-type]
+            progress=progress,
             cancel=cancel,
         )
         manifest = build_manifest(

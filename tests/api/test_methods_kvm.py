@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -106,7 +108,9 @@ async def test_full_diff_destroy_rebase_load_continues(daemon: tuple[Server, str
             "vm_id": "cnt", "snapshot_path": f"{d}/full.snap", "mem_file_path": f"{d}/full.mem",
         })  # fmt: skip
         assert full["snapshot_type"] == "Full" and full["pages_written"] > 0
-        assert (await c.call("vm.describe", {"vm_id": "cnt"}))["state"] == "Running"
+        after_full = await c.call("vm.describe", {"vm_id": "cnt"})
+        assert after_full["state"] == "Running"
+        await _progress_beyond(c, "cnt", after_full["guest_progress"])  # dirty since the Full
         saved = (await c.call("vm.pause", {"vm_id": "cnt"}))["guest_progress"]
         diff = await c.call("snapshot.create", {
             "vm_id": "cnt", "snapshot_type": "Diff",
@@ -313,3 +317,63 @@ async def _describe_offline(path: str) -> dict[str, Any]:
 
     result: dict[str, Any] = describe_snapshot(path, verify="size").to_json()
     return result
+
+
+async def test_uffd_load_through_a_page_server(daemon: tuple[Server, str], sockdir: str) -> None:
+    _, path = daemon
+    d = sockdir
+    async with open_client(path) as c:
+        await _create(c, "lazy", dirty=False)
+        await c.call("vm.start", {"vm_id": "lazy"})
+        await _progress_beyond(c, "lazy", [0, 0])
+        saved = (await c.call("vm.pause", {"vm_id": "lazy"}))["guest_progress"]
+        await c.call("snapshot.create", {
+            "vm_id": "lazy", "snapshot_path": f"{d}/l.snap", "mem_file_path": f"{d}/l.mem"})
+        await c.call("vm.destroy", {"vm_id": "lazy"})
+        server = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "squibd.cli.daemon", "--page-server",
+             "--snapshot", f"{d}/l.snap", "--socket", f"{d}/ps.sock"],
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert server.stdout is not None
+            first = b""
+            while b"\n" not in first:  # "listening PATH"
+                first += await server.stdout.receive_some(4096)
+            assert first.startswith(b"listening")
+            loaded = await c.call("snapshot.load", {
+                "vm_id": "lazy", "snapshot_path": f"{d}/l.snap",
+                "mem_backend": {"backend_type": "Uffd", "backend_path": f"{d}/ps.sock"},
+                "resume_vm": True,
+            })  # fmt: skip
+            assert loaded["vm"]["state"] == "Running"
+            await _progress_beyond(c, "lazy", saved)
+            await c.call("vm.destroy", {"vm_id": "lazy"})
+            with trio.fail_after(60):  # a hang guard: the server exits when its VM is gone
+                assert await server.wait() == 0
+        finally:
+            if server.returncode is None:
+                server.kill()
+                await server.wait()
+
+
+async def test_in_flight_limit_serializes_a_connection(sockdir: str) -> None:
+    d = sockdir
+    path = f"{d}/s.sock"
+    # With one call in flight per connection, a pipelined second save of the same VM
+    # waits for the first instead of being refused as busy.
+    async with running_server(path, max_in_flight=1), open_client(path) as c:
+        await _create(c, "one", vcpus=1)
+        await c.call("vm.start", {"vm_id": "one"})
+        answers: list[Any] = []
+        async with trio.open_nursery() as nursery:
+            for name in ("x", "y"):
+                params = {"vm_id": "one", "snapshot_path": f"{d}/{name}.snap",
+                          "mem_file_path": f"{d}/{name}.mem"}  # fmt: skip
+
+                async def save(p: dict[str, Any] = params) -> None:
+                    answers.append(await c.call("snapshot.create", p))
+
+                nursery.start_soon(save)
+    assert len(answers) == 2
+    assert all(a["snapshot_type"] == "Full" for a in answers)

@@ -22,13 +22,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @asynccontextmanager
 async def running_server(
-    path: str, *, debug_api: bool = False, **server_options: Any
+    path: str,
+    *,
+    debug_api: bool = False,
+    allowed_roots: tuple[str, ...] | None = None,
+    **server_options: Any,
 ) -> AsyncIterator[Server]:
     """A Server on ``path`` served in a nursery; stopped gracefully on exit."""
     server_config = ServerConfig(socket=path, debug_api=debug_api, **server_options)
     config = DaemonConfig(server=server_config, snapshot=SnapshotConfig())
     sock = bind_unix_socket(path, mode=server_config.socket_mode)
-    api = ApiContext(debug_api=debug_api)
+    api = ApiContext(debug_api=debug_api, allowed_roots=allowed_roots)
     server = Server(config, api, [sock], [path], handle_signals=False)
     try:
         async with trio.open_nursery() as nursery:

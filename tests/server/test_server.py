@@ -288,3 +288,20 @@ def test_configured_mode_and_group_are_applied(sockdir: str) -> None:
         assert info.st_gid == 0
     finally:
         sock.close()
+
+
+async def test_paths_outside_allowed_roots_are_refused(sockdir: str) -> None:
+    path = f"{sockdir}/s.sock"
+    os.mkdir(f"{sockdir}/root")
+    async with running_server(path, allowed_roots=(f"{sockdir}/root",)):
+        outside, inside = await raw_exchange(
+            path,
+            request(1, "snapshot.describe", {"snapshot_path": f"{sockdir}/x.snap"})
+            + request(2, "snapshot.describe", {"snapshot_path": f"{sockdir}/root/x.snap"}),
+            lines=2,
+        )
+    assert outside["error"]["data"] == {
+        "kind": "InvalidPath",
+        "fault_message": "invalid snapshot path: snapshot_path is outside the allowed roots",
+    }
+    assert inside["result"]["ok"] is False  # allowed, but there is no such file

@@ -228,7 +228,7 @@ def test_cancel_set_during_the_write_stops_between_batches(tmp_path: Path) -> No
         seen.append(done)
         cancel.set()  # the operator cancels after the first batch
 
-    with GuestMemory.shared(LAYOUT) as memory, out_file(tmp_path) as (fd, path):
+    with GuestMemory.shared(LAYOUT) as memory, out_file(tmp_path) as (fd, _):
         runs = [[(p, 1) for p in range(0, 768, 2)], [], []]  # 384 units: two batches
         with pytest.raises(WriteCancelled):
             write_memory(fd, memory.regions, kind="Diff", runs_per_region=runs, writers=1,

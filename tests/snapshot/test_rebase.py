@@ -139,7 +139,9 @@ def _apply(vm: FakeVm, batch: list[tuple[int, int, int]]) -> None:
         vm.write(region.guest_addr + first * PAGE, bytes([value]) * npages * PAGE)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(first=writes, second=writes, third=writes)
 def test_rebase_of_full_and_two_diffs_equals_full_at_last_checkpoint(
     tmp_path_factory: pytest.TempPathFactory,

@@ -11,11 +11,12 @@ from typing import Final
 import pytest
 import trio
 
+from squibd.uffd import UffdError
 from squibd.vm.machine import Vm
 from squibd.vm.models import GuestSpec, MemBackend
 from squibd.vm.runtime import Runtime
 
-from ._procs import page_server, read_stderr_until
+from ._procs import page_server
 from .test_handshake import PlainPageServer
 
 pytestmark = pytest.mark.kvm
@@ -60,7 +61,9 @@ async def test_full_snapshot_continues_through_uffd(runtime: Runtime, tmp_path: 
     await runtime.destroy("src")
     sock = tmp_path / "ps.sock"
     with page_server(snap, sock) as proc:
-        vm = await runtime.load("dst", str(snap), MemBackend("Uffd", str(sock)), resume_vm=True)
+        vm = await runtime.load("dst", str(snap), MemBackend("Uffd", str(sock)), resume_vm=False)
+        assert await trio.to_thread.run_sync(vm.guest_progress) == saved
+        await runtime.resume("dst")
         now = await _progress_beyond(vm, saved)
         assert all(n > s > 0 for n, s in zip(now, saved, strict=True))
         assert runtime.describe("dst").error is None
@@ -81,8 +84,11 @@ async def test_full_plus_diff_chain_is_served_without_rebase(runtime: Runtime, t
     await runtime.destroy("src")
     sock = tmp_path / "ps.sock"
     with page_server(snap, sock, "--diff-snapshot", str(diff)):
-        vm2 = await runtime.load("dst", str(diff), MemBackend("Uffd", str(sock)), resume_vm=True)
-        # Continues from the Diff's counters (newer than the Full's), not from the Full.
+        vm2 = await runtime.load("dst", str(diff), MemBackend("Uffd", str(sock)), resume_vm=False)
+        # The Diff's counters (newer than the Full's) are what the guest sees.
+        assert await trio.to_thread.run_sync(vm2.guest_progress) == saved
+        assert all(s > f for s, f in zip(saved, first, strict=True))
+        await runtime.resume("dst")
         now = await _progress_beyond(vm2, saved)
         assert all(n > s for n, s in zip(now, saved, strict=True))
         await runtime.destroy("dst")
@@ -122,8 +128,7 @@ async def test_killed_page_server_puts_the_vm_in_error_and_others_keep_running(
         await _progress_beyond(vm, saved)
         os.kill(proc.pid, signal.SIGKILL)
         with trio.fail_after(PROGRESS_TIMEOUT_S):
-            while runtime.describe("dst").error is None:
-                await vm.wait_heartbeats(1)  # heartbeats stop once it is parked; fail_after bounds
+            await vm.wait_failed()
         error = runtime.describe("dst").error
         assert error is not None and "page server" in error and str(sock) in error
         assert runtime.describe("dst").state == "Paused"
@@ -132,11 +137,13 @@ async def test_killed_page_server_puts_the_vm_in_error_and_others_keep_running(
         await runtime.destroy("dst")
 
 
-async def test_corrupt_chunk_stops_the_vm_and_names_the_offset(runtime: Runtime, tmp_path: Path
-                                                               ) -> None:
+async def test_corrupt_chunk_on_the_first_pages_fails_the_load_naming_the_offset(
+    runtime: Runtime, tmp_path: Path
+) -> None:
     snap, _ = await _saved_counter_vm(runtime, tmp_path)
     await runtime.destroy("src")
-    # Corrupt the counter guest's progress page (vCPU 0 counter at guest 0x20000).
+    # Corrupt the counter guest's progress page (vCPU 0's counter at guest 0x20000): the
+    # vCPUs touch it at once, so the page server finds it while prefetching.
     corrupt = 0x20000
     with open(tmp_path / "full.mem", "r+b") as mem:
         mem.seek(corrupt + 64)
@@ -145,12 +152,27 @@ async def test_corrupt_chunk_stops_the_vm_and_names_the_offset(runtime: Runtime,
         mem.write(bytes([byte[0] ^ 0xFF]))
     sock = tmp_path / "ps.sock"
     with page_server(snap, sock, "--no-stream") as proc:
-        vm = await runtime.load("dst", str(snap), MemBackend("Uffd", str(sock)), resume_vm=True)
-        with trio.fail_after(PROGRESS_TIMEOUT_S):
-            while runtime.describe("dst").error is None:
-                await trio.to_thread.run_sync(read_stderr_until, proc, "corrupt")
-        error = runtime.describe("dst").error
-        assert error is not None and "0x0" in error or "0x20000" in (error or "")
+        with pytest.raises(UffdError, match="0x20000") as raised:
+            await runtime.load("dst", str(snap), MemBackend("Uffd", str(sock)), resume_vm=True)
+        assert "corrupt" in str(raised.value)
+        assert runtime.list() == []  # no VM was left behind, none ran
         assert proc.wait(PROGRESS_TIMEOUT_S) == 1
-        await runtime.destroy("dst")
-    del vm
+
+
+async def test_page_server_killed_before_the_vcpus_run_never_lets_them_run_on_holes(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    snap, saved = await _saved_counter_vm(runtime, tmp_path)
+    await runtime.destroy("src")
+    sock = tmp_path / "ps.sock"
+    with page_server(snap, sock, "--no-stream") as proc:
+        vm = await runtime.load("dst", str(snap), MemBackend("Uffd", str(sock)), resume_vm=False)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(PROGRESS_TIMEOUT_S)
+        await runtime.resume("dst")
+        with trio.fail_after(PROGRESS_TIMEOUT_S):
+            await vm.wait_failed()
+        assert "page server" in (runtime.describe("dst").error or "")
+        await runtime.destroy("dst")  # stops vCPUs that may be blocked in a fault
+    assert runtime.list() == []
+    assert saved[0] > 0

@@ -110,7 +110,8 @@ def test_diff_chain_serves_the_newest_version_of_each_page(tmp_path: Path) -> No
     diff2 = write_memory(tmp_path / "c.mem", {1024: page_pattern(1024, 2)}, parent=diff1.pair_id)
     write_state(tmp_path / "c.snap", diff2, (vcpu_state(rip=0, rsp=0),))
     sock = tmp_path / "ps.sock"
-    args = ("--diff-snapshot", str(tmp_path / "b.snap"), "--diff-snapshot", str(tmp_path / "c.snap"))
+    args = ("--diff-snapshot", str(tmp_path / "b.snap"),
+            "--diff-snapshot", str(tmp_path / "c.snap"))
     with page_server(tmp_path / "a.snap", sock, *args), GuestMemory.anonymous(REGIONS) as memory:
         backend = UffdBackend.connect(str(sock), memory)
         try:
@@ -233,3 +234,20 @@ def test_layout_mismatch_is_refused_by_the_page_server(tmp_path: Path) -> None:
         with pytest.raises(HandshakeFailed, match="memory layout"):
             UffdBackend.connect(str(sock), memory, ready_timeout=FAILSAFE_S)
         assert proc.wait(FAILSAFE_S) == 1
+
+
+def test_page_server_of_another_snapshot_is_refused(tmp_path: Path) -> None:
+    from squibd.snapshot.envelope import read_state_file
+
+    snap, sock = _full_pair(tmp_path), tmp_path / "ps.sock"
+    pair_id = read_state_file(snap).memory.pair_id
+    with page_server(snap, sock, "--no-stream"), GuestMemory.anonymous(REGIONS) as memory:
+        with pytest.raises(HandshakeFailed, match=f"pair {pair_id}, but the state file"):
+            UffdBackend.connect(str(sock), memory, expected_pair_id="another-pair",
+                                ready_timeout=FAILSAFE_S)
+    with page_server(snap, sock, "--no-stream"), GuestMemory.anonymous(REGIONS) as memory:
+        backend = UffdBackend.connect(str(sock), memory, expected_pair_id=pair_id)
+        try:
+            assert _read(memory, 1) == page_pattern(1)
+        finally:
+            backend.close()

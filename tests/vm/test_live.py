@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from squibd.snapshot.envelope import read_state_file
-from squibd.snapshot.errors import QuiesceTimeout
+from squibd.snapshot.errors import MemoryIo, QuiesceTimeout
 from squibd.snapshot.rebase import rebase
 from squibd.snapshot.verify import verify
 from squibd.vm.errors import DiffNotAllowed
@@ -65,6 +65,7 @@ async def test_live_diff_after_full_rebases_to_memory_at_the_pause(
     result = await runtime.save("ldiff", "Diff", str(tmp_path / "d.snap"),
                                 str(tmp_path / "d.mem"), live=True, resume=False)  # fmt: skip
     assert result.live and result.parent_pair_id is not None
+    verify(read_state_file(str(tmp_path / "d.snap")), str(tmp_path / "d.mem"), "full")
     rebase(
         str(tmp_path / "f.snap"), [str(tmp_path / "d.snap")], str(tmp_path / "r.snap"),
         str(tmp_path / "r.mem"), base_mem=str(tmp_path / "f.mem"),
@@ -87,6 +88,7 @@ async def test_live_save_forced_into_its_last_pass_is_correct(
                                 pause_budget_ms=budget_ms, resume=False)  # fmt: skip
     assert result.passes == max_passes
     assert result.pass_limit_reached
+    verify(read_state_file(str(tmp_path / "x.snap")), str(tmp_path / "x.mem"), "full")
     assert first_memory_difference(str(tmp_path / "x.mem"), vm) is None
 
 
@@ -177,3 +179,69 @@ async def test_cancel_during_quiesce_rolls_back(tmp_path: Path) -> None:
         await rt.pause("qcancel")  # the abandoned quiesce left nothing behind
     finally:
         await rt.aclose()
+
+
+async def test_live_save_failing_with_enospc_keeps_running_and_keeps_the_dirty_set(
+    runtime: Runtime, tmp_path: Path, small_tmpfs: Path
+) -> None:
+    vm = await _running_writer(runtime, "lfull")
+    await runtime.save("lfull", "Full", str(tmp_path / "f.snap"), str(tmp_path / "f.mem"))
+    marker = 100 * 1024 * 1024
+    runtime.write_memory("lfull", marker, b"before the failed live save")
+    with pytest.raises(MemoryIo, match=r"No space left on device \(os error 28\)"):
+        await runtime.save("lfull", "Diff", str(small_tmpfs / "d.snap"),
+                           str(small_tmpfs / "d.mem"), live=True)  # fmt: skip
+    assert os.listdir(small_tmpfs) == []
+    assert runtime.describe("lfull").state == "Running"
+    words = vm.dirty.words()
+    assert words is not None
+    page = marker // os.sysconf("SC_PAGE_SIZE")
+    assert (int(words[0][page // 64]) >> (page % 64)) & 1
+    await wait_progress_beyond(vm, vm.guest_progress())
+    await runtime.save("lfull", "Diff", str(tmp_path / "d.snap"), str(tmp_path / "d.mem"),
+                       live=True, resume=False)  # fmt: skip
+    rebase(
+        str(tmp_path / "f.snap"), [str(tmp_path / "d.snap")], str(tmp_path / "r.snap"),
+        str(tmp_path / "r.mem"), base_mem=str(tmp_path / "f.mem"),
+        diff_mems=[str(tmp_path / "d.mem")],
+    )  # fmt: skip
+    assert first_memory_difference(str(tmp_path / "r.mem"), vm) is None
+
+
+async def test_live_save_of_a_guest_split_around_the_mmio_gap(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    # 4 GiB of RAM is two regions (below 3.25 GiB and from 4 GiB up); memfd
+    # holes keep the files sparse, so this stays cheap.
+    vm = await runtime.create_vm("split", 1, 4096, True, GuestSpec("counter"))
+    assert len(vm.memory.regions) == 2
+    high = vm.memory.regions[1]
+    marker_addr = high.guest_addr + 12345 * 4096
+    runtime.write_memory("split", marker_addr, b"above the gap")
+    await runtime.start("split")
+    await wait_progress_beyond(vm, [0])
+    await runtime.save("split", "Full", str(tmp_path / "f.snap"), str(tmp_path / "f.mem"))
+    runtime.write_memory("split", marker_addr + 4096, b"dirty above the gap")
+    await wait_progress_beyond(vm, vm.guest_progress())
+    await runtime.save("split", "Diff", str(tmp_path / "d.snap"), str(tmp_path / "d.mem"),
+                       live=True, resume=False)  # fmt: skip
+    saved = vm.guest_progress()
+    diff = read_state_file(str(tmp_path / "d.snap")).memory
+    verify(diff, str(tmp_path / "d.mem"), "full")
+    boundary = high.file_offset
+    assert all(e.end <= boundary or e.offset >= boundary for e in diff.extents)
+    with open(tmp_path / "d.mem", "rb") as mem:
+        offset = high.file_offset + (marker_addr + 4096 - high.guest_addr)
+        assert os.pread(mem.fileno(), 19, offset) == b"dirty above the gap"
+    rebase(
+        str(tmp_path / "f.snap"), [str(tmp_path / "d.snap")], str(tmp_path / "r.snap"),
+        str(tmp_path / "r.mem"), base_mem=str(tmp_path / "f.mem"),
+        diff_mems=[str(tmp_path / "d.mem")],
+    )  # fmt: skip
+    await runtime.destroy("split")
+    restored = await runtime.load("split2", str(tmp_path / "r.snap"),
+                                  MemBackend("File", str(tmp_path / "r.mem")),
+                                  resume_vm=True)  # fmt: skip
+    assert runtime.read_memory("split2", marker_addr, 13) == b"above the gap"
+    assert runtime.read_memory("split2", marker_addr + 4096, 19) == b"dirty above the gap"
+    await wait_progress_beyond(restored, saved)

@@ -15,6 +15,7 @@ from squibd.vm.models import GuestSpec, MemBackend
 from squibd.vm.runtime import Runtime
 
 from ._helpers import PROGRESS_TIMEOUT_S, wait_progress_beyond
+from .conftest import PATIENT_QUIESCE_TIMEOUT_S
 
 pytestmark = pytest.mark.kvm
 
@@ -25,7 +26,7 @@ LISTENING = "listening "
 @pytest.fixture
 def saved_pair(tmp_path: Path) -> Iterator[tuple[Path, Path, list[int]]]:
     async def save() -> list[int]:
-        rt = Runtime()
+        rt = Runtime(quiesce_timeout_s=PATIENT_QUIESCE_TIMEOUT_S)
         try:
             vm = await rt.create_vm("src", 1, 64, False, GuestSpec("counter"))
             await rt.start("src")
