@@ -32,3 +32,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The snapshot-format demo of issue 2 (no daemon, no KVM): write a pair, describe it,
+# describe a corrupted copy.
+.PHONY: demo-format
+demo-format: $(STAMP)
+	$(PY) -m squibd.demo_format

@@ -30,6 +30,7 @@ __all__ = [
     "CANCELLED_KIND",
     "NotAllowed",
     "cancelled_error",
+    "internal_error",
     "map_exception",
     "not_allowed",
 ]

@@ -49,10 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--snapshot", required=True, help="the Full state file")
     parser.add_argument("--memory-file", help="its memory file (default: .snap -> .mem)")
     parser.add_argument(
-        "--diff-snapshot", action="append", default=[], help="a Diff state file, in order"
+        "--diff-snapshot", action="extend", nargs="+", default=[], metavar="PATH",
+        help="Diff state files, oldest first (repeat the flag or list several)",
     )
     parser.add_argument(
-        "--diff-memory-file", action="append", default=[],
+        "--diff-memory-file", action="extend", nargs="+", default=[], metavar="PATH",
         help="the memory file of each --diff-snapshot, in the same order",
     )
     parser.add_argument("--socket", required=True, help="the Unix socket to listen on")

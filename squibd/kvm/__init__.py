@@ -4,6 +4,7 @@ Synchronous code; each vCPU runs ``KVM_RUN`` in its own OS thread
 (:class:`VcpuRunner`). See ``docs/interfaces.md`` ("KVM backend").
 """
 
+from .dirty_ring import DirtyRingInUse
 from .errors import (
     GuestProgramError,
     KvmError,
@@ -31,6 +32,7 @@ __all__ = [
     "PROGRAMS",
     "STALL_PORT",
     "DirtyLogNotEnabled",
+    "DirtyRingInUse",
     "GuestImage",
     "GuestProgramError",
     "Kvm",

@@ -2,46 +2,18 @@
 
 Theory of operation
 -------------------
-squibd lays out a minimal x86-64 machine in guest RAM (guest-physical
-addresses below; all identity mapped):
+The machine layout is in :mod:`squibd.kvm.layout`, the programs' code in
+:mod:`squibd.kvm.programs`. This module validates parameters, writes both
+into guest memory and computes each vCPU's start registers; it re-exports the
+addresses and ports other parts use.
 
-=============  =====================================================
-``0x1000``     GDT: null, kernel code/data, user data (0x1b), user
-               code (0x23), 64-bit TSS (0x28)
-``0x2000``     TSS with an all-allowed I/O permission bitmap (3 pages)
-``0x5000``     PML4, ``0x6000`` PDPT, ``0x7000``.. 4 page directories:
-               the first 4 GiB in 2 MiB pages, user accessible, with
-               the Accessed and Dirty bits preset so the CPU never
-               writes the tables (the dirty log stays exact)
-``0x10000``    the program's code (one page)
-``0x20000``    progress pages: vCPU ``i`` owns ``0x20000 + i*0x1000``;
-               its 64-bit progress counter is at offset 0, its control
-               word at offset 8
-``0x40000``    one stack page per vCPU (unused by the programs)
-``0x100000``   ``memwriter``'s working set
-=============  =====================================================
-
-Every vCPU starts at ring 3 in 64-bit mode (KVM-NOTES: ring-0 code is
-emulated slowly on the nested KVM here, ring-3 code runs natively), with
-IF = 0 and no IDT, so any exception is a triple fault (``KVM_EXIT_SHUTDOWN``).
-Ring 3 may use ``OUT`` through the TSS I/O permission bitmap (all ports
-allowed). RFLAGS.IOPL is set to 3 as well, but measured here: the nested
-KVM of these machines drops IOPL on entry (RFLAGS reads back 0x2) and an
-``OUT`` without the bitmap is a #GP, hence the bitmap.
-
-The programs leave the guest only rarely: a heartbeat ``OUT`` to
-:data:`HEARTBEAT_PORT` every so many iterations. Every
-:data:`CONTROL_CHECK_INTERVAL` iterations a program reads its control word;
-when the host has written a non-zero value there it clears it and writes to
-:data:`STALL_PORT` (the runner blocks that write while its stall hook is
-armed).
-
-``counter``: ``inc qword [progress]`` forever.
+``counter``: each vCPU does ``inc qword [progress]`` forever.
 ``memwriter``: each vCPU writes ``progress + 1`` to the pages of the working
 set (``working_set_mib`` MiB from ``0x100000``, every ``stride_pages``-th
 page, at byte offset ``8 * vcpu_index``), wrapping around, and counts writes
 in its progress counter; ``write_rate_pages_per_sec`` (per vCPU, 0 = no
-limit) spaces writes with RDTSC.
+limit) spaces writes with RDTSC. vCPU ``i``'s 64-bit progress counter is at
+guest-physical ``0x20000 + i * 0x1000`` and its control word 8 bytes later.
 """
 
 from __future__ import annotations
@@ -52,10 +24,34 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import attrs
 
-from squibd.snapshot.models import DTable, Segment, X86Regs, X86Sregs
+from squibd.snapshot.models import X86Regs, X86Sregs
 
-from ._asm import Assembler
 from .errors import GuestProgramError
+from .layout import (
+    CODE_ADDR,
+    CONTROL_OFFSET,
+    GDT_ADDR,
+    GUEST_PAGE,
+    MAPPED_GIB,
+    MAX_GUEST_VCPUS,
+    MIN_GUEST_MEMORY,
+    PROGRESS_BASE,
+    RFLAGS,
+    STACK_BASE,
+    TSS_ADDR,
+    WORKING_SET_BASE,
+    gdt_bytes,
+    initial_sregs,
+    page_table_bytes,
+    tss_bytes,
+)
+from .programs import (
+    CONTROL_CHECK_INTERVAL,
+    HEARTBEAT_PORT,
+    STALL_PORT,
+    counter_program,
+    memwriter_program,
+)
 
 if TYPE_CHECKING:
     from .vcpu import Vcpu
@@ -63,6 +59,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CODE_ADDR",
     "CONTROL_CHECK_INTERVAL",
+    "CONTROL_OFFSET",
+    "GUEST_PAGE",
     "HEARTBEAT_PORT",
     "MAX_GUEST_VCPUS",
     "PROGRAMS",
@@ -76,102 +74,13 @@ __all__ = [
     "progress_addr",
 ]
 
-#: I/O port of the heartbeat (unused by PC legacy devices, so KVM exits to us).
-HEARTBEAT_PORT: Final = 0xE0
-#: I/O port of the stall hook (see :meth:`squibd.kvm.runner.VcpuRunner.arm_stall`).
-STALL_PORT: Final = 0xE1
-
-GUEST_PAGE: Final = 0x1000
-GDT_ADDR: Final = 0x1000
-TSS_ADDR: Final = 0x2000
-PML4_ADDR: Final = 0x5000
-PDPT_ADDR: Final = 0x6000
-PD_ADDR: Final = 0x7000
-#: GiB of guest-physical space identity mapped (one page directory each).
-MAPPED_GIB: Final = 4
-CODE_ADDR: Final = 0x10000
-PROGRESS_BASE: Final = 0x20000
-#: Byte offset of the control word in a vCPU's progress page.
-CONTROL_OFFSET: Final = 8
-STACK_BASE: Final = 0x40000
-WORKING_SET_BASE: Final = 0x100000
-#: SPEC section 7: 1 to 32 vCPUs.
-MAX_GUEST_VCPUS: Final = 32
-#: RAM the layout needs below the working set.
-MIN_GUEST_MEMORY: Final = WORKING_SET_BASE
+PROGRAMS: Final = ("counter", "memwriter")
 #: x86 32-bit MMIO gap start (squibd.vm.memory lays RAM out around it).
 _MMIO_GAP_START: Final = 0xD000_0000
-
+#: Progress counters, control words and memwriter values: little-endian u64.
+_U64: Final = struct.Struct("<Q")
 _GIB: Final = 1 << 30
 _MIB: Final = 1 << 20
-_TWO_MIB: Final = 2 * _MIB
-_PD_ENTRIES: Final = 512
-# Paging entry bits (Intel SDM vol. 3A, 4.5): present, writable, user, accessed, dirty, 2 MiB page.
-_PTE_P: Final = 1 << 0
-_PTE_RW: Final = 1 << 1
-_PTE_US: Final = 1 << 2
-_PTE_A: Final = 1 << 5
-_PTE_D: Final = 1 << 6
-_PTE_PS: Final = 1 << 7
-_TABLE_FLAGS: Final = _PTE_P | _PTE_RW | _PTE_US | _PTE_A
-_LEAF_2M_FLAGS: Final = _TABLE_FLAGS | _PTE_D | _PTE_PS
-
-# Control registers (Intel SDM vol. 3A, 2.5).
-_CR0_PE: Final = 1 << 0
-_CR0_MP: Final = 1 << 1
-_CR0_ET: Final = 1 << 4
-_CR0_NE: Final = 1 << 5
-_CR0_WP: Final = 1 << 16
-_CR0_PG: Final = 1 << 31
-CR0: Final = _CR0_PE | _CR0_MP | _CR0_ET | _CR0_NE | _CR0_WP | _CR0_PG
-_CR4_PAE: Final = 1 << 5
-_CR4_OSFXSR: Final = 1 << 9
-_CR4_OSXMMEXCPT: Final = 1 << 10
-CR4: Final = _CR4_PAE | _CR4_OSFXSR | _CR4_OSXMMEXCPT
-_EFER_LME: Final = 1 << 8
-_EFER_LMA: Final = 1 << 10
-EFER: Final = _EFER_LME | _EFER_LMA
-#: RFLAGS: bit 1 is always 1; IOPL (bits 12-13) = 3 so ring 3 may use OUT.
-_RFLAGS_FIXED: Final = 1 << 1
-_RFLAGS_IOPL3: Final = 3 << 12
-RFLAGS: Final = _RFLAGS_FIXED | _RFLAGS_IOPL3
-
-# GDT selectors (index << 3 | RPL).
-_RPL3: Final = 3
-USER_DATA_SELECTOR: Final = (3 << 3) | _RPL3
-USER_CODE_SELECTOR: Final = (4 << 3) | _RPL3
-TSS_SELECTOR: Final = 5 << 3
-_GDT_ENTRIES: Final = 7  # 5 descriptors + the 16-byte TSS descriptor
-# Descriptor access bytes and flags (Intel SDM vol. 3A, 3.4.5).
-_ACCESS_KERNEL_CODE: Final = 0x9B
-_ACCESS_KERNEL_DATA: Final = 0x93
-_ACCESS_USER_DATA: Final = 0xF3
-_ACCESS_USER_CODE: Final = 0xFB
-_ACCESS_TSS_BUSY: Final = 0x8B
-_FLAGS_CODE64: Final = 0xA  # G=1, L=1
-_FLAGS_DATA: Final = 0xC  # G=1, D/B=1
-_SEG_TYPE_CODE: Final = 0xB  # execute/read, accessed
-_SEG_TYPE_DATA: Final = 0x3  # read/write, accessed
-_SEG_TYPE_TSS_BUSY: Final = 0xB
-_SEG_TYPE_LDT: Final = 0x2
-_FLAT_LIMIT: Final = 0xFFFF_FFFF
-#: Size of the 64-bit TSS proper (Intel SDM vol. 3A, 8.7).
-_TSS_BASE_SIZE: Final = 0x68
-#: Offset of the I/O map base field in the 64-bit TSS.
-_TSS_IOMAP_OFFSET: Final = 0x66
-#: I/O permission bitmap: one bit per port (65536 ports), plus the all-ones
-#: terminator byte the CPU needs after it (Intel SDM vol. 1, 19.5.2).
-_IO_BITMAP_SIZE: Final = 65536 // 8
-_TSS_LIMIT: Final = _TSS_BASE_SIZE + _IO_BITMAP_SIZE + 1 - 1
-
-#: Iterations between control-word checks (a power of two: mask = value - 1).
-CONTROL_CHECK_INTERVAL: Final = 1 << 16
-#: Iterations between heartbeats of ``counter`` and of ``memwriter``.
-COUNTER_HEARTBEAT_INTERVAL: Final = 1 << 24
-MEMWRITER_HEARTBEAT_INTERVAL: Final = 1 << 18
-MEMWRITER_CONTROL_INTERVAL: Final = 1 << 12
-
-PROGRAMS: Final = ("counter", "memwriter")
 _MEMWRITER_DEFAULTS: Final = {
     "working_set_mib": 16,
     "stride_pages": 1,
@@ -207,152 +116,6 @@ def progress_addr(program: str, params: Mapping[str, int], index: int) -> int:
 def control_addr(program: str, params: Mapping[str, int], index: int) -> int:
     """Guest-physical address of vCPU ``index``'s control word (non-zero: stall once)."""
     return progress_addr(program, params, index) + CONTROL_OFFSET
-
-
-# --- programs -------------------------------------------------------------------------
-def _control_check(asm: Assembler, done: str) -> None:
-    """rsi = control word: if non-zero, clear it and OUT to the stall port."""
-    asm.load64("rax", "rsi")
-    asm.test_rr("rax", "rax")
-    asm.jcc("jz", done)
-    asm.store64_imm("rsi", 0)
-    asm.mov_dx_imm(STALL_PORT)
-    asm.out_dx_al()
-    asm.label(done)
-
-
-def counter_program() -> Assembler:
-    """``counter``: rdi = progress counter, rsi = control word."""
-    asm = Assembler()
-    asm.label("loop")
-    asm.inc_mem64("rdi")
-    asm.test_mem32_imm("rdi", CONTROL_CHECK_INTERVAL - 1)
-    asm.jcc("jnz", "loop")
-    _control_check(asm, "checked")
-    asm.test_mem32_imm("rdi", COUNTER_HEARTBEAT_INTERVAL - 1)
-    asm.jcc("jnz", "loop")
-    asm.mov_dx_imm(HEARTBEAT_PORT)
-    asm.out_dx_al()
-    asm.jmp("loop")
-    return asm
-
-
-def memwriter_program() -> Assembler:
-    """``memwriter``: rdi progress, rsi control, r8 first write address, r9 end,
-    r10 stride in bytes, r11 next write address, r13 TSC ticks per write (0 = no
-    limit), r14 TSC deadline of the next write."""
-    asm = Assembler()
-    asm.label("loop")
-    asm.test_rr("r13", "r13")
-    asm.jcc("jz", "write")
-    asm.label("wait")
-    asm.rdtsc()
-    asm.shl_imm("rdx", 32)
-    asm.or_rr("rax", "rdx")
-    asm.cmp_rr("rax", "r14")
-    asm.jcc("jae", "due")
-    asm.pause()
-    asm.jmp("wait")
-    asm.label("due")
-    asm.lea_sum("r14", "rax", "r13")  # next deadline = now + ticks per write
-    asm.label("write")
-    asm.load64("rax", "rdi")
-    asm.inc_reg64("rax")
-    asm.store64("r11", "rax")  # the working-set write
-    asm.store64("rdi", "rax")  # progress = writes done
-    asm.add_rr("r11", "r10")
-    asm.cmp_rr("r11", "r9")
-    asm.jcc("jb", "no_wrap")
-    asm.mov_rr("r11", "r8")
-    asm.label("no_wrap")
-    asm.test_eax_imm(MEMWRITER_CONTROL_INTERVAL - 1)
-    asm.jcc("jnz", "loop")
-    _control_check(asm, "checked")
-    asm.load64("rax", "rdi")
-    asm.test_eax_imm(MEMWRITER_HEARTBEAT_INTERVAL - 1)
-    asm.jcc("jnz", "loop")
-    asm.mov_dx_imm(HEARTBEAT_PORT)
-    asm.out_dx_al()
-    asm.jmp("loop")
-    return asm
-
-
-# --- machine layout ------------------------------------------------------------------------
-def _descriptor(base: int, limit: int, access: int, flags: int) -> bytes:
-    value = (
-        (limit & 0xFFFF)
-        | (base & 0xFFFFFF) << 16
-        | access << 40
-        | ((limit >> 16) & 0xF) << 48
-        | flags << 52
-        | ((base >> 24) & 0xFF) << 56
-    )
-    return struct.pack("<Q", value)
-
-
-def gdt_bytes() -> bytes:
-    """The GDT: null, kernel code/data, user data, user code, TSS (16 bytes)."""
-    flat = 0xFFFFF  # 20-bit limit, 4 KiB granular
-    return b"".join(
-        [
-            bytes(8),
-            _descriptor(0, flat, _ACCESS_KERNEL_CODE, _FLAGS_CODE64),
-            _descriptor(0, flat, _ACCESS_KERNEL_DATA, _FLAGS_DATA),
-            _descriptor(0, flat, _ACCESS_USER_DATA, _FLAGS_DATA),
-            _descriptor(0, flat, _ACCESS_USER_CODE, _FLAGS_CODE64),
-            _descriptor(TSS_ADDR, _TSS_LIMIT, _ACCESS_TSS_BUSY, 0),
-            struct.pack("<Q", TSS_ADDR >> 32),
-        ]
-    )
-
-
-def tss_bytes() -> bytes:
-    """A zero 64-bit TSS followed by an I/O bitmap allowing every port."""
-    tss = bytearray(_TSS_LIMIT + 1)
-    struct.pack_into("<H", tss, _TSS_IOMAP_OFFSET, _TSS_BASE_SIZE)
-    tss[-1] = 0xFF  # the terminator byte
-    return bytes(tss)
-
-
-def page_table_bytes() -> dict[int, bytes]:
-    """Identity map of the first :data:`MAPPED_GIB` GiB: guest address -> table page."""
-    tables = {
-        PML4_ADDR: struct.pack("<Q", PDPT_ADDR | _TABLE_FLAGS),
-        PDPT_ADDR: b"".join(
-            struct.pack("<Q", (PD_ADDR + i * GUEST_PAGE) | _TABLE_FLAGS) for i in range(MAPPED_GIB)
-        ),
-    }
-    for gib in range(MAPPED_GIB):
-        tables[PD_ADDR + gib * GUEST_PAGE] = b"".join(
-            struct.pack("<Q", (gib * _GIB + i * _TWO_MIB) | _LEAF_2M_FLAGS)
-            for i in range(_PD_ENTRIES)
-        )
-    return tables
-
-
-def _segment(selector: int, seg_type: int, *, code: bool) -> Segment:
-    return Segment(
-        base=0, limit=_FLAT_LIMIT, selector=selector, type=seg_type, present=1, dpl=_RPL3,
-        db=0 if code else 1, s=1, l=1 if code else 0, g=1, avl=0, unusable=0,
-    )  # fmt: skip
-
-
-def initial_sregs(base: X86Sregs) -> X86Sregs:
-    """``base`` (a fresh vCPU's sregs) switched to 64-bit ring 3 with squibd's tables."""
-    data = _segment(USER_DATA_SELECTOR, _SEG_TYPE_DATA, code=False)
-    return attrs.evolve(
-        base,
-        cs=_segment(USER_CODE_SELECTOR, _SEG_TYPE_CODE, code=True),
-        ds=data, es=data, fs=data, gs=data, ss=data,
-        tr=Segment(base=TSS_ADDR, limit=_TSS_LIMIT, selector=TSS_SELECTOR,
-                   type=_SEG_TYPE_TSS_BUSY, present=1, dpl=0, db=0, s=0, l=0, g=0, avl=0,
-                   unusable=0),
-        ldt=Segment(base=0, limit=0, selector=0, type=_SEG_TYPE_LDT, present=0, dpl=0, db=0,
-                    s=0, l=0, g=0, avl=0, unusable=1),
-        gdt=DTable(GDT_ADDR, _GDT_ENTRIES * 8 - 1),
-        idt=DTable(0, 0),
-        cr0=CR0, cr3=PML4_ADDR, cr4=CR4, efer=EFER,
-    )  # fmt: skip
 
 
 @attrs.frozen
@@ -405,13 +168,13 @@ class GuestImage:
     def read_progress(self, memory: GuestMemoryLike) -> list[int]:
         """Every vCPU's progress counter, read from guest memory."""
         return [
-            struct.unpack("<Q", memory.read(self.progress_addr(i), 8))[0]
+            _U64.unpack(memory.read(self.progress_addr(i), _U64.size))[0]
             for i in range(self.vcpu_count)
         ]
 
     def request_stall(self, memory: GuestMemoryLike, index: int) -> None:
         """Ask vCPU ``index`` to write once to :data:`STALL_PORT` (its control word)."""
-        memory.write(self.control_addr(index), struct.pack("<Q", 1))
+        memory.write(self.control_addr(index), _U64.pack(1))
 
 
 def _memwriter_params(params: Mapping[str, int], memory_size: int) -> dict[str, int]:
@@ -492,7 +255,7 @@ def build_guest(
     for i in range(vcpu_count):
         progress = progress_addr(program, clean, i)
         memory.write(progress, bytes(GUEST_PAGE))
-        first = WORKING_SET_BASE + 8 * i
+        first = WORKING_SET_BASE + _U64.size * i  # each vCPU its own qword of a page
         regs.append(
             X86Regs(
                 rax=0, rbx=0, rcx=0, rdx=0,

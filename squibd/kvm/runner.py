@@ -15,9 +15,10 @@ dropped. The thread stays parked (it does not exit) until resumed or
 stopped, so its vCPU state can be captured from any thread.
 
 Exits: port I/O goes to the stall hook (:data:`~squibd.kvm.guest.STALL_PORT`),
-the heartbeat counter, then ``io_handler``. ``HLT``, ``SHUTDOWN``,
-``FAIL_ENTRY``, ``INTERNAL_ERROR``, ``MMIO`` (no devices), ring-full and
-unknown exits put the runner in an error state: ``on_exit_error(index,
+the heartbeat counter, then ``io_handler``. A full dirty ring is collected
+into the VM's ring collector and the vCPU re-enters. ``HLT``, ``SHUTDOWN``,
+``FAIL_ENTRY``, ``INTERNAL_ERROR``, ``MMIO`` (no devices) and unknown exits
+put the runner in an error state: ``on_exit_error(index,
 message)`` with a message naming the exit, and the thread parks for good
 (it still acknowledges pause requests).
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import signal
 import threading
 from collections.abc import Callable
@@ -39,6 +41,8 @@ from .guest import HEARTBEAT_PORT, STALL_PORT
 from .vcpu import Vcpu
 
 __all__ = ["PAUSE_SIGNAL", "IoHandler", "VcpuRunner", "install_signal_handler"]
+
+_log = logging.getLogger(__name__)
 
 #: The signal that kicks a vCPU thread out of ``KVM_RUN``.
 PAUSE_SIGNAL: Final = signal.SIGUSR1
@@ -85,6 +89,8 @@ class VcpuRunner:
     heartbeats: int = attrs.field(default=0, init=False)
     #: Exits to userspace handled (written by the vCPU thread only).
     exits: int = attrs.field(default=0, init=False)
+    #: Dirty-ring-full exits handled by collecting the ring.
+    ring_full_exits: int = attrs.field(default=0, init=False)
     _cond: threading.Condition = attrs.field(factory=threading.Condition, init=False)
     _thread: threading.Thread | None = attrs.field(default=None, init=False)
     _pause_requested: bool = attrs.field(default=False, init=False)
@@ -215,7 +221,10 @@ class VcpuRunner:
 
     def _notify_paused(self) -> None:
         if self.on_paused is not None:
-            self.on_paused(self.index)
+            try:
+                self.on_paused(self.index)
+            except Exception:  # a callback bug must not kill the vCPU thread
+                _log.exception("on_paused callback of vCPU %d failed", self.index)
 
     def _wait_until_runnable(self) -> bool:
         """Park while paused or in error; ack pauses. False when the thread must exit."""
@@ -264,7 +273,10 @@ class VcpuRunner:
                 self._fail(f"KVM_RUN failed: {errno.errorcode.get(err, err)} (os error {err})")
                 continue
             self.exits += 1
-            message = self._handle_exit()
+            try:
+                message = self._handle_exit()
+            except Exception as exc:  # e.g. the io_handler raised
+                message = f"handling exit reason {int(self.vcpu.run.exit_reason)} failed: {exc!r}"
             if message is not None:
                 self._fail(message)
 
@@ -274,7 +286,10 @@ class VcpuRunner:
                 return
             self._error = message
         if self.on_exit_error is not None:
-            self.on_exit_error(self.index, message)
+            try:
+                self.on_exit_error(self.index, message)
+            except Exception:
+                _log.exception("on_exit_error callback of vCPU %d failed", self.index)
 
     def _handle_exit(self) -> str | None:
         """Handle one exit; return an error message when the vCPU cannot go on."""
@@ -305,7 +320,12 @@ class VcpuRunner:
                 f"(suberror {internal.suberror}, data [{data}])"
             )
         if reason == _abi.KVM_EXIT_DIRTY_RING_FULL:
-            return f"{name}: the dirty ring is full but squibd does not use the ring"
+            ring = self.vcpu.dirty_ring
+            if ring is None:
+                return f"{name}: the dirty ring is full but this vCPU has no ring mapped"
+            self.vcpu.vm.collect_dirty_ring(ring)  # then re-enter
+            self.ring_full_exits += 1
+            return None
         if reason == _abi.KVM_EXIT_MMIO:
             mmio = run.exit.mmio
             access = "write" if mmio.is_write else "read"

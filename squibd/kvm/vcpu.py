@@ -29,6 +29,7 @@ from squibd.snapshot.models import (
 )
 
 from . import _abi
+from .dirty_ring import DirtyRing
 from .errors import KvmError
 from .system import check_ioctl
 
@@ -109,6 +110,8 @@ class Vcpu:
     #: The mapped ``struct kvm_run`` (valid until :meth:`close`).
     run: _abi.KvmRun
     xsave_size: int
+    #: This vCPU's dirty ring when the VM uses rings.
+    dirty_ring: DirtyRing | None = None
 
     @classmethod
     def create(cls, vm: KvmVm, index: int, *, set_cpuid: bool = True) -> Vcpu:
@@ -137,6 +140,9 @@ class Vcpu:
             xsave_size=xsave_size,
         )
         try:
+            if vm.dirty_ring_bytes:
+                vcpu.dirty_ring = DirtyRing.map(fd, vm.dirty_ring_bytes)
+                vm.rings.append(vcpu.dirty_ring)
             if set_cpuid:
                 vcpu.set_cpuid(vcpu.default_cpuid())
             if index > 0 and vm.has_irqchip:
@@ -148,6 +154,11 @@ class Vcpu:
 
     def close(self) -> None:
         """Unmap ``kvm_run`` and close the fd (idempotent)."""
+        if self.dirty_ring is not None:
+            if self.dirty_ring in self.vm.rings:
+                self.vm.rings.remove(self.dirty_ring)
+            self.dirty_ring.close()
+            self.dirty_ring = None
         if self.fd >= 0:
             _abi.munmap(self.run_addr, self.run_size)
             os.close(self.fd)

@@ -13,6 +13,7 @@ import numpy.typing as npt
 from squibd.snapshot.models import ClockState, IrqchipState, X86VmState
 
 from . import _abi
+from .dirty_ring import DirtyRing, DirtyRingInUse, RingCollector
 from .errors import KvmError, KvmIoctlError, KvmUnsupported, VcpuLimitExceeded
 from .system import Kvm, check_ioctl
 
@@ -83,6 +84,10 @@ class KvmVm:
     slots: dict[int, MemorySlot] = attrs.field(factory=dict)
     has_irqchip: bool = False
     has_pit: bool = False
+    #: Size of each vCPU's dirty ring in bytes; 0 = the bitmap dirty log.
+    dirty_ring_bytes: int = 0
+    rings: list[DirtyRing] = attrs.field(factory=list)
+    _ring_collector: RingCollector | None = None
 
     @classmethod
     def create(cls, kvm: Kvm) -> KvmVm:
@@ -143,6 +148,40 @@ class KvmVm:
         self.create_irqchip()
         self.create_pit2()
 
+    def enable_dirty_ring(self, ring_bytes: int) -> None:
+        """Log dirty pages in per-vCPU rings of ``ring_bytes`` (before any vCPU).
+
+        Raises:
+            KvmUnsupported: the host has no dirty ring, or not of this size.
+        """
+        name = "KVM_CAP_DIRTY_LOG_RING_ACQ_REL"
+        if not self.kvm.has(name):
+            name = "KVM_CAP_DIRTY_LOG_RING"
+        limit = self.kvm.require(name)
+        if ring_bytes < PAGE_SIZE or ring_bytes > limit or ring_bytes & (ring_bytes - 1):
+            raise KvmUnsupported(
+                name, f"ring size {ring_bytes} must be a power of two from {PAGE_SIZE} to {limit}"
+            )
+        cap = _abi.KvmEnableCap(cap=_abi.CAPABILITIES[name])
+        cap.args[0] = ring_bytes
+        check_ioctl("KVM_ENABLE_CAP", self.fd, _abi.KVM_ENABLE_CAP, ctypes.addressof(cap))
+        self.dirty_ring_bytes = ring_bytes
+        self._ring_collector = RingCollector(self.fd)
+
+    def collect_dirty_ring(self, ring: DirtyRing) -> int:
+        """Collect one vCPU's ring now (a ring-full exit); kept until the next harvest."""
+        if self._ring_collector is None:
+            raise KvmError("this VM has no dirty ring")
+        return self._ring_collector.collect([ring])
+
+    def harvest_dirty_rings(self) -> dict[int, npt.NDArray[np.uint64]]:
+        """Collect every vCPU's ring; all pages dirtied since the last harvest, as
+        bitmap words per slot (the layout of :meth:`harvest_dirty_log`)."""
+        if self._ring_collector is None:
+            raise KvmError("this VM has no dirty ring; use harvest_dirty_log(slot)")
+        self._ring_collector.collect(self.rings)
+        return self._ring_collector.take({s: info.pages for s, info in self.slots.items()})
+
     def check_vcpu_count(self, count: int) -> None:
         """Raise :class:`VcpuLimitExceeded` when ``count`` is above what KVM allows."""
         if count < 1 or count > self.kvm.max_vcpus:
@@ -197,10 +236,13 @@ class KvmVm:
 
         Raises:
             DirtyLogNotEnabled: logging is off for the slot.
+            DirtyRingInUse: the VM logs through dirty rings instead.
         """
         info = self.slots[slot]
         if not info.log_dirty:
             raise DirtyLogNotEnabled(slot)
+        if self.dirty_ring_bytes:
+            raise DirtyRingInUse(slot)
         words = np.zeros(info.bitmap_words, dtype=np.uint64)
         address = int(words.ctypes.data)
         log = _abi.KvmDirtyLog(slot=slot, dirty_bitmap=address)
@@ -230,7 +272,7 @@ class KvmVm:
                 check_ioctl(
                     "KVM_GET_IRQCHIP", self.fd, _abi.KVM_GET_IRQCHIP, ctypes.addressof(chip)
                 )
-                chips.append(IrqchipState(chip_id, bytes(chip)[8:]))
+                chips.append(IrqchipState(chip_id, bytes(chip)[_abi.KvmIrqchip.chip.offset :]))
         pit: bytes | None = None
         if self.has_pit:
             buf = ctypes.create_string_buffer(_abi.KVM_PIT_STATE2_SIZE)

@@ -155,9 +155,11 @@ class RpcConnection:
 
         Raises:
             LocalProtocolError: its id is not in flight.
+            ValueError, TypeError: the result is not JSON-encodable (nothing is settled).
         """
+        data = encode(message.to_json())  # may raise: then the id stays in flight
         self._settle(message)
-        return encode(message.to_json())
+        return data
 
     def send_batch(self, messages: Iterable[Response | ErrorResponse]) -> bytes:
         """Frame the responses of a batch as one JSON array line.
@@ -165,11 +167,10 @@ class RpcConnection:
         Returns ``b""`` when the batch held only notifications (nothing is sent).
         """
         items = list(messages)
+        data = encode([message.to_json() for message in items]) if items else b""
         for message in items:
             self._settle(message)
-        if not items:
-            return b""
-        return encode([message.to_json() for message in items])
+        return data
 
     def send_notification(self, method: str, params: dict[str, Any] | None = None) -> bytes:
         """Frame a notification (either role may send one)."""

@@ -45,6 +45,7 @@ from squibd.api import (
     cancelled_error,
     dispatch,
 )
+from squibd.api.errors import internal_error
 from squibd.api.methods import METHODS
 from squibd.rpc import (
     BUSY,
@@ -195,7 +196,7 @@ class ClientConnection:
             else:
                 answer = await self._start_one(event, None)
                 if answer is not None:
-                    await self.send(self.rpc.send_response(answer))
+                    await self.send(self._frame(answer))
 
     async def _start_one(
         self, message: Any, batch: _BatchCollector | None
@@ -216,7 +217,7 @@ class ClientConnection:
             return ErrorResponse(message.id, error.error)
         spec = METHODS.get(message.method)
         if spec is not None and spec.inline:
-            return await self._answer(message)  # no I/O, no waiting: answer on the reader
+            return await self._answer_inline(message)
         await self.slots.acquire()
         self._call_started()
         self.server.start_call(self._call, message, batch)
@@ -255,7 +256,7 @@ class ClientConnection:
             if batch is not None:
                 batch.deliver(answer)
             else:
-                await self.send(self.rpc.send_response(answer))
+                await self.send(self._frame(answer))
         finally:
             self.slots.release()
             self._call_done()
@@ -293,6 +294,35 @@ class ClientConnection:
         elapsed = (time.monotonic() - started) * _MS_PER_S
         self.server.log_request(self.peer, request.method, request.id, elapsed, failure)
         return answer
+
+    async def _answer_inline(self, request: Request) -> Response | ErrorResponse:
+        # No I/O and no waiting: answered on the reader task, with nothing to cancel.
+        started = time.monotonic()
+        failure: ErrorObject | None = None
+        try:
+            answer: Response | ErrorResponse = Response(
+                request.id,
+                await dispatch(self.api, CallInfo(request.id), request.method, request.params),
+            )
+        except RpcError as exc:
+            failure = exc.error
+            answer = ErrorResponse(request.id, failure)
+        except UnexpectedHandlerError as exc:
+            log.error("%s %s failed unexpectedly", self.peer, request.method, exc_info=exc)
+            failure = exc.rpc_error.error
+            answer = ErrorResponse(request.id, failure)
+        elapsed = (time.monotonic() - started) * _MS_PER_S
+        self.server.log_request(self.peer, request.method, request.id, elapsed, failure)
+        return answer
+
+    def _frame(self, answer: Response | ErrorResponse) -> bytes:
+        """Encode an answer; a result JSON cannot carry becomes -32603 (a bug, logged)."""
+        try:
+            return self.rpc.send_response(answer)
+        except (ValueError, TypeError) as exc:
+            log.error("answer to %r is not JSON-encodable", answer.id, exc_info=exc)
+            fallback = ErrorResponse(answer.id, internal_error(exc).error)
+            return self.rpc.send_response(fallback)
 
     def cancel_calls(self) -> None:
         """Cancel every running call of this connection (daemon stop after the grace period)."""

@@ -58,11 +58,26 @@ def _set_range(words: Words, first: int, end: int) -> None:
 
 
 def _bit_positions(words: Words) -> npt.NDArray[np.int64]:
-    """Indices of the set bits of ``words`` (bit ``i`` of word ``w`` is ``64 * w + i``)."""
+    """Indices of the set bits of ``words`` (bit ``i`` of word ``w`` is ``64 * w + i``), sorted.
+
+    Peels the lowest set bit of every non-zero word per round (``x & -x``; its
+    index is exact through ``frexp`` because powers of two are exact doubles),
+    so the cost follows the bits set in the busiest word, not the word width.
+    """
     nonzero = np.flatnonzero(words)
-    chosen = words[nonzero].astype("<u8", copy=False)
-    bits = np.flatnonzero(np.unpackbits(chosen.view(np.uint8), bitorder="little"))
-    positions: npt.NDArray[np.int64] = nonzero[bits // WORD_BITS] * WORD_BITS + bits % WORD_BITS
+    values = words[nonzero]
+    bases = nonzero * WORD_BITS
+    found: list[npt.NDArray[np.int64]] = []
+    while values.size:
+        lowest = values & (~values + np.uint64(1))
+        _, exponent = np.frexp(lowest.astype(np.float64))
+        found.append(bases + exponent.astype(np.int64) - 1)
+        values = values ^ lowest
+        keep = values != 0
+        values, bases = values[keep], bases[keep]
+    if not found:
+        return np.zeros(0, dtype=np.int64)
+    positions: npt.NDArray[np.int64] = np.sort(np.concatenate(found))
     return positions
 
 

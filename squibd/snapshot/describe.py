@@ -339,5 +339,6 @@ def render_text(desc: Description) -> str:
     lines += [f"note: {note}" for note in desc.notes]
     lines += [f"error: [{e.kind}] {e.message}" + (f" ({e.detail})" if e.detail else "")
               for e in desc.errors]  # fmt: skip
-    lines.append("status:            " + ("ok" if desc.ok else "DAMAGED or mismatched"))
+    status = "ok" if desc.ok else "NOT LOADABLE (see the errors above)"
+    lines.append(f"status:            {status}")
     return "\n".join(lines)

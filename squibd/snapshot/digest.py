@@ -21,6 +21,7 @@ from .manifest import DIGEST_SIZES
 __all__ = [
     "ALGORITHMS",
     "DEFAULT_ALGORITHM",
+    "DigestFunction",
     "UnknownDigestAlgorithm",
     "available_algorithms",
     "digest",
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 Buffer = bytes | bytearray | memoryview
+#: A function from a buffer to its digest bytes.
 DigestFunction = Callable[[Buffer], bytes]
 
 #: The algorithm squibd writes (chosen by bench/digest.py).
@@ -51,7 +53,7 @@ def _blake3_function() -> DigestFunction | None:
         return None
 
     def _blake3(data: Buffer) -> bytes:
-        # max_threads=1: the writer threads already parallelise across chunks.
+        # Single-threaded hashing (the default): writer threads parallelise across chunks.
         result: bytes = blake3.blake3(data).digest()
         return result
 

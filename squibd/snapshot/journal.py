@@ -188,7 +188,8 @@ class JournalPlan:
         """True when the record is the one a save of this journal's name writes."""
         state_dir, mem_dir = os.path.dirname(self.state_tmp), os.path.dirname(self.mem_tmp)
         return (
-            journal_path_for(self.snapshot_path, self.txid) == journal_path
+            canonical_path(journal_path_for(self.snapshot_path, self.txid))
+            == canonical_path(journal_path)
             and self.state_tmp == temp_path_for(self.snapshot_path, "state", self.txid, state_dir)
             and self.mem_tmp == temp_path_for(self.mem_file_path, "mem", self.txid, mem_dir)
             and state_dir in (os.path.dirname(self.snapshot_path), mem_dir)

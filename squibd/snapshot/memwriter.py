@@ -74,14 +74,14 @@ __all__ = [
     "write_memory",
 ]
 
-#: Writer threads used by default (bench/memory_save.py: a second thread helps
-#: digest and page-cache copies overlap; more do not help on one file).
+#: Writer threads used by default (bench/memory_save.py, durable 1 GiB Full: two
+#: writers keep two O_DIRECT requests in flight and beat one; this host has 2 cores).
 DEFAULT_WRITERS: Final = 2
-#: ``pwrite`` from the mapping, ``sendfile`` from the memfd (falls back to
-#: pwrite for regions without fd), ``direct`` (O_DIRECT pwrite; falls back to
-#: pwrite where the filesystem refuses it).
-#: ``auto``: O_DIRECT for pieces of at least ``DIRECT_MIN_BYTES``, buffered pwrite for
-#: smaller ones (a Diff's single pages would each become a synchronous disk write).
+#: Write primitives: ``pwrite`` from the mapping, ``sendfile`` from the memfd (falls
+#: back to pwrite for regions without fd), ``direct`` (O_DIRECT pwrite; falls back to
+#: pwrite where the filesystem refuses it), ``auto``: O_DIRECT for pieces of at least
+#: ``DIRECT_MIN_BYTES`` and buffered pwrite for smaller ones (a Diff's single pages
+#: would each become a synchronous disk write).
 WRITE_METHODS: Final = ("auto", "pwrite", "sendfile", "direct")
 #: Chosen by bench/memory_save.py: for a durable 1 GiB Full, O_DIRECT with 2 writers
 #: beat buffered pwrite and sendfile (fsync then has almost nothing left to flush).

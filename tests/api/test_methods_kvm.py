@@ -128,6 +128,7 @@ async def test_full_diff_destroy_rebase_load_continues(daemon: tuple[Server, str
             "snapshot_path": f"{d}/merged.snap", "verify": "full",
         })  # fmt: skip
         assert described["ok"] is True and described["manifest"]["kind"] == "Full"
+        await _create(c, "cnt")  # a NotStarted VM of that id is filled by the load
         loaded = await c.call("snapshot.load", {
             "vm_id": "cnt", "snapshot_path": f"{d}/merged.snap",
             "mem_backend": {"backend_type": "File", "backend_path": f"{d}/merged.mem"},

@@ -56,11 +56,14 @@ class Machine:
         *,
         memory: GuestMemory | None = None,
         log_dirty: bool = False,
+        ring_bytes: int = 0,
     ) -> Machine:
         """A VM on fresh (or the given) memory; no program, no runners yet."""
         kvm = Kvm.open()
         vm = KvmVm.create(kvm)
         vm.setup_x86()
+        if ring_bytes:
+            vm.enable_dirty_ring(ring_bytes)
         mem = memory if memory is not None else GuestMemory.create(mem_mib)
         for slot, region in enumerate(mem.regions):
             vm.set_memory_region(
@@ -71,11 +74,17 @@ class Machine:
 
     @classmethod
     def with_program(
-        cls, program: str, vcpu_count: int, params: dict[str, int] | None = None, *,
-        mem_mib: int = 8, log_dirty: bool = False,
-    ) -> Machine:  # fmt: skip
+        cls,
+        program: str,
+        vcpu_count: int,
+        params: dict[str, int] | None = None,
+        *,
+        mem_mib: int = 8,
+        log_dirty: bool = False,
+        ring_bytes: int = 0,
+    ) -> Machine:
         """A VM running nothing yet, with ``program`` laid out and vCPUs set up."""
-        machine = cls.build(vcpu_count, mem_mib, log_dirty=log_dirty)
+        machine = cls.build(vcpu_count, mem_mib, log_dirty=log_dirty, ring_bytes=ring_bytes)
         machine.image = build_guest(machine.memory, program, params or {}, vcpu_count)
         for vcpu in machine.vcpus:
             machine.image.setup_vcpu(vcpu)

@@ -41,6 +41,7 @@ STRUCTS: dict[type[ctypes.Structure], str] = {
     _abi.KvmDirtyLog: "kvm_dirty_log",
     _abi.KvmClearDirtyLog: "kvm_clear_dirty_log",
     _abi.KvmEnableCap: "kvm_enable_cap",
+    _abi.KvmDirtyGfn: "kvm_dirty_gfn",
 }
 OPAQUE_SIZES = {
     "kvm_lapic_state": _abi.KVM_LAPIC_STATE_SIZE,
@@ -84,6 +85,9 @@ CONSTANTS = {
     "KVM_MEM_LOG_DIRTY_PAGES": _abi.KVM_MEM_LOG_DIRTY_PAGES,
     "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE": _abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
     "KVM_MP_STATE_RUNNABLE": _abi.KVM_MP_STATE_RUNNABLE,
+    "KVM_DIRTY_GFN_F_DIRTY": _abi.KVM_DIRTY_GFN_F_DIRTY,
+    "KVM_DIRTY_GFN_F_RESET": _abi.KVM_DIRTY_GFN_F_RESET,
+    "KVM_DIRTY_LOG_PAGE_OFFSET": _abi.KVM_DIRTY_LOG_PAGE_OFFSET,
     "KVM_EXIT_IO_IN": _abi.KVM_EXIT_IO_IN,
     "KVM_EXIT_IO_OUT": _abi.KVM_EXIT_IO_OUT,
     "KVM_NR_INTERRUPTS": _abi.KVM_NR_INTERRUPTS,
@@ -155,7 +159,7 @@ def test_the_check_covers_every_ioctl_squibd_uses(
 ) -> None:
     labels = {label for label, _, _ in header_values}
     assert set(_abi.IOCTLS) <= labels
-    assert {"KVM_RUN", "KVM_GET_XSAVE2", "KVM_CLEAR_DIRTY_LOG", "KVM_SET_TSS_ADDR"} <= labels
+    assert {"KVM_RUN", "KVM_GET_XSAVE2", "KVM_CLEAR_DIRTY_LOG", "KVM_RESET_DIRTY_RINGS"} <= labels
     assert len(header_values) > 200
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from squibd.kvm import DirtyLogNotEnabled
 from squibd.kvm.vm import PAGE_SIZE
@@ -37,22 +39,30 @@ def _full_pass(machine: Machine, pages_per_pass: int) -> None:
     machine.pause()
 
 
-@pytest.mark.parametrize("stride", [1, 3])
-def test_memwriter_harvest_equals_the_pages_it_wrote(stride: int) -> None:
+@settings(max_examples=6, deadline=None)
+@given(
+    ws_mib=st.integers(min_value=1, max_value=3),
+    stride=st.integers(min_value=1, max_value=70),
+    vcpus=st.integers(min_value=1, max_value=2),
+)
+def test_memwriter_harvest_equals_the_pages_it_wrote(ws_mib: int, stride: int, vcpus: int) -> None:
     assert PAGE_SIZE == GUEST_PAGE
     machine = Machine.with_program(
-        "memwriter", 2, {"working_set_mib": 1, "stride_pages": stride}, mem_mib=4,
+        "memwriter",
+        vcpus,
+        {"working_set_mib": ws_mib, "stride_pages": stride},
+        mem_mib=4,
         log_dirty=True,
-    )  # fmt: skip
+    )
     try:
         assert machine.vm.manual_dirty_protect == (
             machine.kvm.capabilities["KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"] > 0
         )
         assert machine.image is not None
         expected = set(machine.image.written_pages())
-        pages_per_pass = (256 + stride - 1) // stride
+        pages_per_pass = (ws_mib * 256 + stride - 1) // stride
         machine.start()
-        machine.wait_progress_above([0, 0])
+        machine.wait_progress_above([0] * vcpus)
         machine.pause()
         _harvest(machine)  # the first interval also holds setup-time pages
         for _ in range(3):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from squibd.kvm import GuestProgramError, build_guest, guest, progress_addr
+from squibd.kvm import GuestProgramError, build_guest, guest, layout, programs, progress_addr
 from squibd.kvm._asm import Assembler, AssemblerError
 from squibd.vm.memory import GuestMemory
 
@@ -36,7 +36,7 @@ class _Ram:
 
 
 def test_counter_program_bytes_match_the_checked_encoding() -> None:
-    assert guest.counter_program().assemble() == COUNTER_CODE
+    assert programs.counter_program().assemble() == COUNTER_CODE
 
 
 @pytest.mark.parametrize(
@@ -75,24 +75,24 @@ def test_assembler_rejects_unknown_label_and_far_jump() -> None:
 def test_page_tables_identity_map_with_accessed_and_dirty_preset() -> None:
     ram = _Ram(2 << 20)
     build_guest(ram, "counter", {}, 1)
-    pml4 = struct.unpack_from("<Q", ram.data, guest.PML4_ADDR)[0]
-    assert pml4 & ~0xFFF == guest.PDPT_ADDR
-    pd0 = struct.unpack_from("<512Q", ram.data, guest.PD_ADDR)
+    pml4 = struct.unpack_from("<Q", ram.data, layout.PML4_ADDR)[0]
+    assert pml4 & ~0xFFF == layout.PDPT_ADDR
+    pd0 = struct.unpack_from("<512Q", ram.data, layout.PD_ADDR)
     for i, entry in enumerate(pd0):
         assert entry & ~0xFFF == i << 21
         assert entry & 0xE7 == 0xE7  # P RW US A D PS
 
 
 def test_tss_allows_every_port() -> None:
-    tss = guest.tss_bytes()
+    tss = layout.tss_bytes()
     iomap = struct.unpack_from("<H", tss, 0x66)[0]
     assert set(tss[iomap:-1]) == {0}
     assert tss[-1] == 0xFF
 
 
 def test_gdt_user_code_descriptor_is_64_bit_ring_3() -> None:
-    gdt = guest.gdt_bytes()
-    code = struct.unpack_from("<Q", gdt, guest.USER_CODE_SELECTOR & ~3)[0]
+    gdt = layout.gdt_bytes()
+    code = struct.unpack_from("<Q", gdt, layout.USER_CODE_SELECTOR & ~3)[0]
     assert (code >> 45) & 3 == 3  # DPL
     assert (code >> 53) & 1 == 1  # L
 
@@ -144,7 +144,7 @@ def test_memwriter_written_pages_and_registers_agree(ws: int, stride: int, vcpus
         assert regs.r10 == stride * 4096
         assert regs.r9 == guest.WORKING_SET_BASE + ws * (1 << 20)
         assert regs.rdi == image.progress_addr(i)
-        assert regs.rflags == guest.RFLAGS
+        assert regs.rflags == layout.RFLAGS
 
 
 def test_build_guest_on_real_guest_memory_writes_code_and_zero_progress() -> None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from squibd.kvm import KvmUnsupported, Vcpu, VcpuLimitExceeded, guest
+from squibd.kvm import KvmUnsupported, Vcpu, VcpuLimitExceeded, guest, programs
 from squibd.kvm._asm import Assembler
 
 from ._harness import Machine, wait_for
@@ -38,7 +38,7 @@ def test_counter_progresses_on_two_vcpus(counter2: Machine) -> None:
 def test_counter_sends_heartbeats(counter2: Machine) -> None:
     counter2.start()
     wait_for(lambda: all(r.heartbeats >= 2 for r in counter2.runners), "two heartbeats each")
-    assert counter2.progress()[0] >= 2 * guest.COUNTER_HEARTBEAT_INTERVAL
+    assert counter2.progress()[0] >= 2 * programs.COUNTER_HEARTBEAT_INTERVAL
 
 
 def test_paused_vcpus_do_not_progress_and_resume_continues(counter2: Machine) -> None:
@@ -230,5 +230,54 @@ def test_any_sequence_of_controls_ends_in_a_clean_pause(ops: list[str]) -> None:
         machine.capture()
         assert machine.progress() == frozen
         assert machine.errors == {}
+    finally:
+        machine.close()
+
+
+@pytest.mark.parametrize(
+    ("reason", "expected"),
+    [
+        (5, "KVM_EXIT_HLT"),
+        (9, "KVM_EXIT_FAIL_ENTRY: the hardware refused to enter the guest (reason 0x7"),
+        (17, "KVM_EXIT_INTERNAL_ERROR: KVM could not emulate the guest (suberror 1"),
+        (31, "KVM_EXIT_DIRTY_RING_FULL"),
+        (99, "exit reason 99"),
+    ],
+)
+def test_exit_messages_name_the_exit_injected_into_kvm_run(reason: int, expected: str) -> None:
+    # The nested KVM here cannot be made to fail entry or emulation on demand:
+    # the exit is written into the real (idle) vCPU's kvm_run instead.
+    machine = Machine.with_program("counter", 1)
+    try:
+        machine.make_runners()
+        run = machine.vcpus[0].run
+        run.exit_reason = reason
+        if reason == 9:
+            run.exit.fail_entry.hardware_entry_failure_reason = 7
+        else:  # the exit union: internal overlaps fail_entry
+            run.exit.internal.suberror = 1
+            run.exit.internal.ndata = 0
+        message = machine.runners[0]._handle_exit()
+        assert message is not None
+        assert message.startswith(expected)
+    finally:
+        machine.close()
+
+
+def test_io_handler_that_raises_puts_the_vcpu_in_error_not_a_dead_thread() -> None:
+    code = bytes.fromhex("66ba3412") + bytes.fromhex("ec")  # mov dx, 0x1234; in al, dx
+
+    def handler(port: int, size: int, is_write: bool, data: bytes) -> bytes | None:
+        raise RuntimeError("device exploded")
+
+    machine = _machine_with_code(code)
+    try:
+        machine.make_runners()
+        machine.runners[0].io_handler = handler
+        machine.start()
+        message = machine.wait_error(0)
+        assert "device exploded" in message
+        machine.pause()  # the thread is alive and parked: it still acks
+        assert machine.runners[0].parked
     finally:
         machine.close()

@@ -185,3 +185,13 @@ def test_invalid_request_with_an_id_can_be_answered_with_that_id() -> None:
     assert isinstance(event, Invalid) and event.id == 4
     out = conn.send_response(ErrorResponse(event.id, event.error))
     assert json.loads(out)["id"] == 4
+
+
+def test_unencodable_result_leaves_the_id_in_flight() -> None:
+    conn = RpcConnection(Role.SERVER)
+    conn.receive_data(b'{"jsonrpc":"2.0","id":1,"method":"m"}\n')
+    conn.next_event()
+    with pytest.raises(ValueError):
+        conn.send_response(Response(1, float("nan")))
+    assert conn.in_flight == frozenset({1})
+    assert json.loads(conn.send_response(ErrorResponse(1, ErrorObject(-32603, "x"))))["id"] == 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -477,3 +479,76 @@ def test_a_save_waits_for_a_recovery_of_its_paths_instead_of_failing(
     thread.join()
     assert outcome == ["saved"]
     assert pair_bytes(snap, mem) == (NEW_STATE, NEW_MEM)
+
+
+# --- crash safety at every system call that changes a file ---------------------
+
+#: Every syscall a save may use to change files. File creation (openat) is always
+#: followed by fchmod or flock, so the state right after it is covered too.
+MUTATING_SYSCALLS = (
+    "write,pwrite64,fsync,fdatasync,ftruncate,fchmod,flock,"
+    "rename,renameat,renameat2,unlink,unlinkat"
+)
+CHILD_SAVE = """
+import os, sys
+from squibd.snapshot.commit import PairTransaction
+snap, mem, state_file, mem_file = sys.argv[1:5]
+state, memory = open(state_file, "rb").read(), open(mem_file, "rb").read()
+with PairTransaction(snap, mem) as tx:
+    os.pwrite(tx.mem_fd, memory, 0)
+    tx.commit(state, mem_size=len(memory))
+"""
+
+
+def run_traced_save(tmp_path: Path, *strace_args: str) -> subprocess.CompletedProcess[bytes]:
+    command = [
+        "strace", "-f", "-qq", *strace_args, sys.executable, "-c", CHILD_SAVE,
+        str(tmp_path / "vm.snap"), str(tmp_path / "vm.mem"),
+        str(tmp_path / "new.state"), str(tmp_path / "new.mem"),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # no .pyc writes in the count
+    return subprocess.run(command, env=env, capture_output=True, check=False)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (syscall fault injection)")
+def test_sigkill_at_every_file_changing_syscall_leaves_old_or_new_pair(tmp_path: Path) -> None:
+    """strace SIGKILLs a real save on entry to each of its file-changing syscalls in turn."""
+    snap, mem = str(tmp_path / "vm.snap"), str(tmp_path / "vm.mem")
+    (tmp_path / "new.state").write_bytes(NEW_STATE)
+    (tmp_path / "new.mem").write_bytes(NEW_MEM)
+    trace = tmp_path / "trace.txt"
+    write_old_pair(snap, mem)
+    counted = run_traced_save(tmp_path, "-o", str(trace), "-e", f"trace={MUTATING_SYSCALLS}")
+    assert counted.returncode == 0, counted.stderr.decode()
+    calls = re.findall(r"^(?:\d+\s+)?(\w+)\(", trace.read_text(), flags=re.M)
+    assert {"fsync", "rename", "unlink"} <= set(calls)
+    outcomes: dict[str, list[str]] = {}
+    for name in dict.fromkeys(calls):
+        for nth in range(1, calls.count(name) + 1):
+            write_old_pair(snap, mem)
+            result = run_traced_save(tmp_path, "-o", "/dev/null", "-e", f"trace={name}",
+                                     "-e", f"inject={name}:signal=KILL:when={nth}")  # fmt: skip
+            assert result.returncode == -signal.SIGKILL, (name, nth, result.stderr.decode())
+            recover_pair(snap, mem)
+            got = pair_bytes(snap, mem)
+            assert got in ((OLD_STATE, OLD_MEM), (NEW_STATE, NEW_MEM)), f"torn at {name} #{nth}"
+            assert leftovers(str(tmp_path)) == [], f"temp left at {name} #{nth}"
+            outcomes.setdefault(name, []).append("new" if got[0] == NEW_STATE else "old")
+    # Each syscall kind flips from the old pair to the new one at most once, and the
+    # renames and the journal unlink come after the commit point.
+    for kinds in outcomes.values():
+        assert kinds == sorted(kinds, key=lambda outcome: outcome == "new")
+    assert set(outcomes["rename"]) == set(outcomes["unlink"]) == {"new"}
+    assert outcomes["fchmod"][0] == "old"
+
+
+def test_recover_directory_through_a_symlinked_alias(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "alias").symlink_to(real)
+    snap, mem = str(real / "vm.snap"), str(real / "vm.mem")
+    write_old_pair(snap, mem)
+    save_and_die_at("mem_renamed", snap, mem)
+    recover_directory(str(tmp_path / "alias") + "/")
+    assert pair_bytes(snap, mem) == (NEW_STATE, NEW_MEM)
+    assert leftovers(str(real)) == []

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from squibd.cli import daemon
 from squibd.cli import describe as describe_cli
@@ -192,3 +194,50 @@ def test_console_script_in_a_real_process(snap: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["vcpu_count"] == 2
     assert describe_cli.EXIT_DAMAGED == 2
+
+
+def test_format_demo_writes_describes_and_detects_the_corrupted_copy(tmp_path: Path) -> None:
+    import contextlib
+    import io
+
+    from squibd import demo_format
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert demo_format.main(["--dir", str(tmp_path)]) == 0
+    assert describe_snapshot(str(tmp_path / "demo.snap"), verify="full").ok
+    damaged = describe_snapshot(str(tmp_path / "damaged.snap"))
+    assert damaged.crc_ok is False and not damaged.ok
+    assert "result: as expected" in out.getvalue()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from([b"", b"header"]))
+def test_describe_never_raises_on_arbitrary_files(data: bytes, mode: bytes) -> None:
+    import tempfile
+
+    if mode:  # a valid header and CRC around random bytes reaches the body decoder
+        data = struct.pack("<QQ", MAGIC_X86_64, 5) + b"1.0.0" + data
+        data += struct.pack("<Q", crc64(data))
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "x.snap")
+        Path(path).write_bytes(data)
+        description = describe_snapshot(path)
+    assert not description.ok
+    assert render_text(description)
+    json.dumps(description.to_json())
+
+
+def test_describe_of_a_damaged_body_with_valid_crc_names_the_field(snap: Path) -> None:
+    import msgpack
+
+    from squibd.snapshot.codec import encode_body
+
+    body = msgpack.unpackb(encode_body(STATE), raw=False)
+    body["vcpu_states"][1]["regs"]["rip"] = "oops"
+    data = STATE_BYTES[:21] + msgpack.packb(body, use_bin_type=True)
+    snap.write_bytes(data + struct.pack("<Q", crc64(data)))
+    description = describe_snapshot(str(snap))
+    assert description.crc_ok is True and description.format == FORMAT_SQUIBD
+    assert description.errors[0].kind == "Bitcode"
+    assert "vcpu_states.1.regs.rip" in description.errors[0].message

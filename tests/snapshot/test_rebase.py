@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from squibd.snapshot.bitmap import HOST_PAGE_SIZE, DirtyBitmap
 from squibd.snapshot.commit import COMMIT_STEPS, PairTransaction, recover_pair
 from squibd.snapshot.envelope import encode_state, read_state_file
-from squibd.snapshot.errors import MemoryIo
+from squibd.snapshot.errors import MemoryIo, SnapshotError
 from squibd.snapshot.manifest import MemoryManifest, MemoryRegion
 from squibd.snapshot.memerrors import MemoryInputInvalid, MemoryPairMismatch
 from squibd.snapshot.memwriter import build_manifest, new_pair_id, set_pair_xattr, write_memory
@@ -296,6 +296,24 @@ def test_enospc_save_and_rebase_keep_the_prior_pair(tmp_path: Path) -> None:
         with pytest.raises(MemoryIo) as caught:
             rebase(str(tmp_path / "base.snap"), [str(tmp_path / "d1.snap")], str(small / "vm.snap"))
         assert "No space left on device (os error 28)" in str(caught.value)
+        assert _temps(small) == []
+        assert ((small / "vm.snap").read_bytes(), (small / "vm.mem").read_bytes()) == prior
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_rebase_into_a_read_only_filesystem_fails_typed_and_keeps_the_pair(tmp_path: Path
+                                                                           ) -> None:
+    with small_tmpfs(tmp_path, "16m") as small, fake_vm() as vm:
+        vm.write(0, b"a" * PAGE)
+        vm.save("Full", small / "vm.snap")
+        vm.save("Full", tmp_path / "base.snap")
+        vm.write(PAGE, b"b" * PAGE)
+        vm.save("Diff", tmp_path / "d1.snap")
+        prior = ((small / "vm.snap").read_bytes(), (small / "vm.mem").read_bytes())
+        subprocess.run(["mount", "-o", "remount,ro", str(small)], check=True)
+        with pytest.raises(SnapshotError) as caught:
+            rebase(str(tmp_path / "base.snap"), [str(tmp_path / "d1.snap")], str(small / "vm.snap"))
+        assert "Read-only file system (os error 30)" in str(caught.value)
         assert _temps(small) == []
         assert ((small / "vm.snap").read_bytes(), (small / "vm.mem").read_bytes()) == prior
 

@@ -122,7 +122,7 @@ def vcpu_state(*, rip: int, rsp: int, cr0: int = 0, cr3: int = 0, cr4: int = 0, 
 def write_state(path: Path, manifest: MemoryManifest, vcpus: tuple[X86VcpuState, ...]) -> None:
     """Write a real state file holding ``manifest`` and ``vcpus``."""
     state = X86MicrovmState(
-        vm_info=VmInfo(mem_size_mib=MEM_SIZE // MIB, vcpu_count=len(vcpus)),
+        vm_info=VmInfo(mem_size_mib=manifest.file_size // MIB, vcpu_count=len(vcpus)),
         vm_state=X86VmState(clock=None, irqchips=(), pit=None),
         vcpu_states=vcpus,
         device_states=(),

@@ -162,3 +162,60 @@ def test_malformed_handshakes_are_rejected(body: bytes, match: str) -> None:
 def test_decoding_arbitrary_bytes_never_crashes(body: bytes) -> None:
     with contextlib.suppress(HandshakeInvalid):
         decode_regions(body)
+
+
+# Raw values from linux/userfaultfd.h and the x86_64 syscall table (independent of squibd).
+RAW_NR_USERFAULTFD = 323
+RAW_UFFDIO_API = 0xC018AA3F
+RAW_UFFDIO_REGISTER = 0xC020AA00
+RAW_UFFD_API = 0xAA
+RAW_MODE_MISSING = 1
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="raw x86_64 syscall number")
+@pytest.mark.parametrize("old_style", [False, True], ids=["page_size", "page_size_kib-only"])
+def test_squibd_page_server_serves_a_plain_vmm(tmp_path: Path, old_style: bool) -> None:
+    """A VMM written here with raw syscalls (as Firecracker does it) gets its memory served."""
+    import mmap
+
+    from ._pairs import page_pattern, vcpu_state, write_memory, write_state
+    from ._procs import page_server
+
+    manifest = write_memory(tmp_path / "f.mem", {1: page_pattern(1), 1024: page_pattern(1024)})
+    write_state(tmp_path / "f.snap", manifest, (vcpu_state(rip=0, rsp=0),))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    with page_server(tmp_path / "f.snap", tmp_path / "ps.sock", "--no-stream") as proc:
+        uffd = libc.syscall(RAW_NR_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK)
+        assert uffd >= 0
+        api = bytearray(struct.pack("<QQQ", RAW_UFFD_API, 0, 0))
+        fcntl.ioctl(uffd, RAW_UFFDIO_API, api)
+        maps = [mmap.mmap(-1, r.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                for r in REGIONS]
+        anchors = [ctypes.c_char.from_buffer(m) for m in maps]
+        bases = [ctypes.addressof(a) for a in anchors]
+        body = []
+        for base, region in zip(bases, REGIONS, strict=True):
+            reg = bytearray(struct.pack("<QQQQ", base, region.size, RAW_MODE_MISSING, 0))
+            fcntl.ioctl(uffd, RAW_UFFDIO_REGISTER, reg)
+            entry = {"base_host_virt_addr": base, "size": region.size,
+                     "offset": region.file_offset, "page_size_kib": PAGE}
+            if not old_style:
+                entry["page_size"] = PAGE
+            body.append(entry)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as vmm:
+            vmm.connect(str(tmp_path / "ps.sock"))
+            vmm.sendmsg([json.dumps(body).encode()],
+                       [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [uffd]))])
+            buf = ctypes.create_string_buffer(PAGE)
+            ctypes.memmove(buf, bases[0] + PAGE, PAGE)  # GIL released while faulting
+            assert buf.raw == page_pattern(1)
+            ctypes.memmove(buf, bases[1], PAGE)
+            assert buf.raw == page_pattern(1024)
+            ctypes.memmove(buf, bases[0] + 2 * PAGE, PAGE)
+            assert buf.raw == bytes(PAGE)
+        assert proc.wait(FAILSAFE_S) == 0  # the VMM closed the socket: the server is done
+        del anchors
+        for m in maps:
+            m.close()
+        os.close(uffd)

@@ -110,8 +110,7 @@ def test_diff_chain_serves_the_newest_version_of_each_page(tmp_path: Path) -> No
     diff2 = write_memory(tmp_path / "c.mem", {1024: page_pattern(1024, 2)}, parent=diff1.pair_id)
     write_state(tmp_path / "c.snap", diff2, (vcpu_state(rip=0, rsp=0),))
     sock = tmp_path / "ps.sock"
-    args = ("--diff-snapshot", str(tmp_path / "b.snap"),
-            "--diff-snapshot", str(tmp_path / "c.snap"))
+    args = ("--diff-snapshot", str(tmp_path / "b.snap"), str(tmp_path / "c.snap"))
     with page_server(tmp_path / "a.snap", sock, *args), GuestMemory.anonymous(REGIONS) as memory:
         backend = UffdBackend.connect(str(sock), memory)
         try:
@@ -241,13 +240,56 @@ def test_page_server_of_another_snapshot_is_refused(tmp_path: Path) -> None:
 
     snap, sock = _full_pair(tmp_path), tmp_path / "ps.sock"
     pair_id = read_state_file(snap).memory.pair_id
-    with page_server(snap, sock, "--no-stream"), GuestMemory.anonymous(REGIONS) as memory:
-        with pytest.raises(HandshakeFailed, match=f"pair {pair_id}, but the state file"):
-            UffdBackend.connect(str(sock), memory, expected_pair_id="another-pair",
-                                ready_timeout=FAILSAFE_S)
+    refused = pytest.raises(HandshakeFailed, match=f"pair {pair_id}, but the state file")
+    with page_server(snap, sock, "--no-stream"), GuestMemory.anonymous(REGIONS) as memory, refused:
+        UffdBackend.connect(str(sock), memory, expected_pair_id="another-pair",
+                            ready_timeout=FAILSAFE_S)
     with page_server(snap, sock, "--no-stream"), GuestMemory.anonymous(REGIONS) as memory:
         backend = UffdBackend.connect(str(sock), memory, expected_pair_id=pair_id)
         try:
             assert _read(memory, 1) == page_pattern(1)
         finally:
             backend.close()
+
+
+def test_fault_granule_installs_the_whole_2mib_block_on_one_fault(tmp_path: Path) -> None:
+    snap, sock = _full_pair(tmp_path), tmp_path / "ps.sock"
+    granule = 2 * 1024 * 1024
+    args = ("--no-stream", "--fault-granule", str(granule))
+    with page_server(snap, sock, *args), GuestMemory.anonymous(REGIONS) as memory:
+        backend = UffdBackend.connect(str(sock), memory)
+        try:
+            assert _read(memory, 2) == page_pattern(2)  # (page 0 was prefetched: RIP = 0)
+            assert _resident(memory, granule // PAGE - 1)  # same block, never read
+            assert not _resident(memory, granule // PAGE)  # next block
+            assert _read(memory, 1) == page_pattern(1)
+            assert _read(memory, 3) == bytes(PAGE)
+            assert _read(memory, 700) == page_pattern(700)
+        finally:
+            backend.close()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--page-server", "--socket", "x.sock"],  # no --snapshot
+        ["--page-server", "--snapshot", "a.snap"],  # no --socket
+        ["--page-server", "--snapshot", "a.snap", "--socket", "s", "--diff-snapshot", "d.snap",
+         "--diff-memory-file", "1.mem", "--diff-memory-file", "2.mem"],
+    ],
+)
+def test_page_server_usage_errors_exit_2(argv: list[str]) -> None:
+    from squibd.cli.daemon import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+
+
+def test_page_server_with_a_missing_snapshot_exits_1(tmp_path: Path) -> None:
+    from squibd.cli.daemon import main
+
+    argv = ["--page-server", "--snapshot", str(tmp_path / "none.snap"),
+            "--socket", str(tmp_path / "s.sock")]
+    assert main(argv) == 1
+    assert not (tmp_path / "s.sock").exists()
