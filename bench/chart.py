@@ -72,6 +72,13 @@ SAVE_SERIES: dict[str, tuple[Source, ...]] = {
         ("vs_qemu", ("qemu_background_snapshot.total_s",), 1.0),
     ),
 }
+# One colour and line style per system, the same in both panels (matplotlib tab10).
+STYLES: dict[str, tuple[str, str]] = {
+    "squibd live": ("tab:blue", "-"),
+    "squibd stop-and-copy": ("tab:orange", "-"),
+    "QEMU migrate (paused VM)": ("tab:red", "--"),
+    "QEMU background-snapshot": ("tab:green", "--"),
+}
 SIZE_KEYS_MIB = ("mem_mib", "mem_size_mib", "size_mib")
 SIZE_KEYS_GIB = ("mem_gib", "size_gib")
 
@@ -161,7 +168,9 @@ def draw(pause: Series, save: Series, title: str, output: Path) -> None:
         for ax, series, ylabel in ((ax_pause, pause, "VM pause (ms, log)"),
                                    (ax_save, save, "durable save time (s)")):
             for label, points in series.items():
-                ax.plot(list(points), list(points.values()), marker="o", label=label)
+                color, style = STYLES.get(label, ("tab:gray", ":"))
+                ax.plot(list(points), list(points.values()), marker="o", label=label,
+                        color=color, linestyle=style)
             ax.set_xlabel("guest memory (GiB)")
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)

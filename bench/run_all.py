@@ -126,7 +126,9 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
 
 def run_chart(results_path: Path, *, timeout: float) -> dict[str, Any]:
     """Run chart.py on the results; its JSON line, or the error."""
-    argv = [sys.executable, str(BENCH_DIR / "chart.py"), "--results", str(results_path)]
+    argv = [sys.executable, str(BENCH_DIR / "chart.py"), "--results", str(results_path),
+            "--output", str(results_path.with_suffix(".png")),
+            "--table", str(results_path.with_suffix(".md"))]
     try:
         proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True,
                               timeout=timeout, check=False)

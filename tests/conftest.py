@@ -16,19 +16,22 @@ KVM_AVAILABLE = os.access("/dev/kvm", os.R_OK | os.W_OK)
 _KVM_SKIP_REASON = "needs /dev/kvm, which is absent or not accessible on this host"
 
 _kvm_outcomes: dict[str, int] = {"passed": 0, "failed": 0, "skipped": 0}
+# Node ids of tests carrying the ``kvm`` marker (not merely living in tests/kvm/).
+_kvm_nodeids: set[str] = set()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if KVM_AVAILABLE:
-        return
     skip = pytest.mark.skip(reason=_KVM_SKIP_REASON)
     for item in items:
-        if "kvm" in item.keywords:
+        if item.get_closest_marker("kvm") is None:
+            continue
+        _kvm_nodeids.add(item.nodeid)
+        if not KVM_AVAILABLE:
             item.add_marker(skip)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if "kvm" not in report.keywords:
+    if report.nodeid not in _kvm_nodeids:
         return
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
         _kvm_outcomes[report.outcome] = _kvm_outcomes.get(report.outcome, 0) + 1

@@ -30,7 +30,7 @@ from squibd.rpc import (
 )
 
 from .methods import METHODS, MethodSpec
-from .models import GuestParams
+from .models import GUEST_PARAMETERS, GuestParams
 
 __all__ = ["OPENRPC_VERSION", "build_document", "render_document"]
 
@@ -89,11 +89,19 @@ class _Schemas:
     def object(self, cls: type) -> dict[str, Any]:
         if cls is GuestParams:
             return {
-                "type": "object",
                 "description": (cls.__doc__ or "").strip().splitlines()[0],
-                "properties": {"program": {"type": "string", "enum": ["counter", "memwriter"]}},
-                "required": ["program"],
-                "additionalProperties": {"type": "integer", "minimum": 0},
+                "oneOf": [
+                    {
+                        "type": "object",
+                        "properties": {
+                            "program": {"const": program},
+                            **{name: {"type": "integer", "minimum": 0} for name in names},
+                        },
+                        "required": ["program"],
+                        "additionalProperties": False,
+                    }
+                    for program, names in GUEST_PARAMETERS.items()
+                ],
             }
         properties = {name: self.field(cls, name) for name in _field_names(cls)}
         required = [f.name for f in attrs.fields(cls) if f.default is attrs.NOTHING]

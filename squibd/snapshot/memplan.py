@@ -184,16 +184,18 @@ def _cut(base: int, starts: Array, lengths: Array, chunk: int) -> tuple[Array, A
 
 
 def _batches(lengths: list[int]) -> list[tuple[int, int]]:
-    batches: list[tuple[int, int]] = []
-    first, size = 0, 0
-    for index, length in enumerate(lengths):
-        size += length
-        if size >= BATCH_BYTES or index + 1 - first >= BATCH_UNITS:
-            batches.append((first, index + 1))
-            first, size = index + 1, 0
-    if first < len(lengths):
-        batches.append((first, len(lengths)))
-    return batches
+    """Cut units into batches: a new batch every ``BATCH_UNITS`` units or ``BATCH_BYTES``."""
+    if not lengths:
+        return []
+    sizes = np.asarray(lengths, dtype=np.int64)
+    before = np.cumsum(sizes) - sizes  # bytes before each unit
+    index = np.arange(sizes.size)
+    key_units, key_bytes = index // BATCH_UNITS, before // BATCH_BYTES
+    new = np.concatenate(([True], (key_units[1:] != key_units[:-1])
+                          | (key_bytes[1:] != key_bytes[:-1])))
+    firsts = np.flatnonzero(new)
+    stops = np.concatenate((firsts[1:], [sizes.size]))
+    return list(zip(firsts.tolist(), stops.tolist(), strict=True))
 
 
 def plan_units(

@@ -40,6 +40,7 @@ from typing import Final, Protocol
 
 import attrs
 import numpy as np
+import numpy.typing as npt
 
 from .bitmap import HOST_PAGE_SIZE
 from .digest import DEFAULT_ALGORITHM, digest_function
@@ -153,6 +154,17 @@ class _Writer:
                 self.method = "pwrite"  # the filesystem refuses this direct write
         self._pwrite(self.out_fd, view, file_offset)
 
+    def buffered(self, length: int) -> bool:
+        """Whether a piece of ``length`` bytes takes the plain buffered pwrite path."""
+        if self.method == "pwrite" or self.own_fd is None:
+            return True
+        return self.method == "auto" and length < DIRECT_MIN_BYTES
+
+    @staticmethod
+    def pwrite_all(fd: int, view: memoryview, file_offset: int) -> None:
+        """pwrite until every byte of ``view`` is written."""
+        _Writer._pwrite(fd, view, file_offset)
+
     @staticmethod
     def _pwrite(fd: int, view: memoryview, file_offset: int) -> None:
         done = 0
@@ -209,8 +221,10 @@ def write_memory(
     if method not in WRITE_METHODS:
         raise MemoryInputInvalid(f"unknown write method {method!r}")
     total_size = check_regions(regions, page_size)
-    if chunk_size <= 0 or chunk_size % page_size:
-        raise MemoryInputInvalid(f"chunk size {chunk_size} is not a multiple of the page")
+    if not 0 < chunk_size <= DEFAULT_CHUNK_SIZE or chunk_size % page_size:
+        raise MemoryInputInvalid(
+            f"chunk size {chunk_size} is not a page multiple of at most {DEFAULT_CHUNK_SIZE}"
+        )
     hash_of = digest_function(algorithm)
     try:
         plan = plan_units(regions, kind, runs_per_region, page_size, chunk_size)
@@ -219,13 +233,11 @@ def write_memory(
         raise MemoryIo(error) from error
     run = _Run(plan, regions, hash_of, page_size, out_fd, method, cancel)
     run.execute(writers, progress)
-    pieces = run.pieces()
-    offsets = [offset for offset, _, _ in pieces]
-    lengths = [length for _, length, _ in pieces]
-    written = sum(lengths)
+    starts, lengths, digests = run.extents_and_digests()
+    written = int(lengths.sum())
     return WriteResult(
-        extents=_coalesce(offsets, lengths, regions),
-        digests=b"".join(digest for _, _, digest in pieces),
+        extents=_coalesce(starts, lengths, regions),
+        digests=digests,
         bytes_written=written,
         pages_written=written // page_size,
         file_size=total_size,
@@ -277,6 +289,13 @@ class _Run:
 
     def _batches(self, report: Callable[[int], None]) -> None:
         writer = _Writer(self.out_fd, self.method)
+        plan = self.plan
+        # Hot loop of a Diff (thousands of single pages): locals, no per-unit calls
+        # beyond hash and pwrite for pieces that take the buffered path.
+        unit_regions, offsets, lengths, scan = plan.regions, plan.offsets, plan.lengths, plan.scan
+        views = [region.view for region in self.regions]
+        bases = [region.file_offset for region in self.regions]
+        hash_of, digests, out_fd, pwrite = self.hash_of, self.digests, self.out_fd, os.pwrite
         try:
             while not self.stop.is_set():
                 if self.cancel is not None and self.cancel.is_set():
@@ -288,8 +307,18 @@ class _Run:
                     break
                 first, stop = batch
                 for index in range(first, stop):
-                    self._unit(writer, index)
-                report(sum(self.plan.lengths[first:stop]))
+                    length = lengths[index]
+                    if scan[index] or not writer.buffered(length):
+                        self._unit(writer, index)
+                        continue
+                    region, offset = unit_regions[index], offsets[index]
+                    file_offset = bases[region] + offset
+                    with views[region][offset : offset + length] as piece:
+                        digests[index] = hash_of(piece)
+                        done = pwrite(out_fd, piece, file_offset)
+                        if done < length:
+                            _Writer.pwrite_all(out_fd, piece[done:], file_offset + done)
+                report(sum(lengths[first:stop]))
         finally:
             writer.close()
 
@@ -350,6 +379,25 @@ class _Run:
                 raise MemoryIo(failure) from failure
             raise failure
 
+    def extents_and_digests(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], bytes]:
+        """Written pieces in file order: (file offsets, lengths, concatenated digests)."""
+        plan = self.plan
+        if not any(plan.scan):
+            bases = np.asarray([r.file_offset for r in self.regions], dtype=np.int64)
+            starts = bases[np.asarray(plan.regions, dtype=np.int64)] + np.asarray(
+                plan.offsets, dtype=np.int64
+            )
+            digests = [d for d in self.digests if d is not None]
+            if len(digests) != len(plan.lengths):
+                raise MemoryIo(errno.EIO)  # a unit was not written: cannot happen after success
+            return starts.reshape(-1), np.asarray(plan.lengths, dtype=np.int64), b"".join(digests)
+        pieces = self.pieces()
+        return (
+            np.asarray([offset for offset, _, _ in pieces], dtype=np.int64),
+            np.asarray([length for _, length, _ in pieces], dtype=np.int64),
+            b"".join(digest for _, _, digest in pieces),
+        )
+
     def pieces(self) -> list[Piece]:
         """Every written piece in file order: ``(file offset, length, digest)``."""
         plan = self.plan
@@ -363,13 +411,12 @@ class _Run:
         return out
 
 
-def _coalesce(offsets: list[int], lengths: list[int], regions: Sequence[RegionSource]
-              ) -> tuple[Extent, ...]:
-    """Merge adjacent pieces into extents, never across a region boundary."""
-    if not offsets:
+def _coalesce(starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64],
+              regions: Sequence[RegionSource]) -> tuple[Extent, ...]:
+    """Merge adjacent pieces (sorted file offsets) into extents, never across a region."""
+    if starts.size == 0:
         return ()
-    starts = np.asarray(offsets, dtype=np.int64)
-    ends = starts + np.asarray(lengths, dtype=np.int64)
+    ends = starts + lengths
     boundaries = np.asarray([r.file_offset for r in regions], dtype=np.int64)
     new = np.concatenate(([True], (starts[1:] != ends[:-1]) | np.isin(starts[1:], boundaries)))
     first = np.flatnonzero(new)

@@ -67,7 +67,8 @@ class ServeStats:
     """What one connection was served (for logs, tests and benchmarks)."""
 
     faults: int = 0
-    fault_zero_pages: int = 0
+    #: Pages installed as zero pages (holes of the chain, removed pages).
+    zero_pages: int = 0
     prefetched_pages: int = 0
     streamed_bytes: int = 0
     already_present: int = 0
@@ -351,6 +352,8 @@ class PageServer:
                 first = offset // page
                 conn.served[first : first + done // page] = True
                 installed += done // page
+                if layer == HOLE:
+                    conn.stats.zero_pages += done // page
                 dst, src, offset, length = dst + done, src + done, offset + done, length - done
             if err == 0 or length == 0:
                 break

@@ -53,7 +53,9 @@ def test_valid_params_are_structured() -> None:
         ({"vm_id": "x" * 65}, "params.vm_id"),
         ({"track_dirty_pages": 1}, "params.track_dirty_pages"),
         ({"guest": {"program": "doom"}}, "params.guest.program"),
-        ({"guest": {"program": "counter", "speed": "fast"}}, "params.guest.speed"),
+        ({"guest": {"program": "counter", "speed": 1}}, "params.guest.speed: unknown field"),
+        ({"guest": {"program": "memwriter", "stride_pages": -1}}, "params.guest.stride_pages"),
+        ({"guest": {"program": "memwriter", "stride_pages": "2"}}, "params.guest.stride_pages"),
         ({"guest": {}}, "params.guest"),
         ({"surprise": 1}, "params.surprise"),
     ],
@@ -165,5 +167,6 @@ def test_openrpc_lists_every_method_with_strict_params() -> None:
     assert vcpus["schema"] == {"type": "integer", "description": "vCPUs",
                                "minimum": 1, "maximum": 32}  # fmt: skip
     for schema in document["components"]["schemas"].values():
-        assert schema["additionalProperties"] is not True
+        for variant in schema.get("oneOf", [schema]):
+            assert variant["additionalProperties"] is False
     json.dumps(document)  # JSON-ready

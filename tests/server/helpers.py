@@ -104,3 +104,19 @@ def wait_for_socket(proc: subprocess.Popen[bytes], path: str) -> None:
             return
     raise AssertionError(f"daemon exited with {proc.wait()} before listening on {path}")
 
+
+
+def start_daemon(directory: str, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    """Start squibd on ``directory/s.sock``; return once it has sent sd_notify READY=1."""
+    path = os.path.join(directory, "s.sock")
+    notify_path = os.path.join(directory, "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(notify_path)
+        notify.settimeout(60)  # a hang guard for a daemon that never gets ready
+        proc = subprocess.Popen(
+            daemon_command("--socket", path, *args),
+            env={**os.environ, "NOTIFY_SOCKET": notify_path},
+        )
+        while b"READY=1" not in notify.recv(4096).split(b"\n"):
+            pass
+    return proc, path

@@ -293,3 +293,40 @@ def test_page_server_with_a_missing_snapshot_exits_1(tmp_path: Path) -> None:
             "--socket", str(tmp_path / "s.sock")]
     assert main(argv) == 1
     assert not (tmp_path / "s.sock").exists()
+
+
+def test_in_process_server_counts_faults_zero_pages_and_already_present(tmp_path: Path) -> None:
+    import socket
+
+    from squibd.snapshot.envelope import read_state_file
+    from squibd.uffd import PageServer, PageSource, ServeStats
+
+    snap = _full_pair(tmp_path)
+    manifest = read_state_file(snap).memory
+    source = PageSource.open([(str(tmp_path / "full.mem"), manifest)])
+    server = PageServer(source, manifest.regions, prefetch=[PAGE], stream=False)
+    results: list[ServeStats] = []
+    path = tmp_path / "in.sock"
+    with socket.socket(socket.AF_UNIX) as listener, GuestMemory.anonymous(REGIONS) as memory:
+        listener.bind(str(path))
+        listener.listen(1)
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                results.append(server.serve(conn))
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        backend = UffdBackend.connect(str(path), memory, ready_timeout=FAILSAFE_S)
+        try:
+            assert _read(memory, 1) == page_pattern(1)  # prefetched: no fault
+            assert _read(memory, 2) == page_pattern(2)
+            assert _read(memory, 3) == bytes(PAGE)
+        finally:
+            backend.close()
+        thread.join(FAILSAFE_S)
+    source.close()
+    (stats,) = results
+    assert (stats.prefetched_pages, stats.faults, stats.zero_pages) == (1, 2, 1)
+    assert stats.error is None and not stats.streaming_done
