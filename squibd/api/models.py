@@ -16,11 +16,11 @@ import cattrs
 from .wire import FieldValueError, WireTypeError, wire_field
 
 __all__ = [
+    "GUEST_PARAMETERS",
     "MAX_MEMORY_ACCESS",
     "MAX_VCPUS",
     "VM_ID_PATTERN",
     "DestroyResult",
-    "GUEST_PARAMETERS",
     "EmptyParams",
     "GuestParams",
     "MemBackendParams",

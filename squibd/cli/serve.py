@@ -10,6 +10,7 @@ errors.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -131,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         quiesce_timeout_s=config.snapshot.quiesce_timeout_s,
     )
     server = Server(config, api, sockets, owned, Notifier.from_environ())
+    # Everything imported so far lives as long as the daemon: keep it out of the
+    # collector's generations so full collections stay short (lower tail latency).
+    gc.freeze()
     try:
         trio.run(server.serve)
     finally:

@@ -150,7 +150,12 @@ class ClientConnection:
         """Write ``data``; a gone or stuck client is dropped, never an error for the caller."""
         if self._broken or not data:
             return
-        async with self._send_lock:
+        try:
+            # Uncontended: take the lock without a scheduling round (send_all checkpoints).
+            self._send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._send_lock.acquire()
+        try:
             with trio.move_on_after(WRITE_TIMEOUT_S) as scope:
                 try:
                     await self.stream.send_all(data)
@@ -160,6 +165,8 @@ class ClientConnection:
                 log.warning("peer %s does not read its answers; disconnecting", self.peer)
                 self._broken = True
                 await trio.aclose_forcefully(self.stream)
+        finally:
+            self._send_lock.release()
 
     # -- reading ------------------------------------------------------------
 

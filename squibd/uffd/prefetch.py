@@ -5,10 +5,12 @@ once are its RIP, its stack (RSP and the slot a push writes, RSP - 8) and
 the descriptor tables an interrupt or exception would read (GDT, IDT, TSS).
 Each is translated through the guest's page tables starting at CR3, read
 from the memory file (newest version in a Diff chain); every page-table page
-on the way is wanted too. The result is a list of memory-file offsets of
-host pages, in first-needed order, without duplicates. Unknown or
-unsupported paging modes yield only what could be resolved; this is a
-heuristic for speed, never a correctness requirement.
+on the way is wanted too, and so are the paravirtual areas KVM writes as soon
+as the vCPU runs (kvmclock, steal time, PV EOI, async PF: from the MSRs).
+The result is a list of memory-file offsets of host pages, in first-needed
+order, without duplicates. Unknown or unsupported paging modes yield only
+what could be resolved; this is a heuristic for speed, never a correctness
+requirement.
 """
 
 from __future__ import annotations
@@ -38,6 +40,17 @@ ENTRY_SIZE: Final = 8
 LARGE_PAGE_LEVELS: Final = (2, 3)
 #: Bytes a push writes below RSP in 64-bit mode.
 STACK_SLOT: Final = 8
+#: Paravirtual areas KVM itself writes when a vCPU runs, named by guest-physical
+#: addresses in MSRs (Documentation/virt/kvm/x86/msr.rst): MSR index -> mask of
+#: the address bits. Bit 0 of each is the enable bit.
+PV_AREA_MSRS: Final[dict[int, int]] = {
+    0x12: ~0x1,  # MSR_KVM_SYSTEM_TIME (kvmclock, old)
+    0x4B564D01: ~0x1,  # MSR_KVM_SYSTEM_TIME_NEW (kvmclock)
+    0x4B564D02: ~0x3F,  # MSR_KVM_ASYNC_PF_EN
+    0x4B564D03: ~0x3F,  # MSR_KVM_STEAL_TIME
+    0x4B564D04: ~0x1,  # MSR_KVM_PV_EOI_EN
+}
+PV_AREA_ENABLED: Final = 1 << 0
 _U64: Final = struct.Struct("<Q")
 
 ReadFn = Callable[[int, int], bytes]
@@ -99,6 +112,14 @@ def _targets(vcpu: X86VcpuState) -> Iterable[int]:
     yield sregs.tr.base
 
 
+def _pv_areas(vcpu: X86VcpuState) -> Iterable[int]:
+    """Guest-physical addresses of the enabled paravirtual areas of ``vcpu``."""
+    for msr in vcpu.msrs:
+        mask = PV_AREA_MSRS.get(msr.index)
+        if mask is not None and msr.data & PV_AREA_ENABLED:
+            yield msr.data & mask
+
+
 def prefetch_offsets(
     vcpus: Iterable[object],
     regions: Sequence[MemoryRegion],
@@ -139,4 +160,6 @@ def prefetch_offsets(
                 want(table)
             if gpa is not None:
                 want(gpa)
+        for gpa in _pv_areas(vcpu):
+            want(gpa)
     return order

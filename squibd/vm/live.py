@@ -74,6 +74,11 @@ _MS_PER_S: Final = 1000.0
 #: rate KVM-NOTES measured for a memfd mapping (about 3.9 GB/s), halved for
 #: a noisy shared host.
 _INITIAL_BYTES_PER_S: Final = 2.0e9
+#: Write primitive of every pass: buffered ``pwrite`` into the page cache.
+#: A pass must be short so that the guest re-dirties little meanwhile, and
+#: the final one runs paused: neither may wait for synchronous (O_DIRECT)
+#: disk writes. The commit's fsync, after the resume, makes the file durable.
+_LIVE_METHOD: Final = "pwrite"
 
 
 def _split_at(extents: Sequence[Extent], boundaries: Sequence[int]) -> tuple[Extent, ...]:
@@ -157,6 +162,7 @@ class _LivePair:
         cancel: threading.Event,
         *,
         progress: ByteProgress | None,
+        method: str = _LIVE_METHOD,
     ) -> float:
         """Stream one pass; returns its duration in seconds."""
         began = time.perf_counter()
@@ -169,6 +175,7 @@ class _LivePair:
             cancel=cancel,
             algorithm=DEFAULT_ALGORITHM,
             chunk_size=DEFAULT_CHUNK_SIZE,
+            method=method,
         )
         self.digests.record(len(self.bytes_per_pass), result)
         self.extents.extend(result.extents)

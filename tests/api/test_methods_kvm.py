@@ -378,3 +378,17 @@ async def test_in_flight_limit_serializes_a_connection(sockdir: str) -> None:
                 nursery.start_soon(save)
     assert len(answers) == 2
     assert all(a["snapshot_type"] == "Full" for a in answers)
+
+
+async def test_every_declared_guest_parameter_is_accepted_by_the_runtime(
+    daemon: tuple[Server, str],
+) -> None:
+    from squibd.api.models import GUEST_PARAMETERS
+
+    _, path = daemon
+    async with open_client(path) as c:
+        for program, names in GUEST_PARAMETERS.items():
+            guest = {"program": program, **dict.fromkeys(names, 1)}
+            info = await c.call("vm.create", {"vm_id": f"g-{program}", "vcpu_count": 1,
+                                              "mem_size_mib": 64, "guest": guest})  # fmt: skip
+            assert info["guest_program"] == program

@@ -116,3 +116,19 @@ def test_page_walk_maps_the_second_region_through_its_file_offset() -> None:
     vcpu = vcpu_state(rip=0x1000_0000 + 5, rsp=0)
     offsets = prefetch_offsets([vcpu], regions, lambda off, n: bytes(n), PAGE)
     assert offsets[0] == 4096 * 1024
+
+
+def test_prefetch_includes_enabled_paravirtual_areas_only() -> None:
+    import attrs
+
+    from squibd.snapshot.models import MsrEntry
+
+    kvmclock, steal, disabled = 0x3000 | 1, 0x5040 | 1, 0x7000
+    vcpu = attrs.evolve(
+        vcpu_state(rip=0x1000, rsp=0x1000),
+        msrs=(MsrEntry(0x4B564D01, kvmclock), MsrEntry(0x4B564D03, steal),
+              MsrEntry(0x4B564D04, disabled), MsrEntry(0x10, 0x9000 | 1)),
+    )
+    offsets = prefetch_offsets([vcpu], REGIONS, lambda off, n: bytes(n), PAGE)
+    assert 0x3000 in offsets and 0x5000 in offsets
+    assert 0x7000 not in offsets and 0x9000 not in offsets  # disabled / not a PV MSR
