@@ -24,8 +24,8 @@ DIRTY_FRACTION = 0.01
 SEED = 20261127
 
 
-def _pwrite_runs(fd: int, region: GuestRegion, runs: list[tuple[int, int]]) -> None:
-    for first, count in runs:
+def _pwrite_runs(fd: int, region: GuestRegion, runs: Any) -> None:
+    for first, count in runs.tolist():
         start, length = first * HOST_PAGE_SIZE, count * HOST_PAGE_SIZE
         with region.view[start : start + length] as piece:
             done = 0
@@ -46,8 +46,7 @@ def main(args: Any) -> dict[str, Any]:
             pages = rng.choice(npages, size=int(npages * DIRTY_FRACTION), replace=False)
             bitmap = DirtyBitmap(region.size)
             bitmap.mark_page_array(pages)
-            runs = bitmap.snapshot_runs()
-            runs_per_region.append(runs)
+            runs_per_region.append(bitmap.snapshot_run_table())
             dirty_pages += len(pages)
             for page in pages.tolist():  # touch with non-zero content
                 region.view[page * HOST_PAGE_SIZE : page * HOST_PAGE_SIZE + 8] = b"\xa5" * 8
@@ -83,7 +82,7 @@ def main(args: Any) -> dict[str, Any]:
     return {
         "mem_mib": mem_mib,
         "dirty_pages": dirty_pages,
-        "runs": sum(len(r) for r in runs_per_region),
+        "runs": sum(int(r.shape[0]) for r in runs_per_region),
         **stats,
         "write_only_ms": stats["write_only_s"].scaled(1000),
         "ratio": _common.ratio(stats["diff_save_s"].median, stats["baseline_s"].median),

@@ -1,7 +1,9 @@
 """Dirty-bitmap harvest + run coalescing for a 4 GiB slot (issue 3, Figures).
 
 ``harvest_ms``: ``DirtyBitmap.merge_kvm`` of a KVM-style log (1,048,576 pages
-of 4 KiB = 16,384 words) followed by ``snapshot_runs`` (coalesced runs), for
+of 4 KiB = 16,384 words) followed by ``snapshot_run_table`` (coalesced runs as
+an array, what ``write_memory`` takes; ``harvest_as_tuple_list_ms`` is the same
+with ``snapshot_runs``, a list of Python tuples), for
 three patterns: 1% scattered pages, 10% in 64-page clusters, 100% dirty.
 Baseline: the same decode in pure Python (loop over words and bits).
 Target: <= 5 ms. When /dev/kvm is usable, the real ``KVM_GET_DIRTY_LOG`` of a
@@ -87,9 +89,15 @@ def main(args: Any) -> dict[str, Any]:
         def harvest(b: DirtyBitmap = bitmap, words: Any = log) -> None:
             b.clear()
             b.merge_kvm(words)
+            b.snapshot_run_table()
+
+        def harvest_list(b: DirtyBitmap = bitmap, words: Any = log) -> None:
+            b.clear()
+            b.merge_kvm(words)
             b.snapshot_runs()
 
         ours = _common.measure(harvest, reps=max(args.reps, 20)).scaled(1000)
+        as_tuples = _common.measure(harvest_list, reps=max(args.reps, 20)).scaled(1000)
         as_list = log.tolist()
         baseline = _common.measure(lambda w=as_list: _python_runs(w), reps=args.reps).scaled(1000)
         bitmap.clear()
@@ -98,6 +106,7 @@ def main(args: Any) -> dict[str, Any]:
         assert runs == _python_runs(as_list)
         patterns[name] = {
             "harvest_ms": ours,
+            "harvest_as_tuple_list_ms": as_tuples,
             "baseline_python_ms": baseline,
             "ratio": _common.ratio(ours.median, baseline.median),
             "runs": len(runs),

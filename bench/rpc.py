@@ -8,6 +8,9 @@ generator (50 persistent connections, one request in flight each) drives
 both. Reported: requests/s (median, min, max over the repetitions), p99
 latency per repetition (median, min, max), and squibd/baseline ratios.
 
+All 50 connections are opened and served once before the clock starts, so the
+figures are the steady state (not the accept burst).
+
 Usage: python bench/rpc.py [--quick] [--reps N]
 """
 
@@ -55,26 +58,50 @@ trio.run(main, sys.argv[1])
 """
 
 
-async def _client(path: str, count: int, latencies: list[float]) -> None:
+async def _roundtrip(stream: trio.SocketStream, buf: bytes) -> bytes:
+    await stream.send_all(REQUEST)
+    while b"\n" not in buf:
+        buf += await stream.receive_some(65536)
+    return buf.split(b"\n", 1)[1]
+
+
+class _Barrier:
+    """Clients check in after their warm-up request; timing starts when all have."""
+
+    def __init__(self, parties: int) -> None:
+        self.waiting = parties
+        self.all_ready = trio.Event()
+        self.go = trio.Event()
+
+    def check_in(self) -> None:
+        self.waiting -= 1
+        if self.waiting == 0:
+            self.all_ready.set()
+
+
+async def _client(path: str, count: int, latencies: list[float], barrier: _Barrier) -> None:
     stream = await trio.open_unix_socket(path)
     async with stream:
-        buf = b""
+        # Warm-up: the connection is accepted and served once before anything is timed.
+        buf = await _roundtrip(stream, b"")
+        barrier.check_in()
+        await barrier.go.wait()
         for _ in range(count):
             started = time.perf_counter()
-            await stream.send_all(REQUEST)
-            while b"\n" not in buf:
-                buf += await stream.receive_some(65536)
-            _, buf = buf.split(b"\n", 1)
+            buf = await _roundtrip(stream, buf)
             latencies.append(time.perf_counter() - started)
 
 
 async def _load(path: str, per_client: int) -> tuple[float, float]:
-    """One repetition: (requests per second, p99 latency in ms)."""
+    """One repetition: (requests per second, p99 latency in ms), in steady state."""
     latencies: list[float] = []
-    started = time.perf_counter()
+    barrier = _Barrier(CLIENTS)
     async with trio.open_nursery() as nursery:
         for _ in range(CLIENTS):
-            nursery.start_soon(_client, path, per_client, latencies)
+            nursery.start_soon(_client, path, per_client, latencies, barrier)
+        await barrier.all_ready.wait()
+        started = time.perf_counter()
+        barrier.go.set()
     elapsed = time.perf_counter() - started
     return len(latencies) / elapsed, _common.percentile(latencies, _common.P99) * 1000
 

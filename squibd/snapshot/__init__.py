@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 # --- memory files (issue 3) ---------------------------------------------------
-from .bitmap import DirtyBitmap, runs_from_words
+from .bitmap import DirtyBitmap, run_arrays_from_words, runs_from_words
 from .digest import DEFAULT_ALGORITHM, available_algorithms, digest_function
 from .granule import AdaptiveGranule, GranuleConfig
 from .memerrors import (
@@ -84,6 +84,7 @@ __all__ += [
     "new_pair_id",
     "read_pair_xattr",
     "rebase",
+    "run_arrays_from_words",
     "runs_from_words",
     "set_pair_xattr",
     "verify",

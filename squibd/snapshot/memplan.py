@@ -30,6 +30,7 @@ __all__ = [
     "BATCH_BYTES",
     "BATCH_UNITS",
     "RegionSource",
+    "RunsLike",
     "WorkPlan",
     "check_regions",
     "memfd_extents",
@@ -56,6 +57,9 @@ class RegionSource(Protocol):
 
 
 Array = npt.NDArray[np.int64]
+#: A region's dirty runs: ``(first_page, npages)`` pairs, or an ``(n, 2)`` int array
+#: of them (``DirtyBitmap.snapshot_run_table``).
+RunsLike = Sequence[tuple[int, int]] | npt.NDArray[np.int64]
 
 #: A writer thread takes units in batches of at most this many bytes or units
 #: (fewer lock and queue hand-offs for Diffs of many single pages).
@@ -145,12 +149,12 @@ def memfd_extents(fd: int, size: int) -> list[tuple[int, int]]:
     return found
 
 
-def _merge_runs(runs: Sequence[tuple[int, int]], npages: int, index: int) -> tuple[Array, Array]:
+def _merge_runs(runs: RunsLike, npages: int, index: int) -> tuple[Array, Array]:
     """Validate, sort and coalesce page runs; returns (first pages, page counts)."""
-    if not runs:
+    table = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+    if table.size == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty
-    table = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
     firsts, counts = table[:, 0], table[:, 1]
     bad = (firsts < 0) | (counts <= 0) | (firsts + counts > npages)
     if bad.any():
@@ -201,7 +205,7 @@ def _batches(lengths: list[int]) -> list[tuple[int, int]]:
 def plan_units(
     regions: Sequence[RegionSource],
     kind: str,
-    runs_per_region: Sequence[Sequence[tuple[int, int]]] | None,
+    runs_per_region: Sequence[RunsLike] | None,
     page_size: int,
     chunk: int,
 ) -> WorkPlan:

@@ -54,7 +54,7 @@ from .manifest import (
     MemoryRegion,
 )
 from .memerrors import MemoryInputInvalid
-from .memplan import RegionSource, WorkPlan, check_regions, merge_extents, plan_units
+from .memplan import RegionSource, RunsLike, WorkPlan, check_regions, merge_extents, plan_units
 from .memplan import nonzero_page_runs as _nonzero_page_runs
 from .pairing import PAIR_XATTR, new_pair_id, read_pair_xattr, set_pair_xattr
 
@@ -187,7 +187,7 @@ def write_memory(
     regions: Sequence[RegionSource],
     *,
     kind: str,
-    runs_per_region: Sequence[Sequence[tuple[int, int]]] | None = None,
+    runs_per_region: Sequence[RunsLike] | None = None,
     writers: int = DEFAULT_WRITERS,
     progress: Callable[[int, int], None] | None = None,
     algorithm: str = DEFAULT_ALGORITHM,
@@ -202,7 +202,8 @@ def write_memory(
         out_fd: the temp memory file, open for writing; it is resized to the memory size.
         regions: read sources in file order (contiguous from offset 0).
         kind: ``"Full"`` or ``"Diff"``.
-        runs_per_region: for a Diff, ``(first_page, npages)`` runs per region.
+        runs_per_region: for a Diff, ``(first_page, npages)`` runs per region (a list
+            of pairs or an ``(n, 2)`` int array, e.g. ``DirtyBitmap.snapshot_run_table``).
         writers: number of writer threads (1 writes in the calling thread).
         progress: called in the calling thread with ``(bytes_done, bytes_total)``.
         algorithm: digest algorithm (``"xxh3-64"`` or ``"blake3"``).

@@ -153,3 +153,12 @@ def test_runs_from_words_matches_bit_by_bit_reference(values: list[int]) -> None
     words = np.array(values, dtype=np.uint64)
     pages = {w * 64 + b for w, value in enumerate(values) for b in range(64) if value >> b & 1}
     assert runs_from_words(words) == _runs_of(pages)
+
+
+def test_run_table_equals_the_run_list() -> None:
+    bitmap = DirtyBitmap(500 * PAGE)
+    bitmap.mark_page_array(np.array([3, 4, 5, 64, 65, 130, 499]))
+    table = bitmap.snapshot_run_table()
+    assert table.shape == (4, 2)
+    assert [tuple(row) for row in table.tolist()] == bitmap.snapshot_runs()
+    assert DirtyBitmap(PAGE).snapshot_run_table().shape == (0, 2)

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from squibd.snapshot import memwriter
-from squibd.snapshot.bitmap import HOST_PAGE_SIZE
+from squibd.snapshot.bitmap import HOST_PAGE_SIZE, DirtyBitmap
 from squibd.snapshot.errors import MemoryIo
 from squibd.snapshot.manifest import Extent, MemoryRegion, iter_chunks
 from squibd.snapshot.memerrors import MemoryInputInvalid
@@ -359,3 +359,20 @@ def test_runs_across_chunk_boundaries_are_cut_like_the_manifest(tmp_path: Path) 
             Extent(base2 + 519 * PAGE, PAGE),  # the last page of the memory
         ]
         _check_digests(path, result.extents, result.digests)
+
+
+def test_run_tables_and_run_lists_write_the_same_diff(tmp_path: Path) -> None:
+    with GuestMemory.shared(LAYOUT) as memory:
+        _fill_pattern(memory)
+        bitmaps = [DirtyBitmap(region.size) for region in memory.regions]
+        bitmaps[0].mark_pages(5, 600)
+        bitmaps[2].mark_page_array([0, 1, 519])
+        outputs = []
+        for runs in ([b.snapshot_runs() for b in bitmaps],
+                     [b.snapshot_run_table() for b in bitmaps]):
+            with out_file(tmp_path) as (fd, path):
+                result = write_memory(fd, memory.regions, kind="Diff", runs_per_region=runs)
+                with open(path, "rb") as f:
+                    outputs.append((f.read(), result))
+    assert outputs[0] == outputs[1]
+    assert outputs[0][1].pages_written == 603
