@@ -34,7 +34,7 @@ def _pwrite_runs(fd: int, region: GuestRegion, runs: Any) -> None:
 
 
 def main(args: Any) -> dict[str, Any]:
-    mem_mib = 512 if args.quick else 4096
+    mem_mib = 256 if args.quick else 4096
     rng = np.random.default_rng(SEED)
     samples: dict[str, list[float]] = {"diff_save_s": [], "write_only_s": [], "baseline_s": [],
                                        "baseline_write_only_s": []}

@@ -14,9 +14,22 @@ request and the byte; a request the thread has not acted on yet is simply
 dropped. The thread stays parked (it does not exit) until resumed or
 stopped, so its vCPU state can be captured from any thread.
 
+``on_paused`` runs with the runner's lock held, between parking and
+waiting: while it runs, the request it answers is still in force, and a
+:meth:`~VcpuRunner.resume` or :meth:`~VcpuRunner.request_pause` from
+another thread waits for it to return. So whatever the callback reads
+(e.g. the generation of the caller's pause request) belongs to a request
+the vCPU really honours; an ack cannot be attributed to a newer request
+that the thread then runs through. The callback must therefore be quick
+and must not wait for a thread that controls this runner (it may call this
+runner's own methods: the lock is re-entrant).
+
 Exits: port I/O goes to the stall hook (:data:`~squibd.kvm.guest.STALL_PORT`),
-the heartbeat counter, then ``io_handler``. A full dirty ring is collected
-into the VM's ring collector and the vCPU re-enters. ``HLT``, ``SHUTDOWN``,
+the heartbeat counter, then ``io_handler``; a pause that arrives right after
+an I/O exit first re-enters ``KVM_RUN`` once (``immediate_exit`` is set) so
+that KVM completes the instruction before the vCPU parks and is captured.
+A full dirty ring is collected into the VM's ring collector and the vCPU
+re-enters. ``HLT``, ``SHUTDOWN``,
 ``FAIL_ENTRY``, ``INTERNAL_ERROR``, ``MMIO`` (no devices) and unknown exits
 put the runner in an error state: ``on_exit_error(index,
 message)`` with a message naming the exit, and the thread parks for good
@@ -101,6 +114,9 @@ class VcpuRunner:
     _stall_armed: bool = attrs.field(default=False, init=False)
     _stall_kick: bool = attrs.field(default=False, init=False)
     _stalled: threading.Event = attrs.field(factory=threading.Event, init=False)
+    #: The last exit was port I/O that KVM completes only at the next KVM_RUN
+    #: (vCPU thread only).
+    _io_pending: bool = attrs.field(default=False, init=False)
 
     @property
     def index(self) -> int:
@@ -140,18 +156,19 @@ class VcpuRunner:
 
         A runner that was never started acknowledges at once (from this thread).
         Asking again while already paused acknowledges again (each request
-        gets one ``on_paused``).
+        gets one ``on_paused``). ``on_paused`` runs under this runner's lock
+        (see the module doc), so this call may wait for one in progress.
         """
         with self._cond:
             thread = self._thread
             self._pause_requested = True
-            # An unstarted runner acks below; a parked thread re-acks when woken.
+            # An unstarted runner acks here; a parked thread re-acks when woken.
             self._pause_acked = thread is None
             self.vcpu.run.immediate_exit = 1
             self._cond.notify_all()
-        if thread is None:
-            self._notify_paused()
-        else:
+            if thread is None:
+                self._notify_paused()  # under the lock, like the vCPU thread's acks
+        if thread is not None:
             self._kick(thread)
 
     def resume(self) -> None:
@@ -228,31 +245,40 @@ class VcpuRunner:
 
     def _wait_until_runnable(self) -> bool:
         """Park while paused or in error; ack pauses. False when the thread must exit."""
-        while True:
-            ack = False
-            with self._cond:
-                while True:
-                    if self._stop_requested:
-                        self._parked = True
-                        return False
-                    if self._pause_requested and not self._pause_acked:
-                        self._pause_acked = True
-                        self._parked = True
-                        ack = True
-                        break
-                    if self._pause_requested or self._error is not None:
-                        self._parked = True
-                        self._cond.wait()
+        with self._cond:
+            while True:
+                if self._stop_requested:
+                    self._parked = True
+                    return False
+                if self._pause_requested and not self._pause_acked:
+                    if self._io_pending and self._error is None:
+                        # KVM finishes an I/O exit (IN data into RAX, RIP past
+                        # the instruction) only at the next KVM_RUN; parked now,
+                        # the captured state would replay the I/O on restore.
+                        # immediate_exit is set while a pause is pending, so
+                        # that run completes the I/O, runs no guest
+                        # instruction and fails with EINTR (KVM api.rst, "kvm_run").
+                        self._parked = False
+                        return True
+                    self._pause_acked = True
+                    self._parked = True
+                    # Still under the lock (see the module doc): releasing it
+                    # before the callback let a resume() and a newer request
+                    # slip in, and the callback then reported this ack as an
+                    # answer to the newer request while the thread ran on.
+                    self._notify_paused()
+                    continue  # the callback may have resumed or re-requested
+                if self._pause_requested or self._error is not None:
+                    self._parked = True
+                    self._cond.wait()
+                    continue
+                if self._stall_kick:
+                    self._stall_kick = False
+                    if self._stall_armed:
+                        self._stall_locked()
                         continue
-                    if self._stall_kick:
-                        self._stall_kick = False
-                        if self._stall_armed:
-                            self._stall_locked()
-                            continue
-                    self._parked = False
-                    return True
-            if ack:
-                self._notify_paused()
+                self._parked = False
+                return True
 
     def _stall_locked(self) -> None:
         """Hold here (lock held, waiting releases it) while the stall is armed."""
@@ -267,6 +293,7 @@ class VcpuRunner:
         fd = self.vcpu.fd
         while self._wait_until_runnable():
             result, err = _abi.ioctl_raw(fd, _abi.KVM_RUN)
+            self._io_pending = False  # any KVM_RUN completes it first
             if result < 0:
                 if err in (errno.EINTR, errno.EAGAIN):
                     continue
@@ -298,6 +325,7 @@ class VcpuRunner:
         name = _abi.EXIT_REASONS.get(reason, f"exit reason {reason}")
         if reason == _abi.KVM_EXIT_IO:
             self._handle_io()
+            self._io_pending = True
             return None
         if reason == _abi.KVM_EXIT_INTR:
             return None

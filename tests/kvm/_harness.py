@@ -7,8 +7,10 @@ with a deadline (threading events), never for a fixed time.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -118,7 +120,11 @@ class Machine:
             self.acks[i].clear()
             self.runners[i].request_pause()
         for i in chosen:
-            assert self.acks[i].wait(DEADLINE_S), f"vCPU {i} did not ack the pause"
+            if not self.acks[i].wait(DEADLINE_S):
+                raise AssertionError(
+                    f"vCPU {i} did not ack the pause within {DEADLINE_S} s; "
+                    + runner_report(self.runners[i])
+                )
 
     def resume(self) -> None:
         for runner in self.runners:
@@ -153,6 +159,28 @@ class Machine:
         self.vm.close()
         self.kvm.close()
         self.memory.close()
+
+
+def runner_report(runner: VcpuRunner) -> str:
+    """What a runner's thread is doing, for a failure message.
+
+    Tells starvation from a lost wake-up: a thread that never left
+    ``KVM_RUN`` (``exits`` frozen, stack in the ioctl) was not scheduled or
+    not kicked; a thread parked in ``Condition.wait`` with a pause pending
+    missed a notification. Reads the runner's private state (diagnostics only).
+    """
+    state = (
+        f"runner state: pause_requested={runner._pause_requested} "
+        f"pause_acked={runner._pause_acked} parked={runner._parked} "
+        f"stall_armed={runner._stall_armed} stall_kick={runner._stall_kick} "
+        f"error={runner.error!r} immediate_exit={int(runner.vcpu.run.immediate_exit)} "
+        f"exits={runner.exits} heartbeats={runner.heartbeats}"
+    )
+    thread = runner._thread
+    frame = sys._current_frames().get(thread.ident) if thread and thread.ident else None
+    if frame is None:
+        return f"{state}; thread not running"
+    return f"{state}; thread stack:\n" + "".join(traceback.format_stack(frame))
 
 
 def copy_memory(source: GuestMemory) -> GuestMemory:
