@@ -7,7 +7,7 @@ no JSON is recorded with its error and the run goes on. The results file
 carries the date and the machine (nproc, memory, kernel, CPU model); then
 ``chart.py`` draws bench/results.png from it.
 
-Usage: python bench/run_all.py [--quick] [--only NAME ...] [--output PATH] [--strict]
+Usage: python bench/run_all.py [--quick] [--only NAME ...] [--merge] [--output PATH] [--strict]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def run_one(name: str, *, quick: bool, reps: int | None, timeout: float,
             script: Path | None = None) -> dict[str, Any]:
     """Run ``bench/<name>.py`` (or ``script``) and return its JSON result or its failure.
 
-    Every record gets ``_status`` ("ok", "skipped", "error") and ``_wall_s``.
+    Every record gets ``_status`` ("ok", "skipped", "error"), ``_wall_s`` and ``_finished``.
     """
     argv = [sys.executable, str(script or BENCH_DIR / f"{name}.py")]
     if quick:
@@ -104,7 +104,12 @@ def run_one(name: str, *, quick: bool, reps: int | None, timeout: float,
     else:
         result["_status"] = "ok"
     result["_wall_s"] = wall
+    result["_finished"] = _now()
     return result
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def git_commit() -> str | None:
@@ -115,6 +120,15 @@ def git_commit() -> str | None:
     except OSError:
         return None
     return out.stdout.strip() or None
+
+
+def _previous_benches(path: Path) -> dict[str, Any]:
+    """The ``benches`` of an existing results file (empty when absent or unreadable)."""
+    try:
+        benches = json.loads(path.read_text(encoding="utf-8")).get("benches", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return benches if isinstance(benches, dict) else {}
 
 
 def write_results(path: Path, results: dict[str, Any]) -> None:
@@ -145,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="pass --reps N to every bench")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these benches")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results file")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other benches' entries already in the results file")
     parser.add_argument("--no-chart", action="store_true", help="do not run chart.py")
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 when a bench failed (default: record and exit 0)")
@@ -154,11 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     timeout = TIMEOUT_QUICK_S if args.quick else TIMEOUT_FULL_S
     results: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "date": _now(),
         "quick": args.quick,
         "git_commit": git_commit(),
         "machine": _common.machine_info(),
-        "benches": {},
+        "benches": _previous_benches(args.output) if args.merge else {},
     }
     for name in names:
         print(f"run_all: {name} ...", file=sys.stderr, flush=True)

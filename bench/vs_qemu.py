@@ -44,6 +44,7 @@ TARGET_SAVE_RATIO = 0.5
 RAM_FILE_PREFIX = "/dev/shm/squibd-bench-qemu-ram-"
 QMP_SOCKET_NAME = "qmp.sock"
 BACKGROUND_SNAPSHOT_CAP = "background-snapshot"
+_MS_PER_S = 1000.0
 
 
 def _ram_file(mem_mib: int) -> str:
@@ -150,7 +151,8 @@ async def _compare_runtime(binary: str, ram: str, mem_mib: int, reps: int,
 
         async def squibd_live() -> tuple[float, Any]:
             result = await vm.save_live()
-            return float(result.pause_ms), int(result.passes)
+            return float(result.pause_ms), (int(result.passes),
+                                            float(result.duration_ms) / _MS_PER_S)
 
         async def qemu_background() -> tuple[float, dict[str, Any]]:
             wall, info = await _qemu_once(binary, ram, mem_mib, directory, background=True)
@@ -169,7 +171,8 @@ async def _compare_runtime(binary: str, ram: str, mem_mib: int, reps: int,
                 [float(i["wall_s"]) for i in lives.qemu_infos]).to_dict(),
         },
         "squibd_live": {"pause_ms": _common.summarize(lives.squibd).to_dict(digits=3),
-                        "passes": lives.notes, "guest": vm.program},
+                        "save_s": _common.summarize([n[1] for n in lives.notes]).to_dict(),
+                        "passes": [n[0] for n in lives.notes], "guest": vm.program},
     }
 
 

@@ -54,6 +54,7 @@ from ..snapshot.manifest import (
     iter_chunks,
 )
 from ..snapshot.memwriter import (
+    DEFAULT_METHOD,
     WriteCancelled,
     WriteResult,
     merge_extents,
@@ -74,11 +75,16 @@ _MS_PER_S: Final = 1000.0
 #: rate KVM-NOTES measured for a memfd mapping (about 3.9 GB/s), halved for
 #: a noisy shared host.
 _INITIAL_BYTES_PER_S: Final = 2.0e9
-#: Write primitive of every pass: buffered ``pwrite`` into the page cache.
-#: A pass must be short so that the guest re-dirties little meanwhile, and
-#: the final one runs paused: neither may wait for synchronous (O_DIRECT)
-#: disk writes. The commit's fsync, after the resume, makes the file durable.
+#: Write primitive of the later passes: buffered ``pwrite`` into the page
+#: cache. They must be short so that the guest re-dirties little meanwhile,
+#: and the final one runs paused: none may wait for synchronous (O_DIRECT)
+#: disk writes. The commit's fsync, after the resume, makes them durable.
 _LIVE_METHOD: Final = "pwrite"
+#: Pass 1 streams the bulk while the guest runs, with the memory writer's
+#: default (O_DIRECT for large pieces, chosen by bench/memory_save.py for
+#: durable bulk writes): it leaves little for the commit's fsync and does not
+#: flood the page cache (buffered 4 GiB hits the dirty-page limits, KVM-NOTES).
+_FIRST_PASS_METHOD: Final = DEFAULT_METHOD
 
 
 def _split_at(extents: Sequence[Extent], boundaries: Sequence[int]) -> tuple[Extent, ...]:
@@ -254,6 +260,7 @@ async def save_live(
                 request.kind,
                 runs,
                 progress=thread_progress(progress, "pass-1"),
+                method=_FIRST_PASS_METHOD,
             ),
             limiter,
         )

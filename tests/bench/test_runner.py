@@ -114,13 +114,16 @@ SAMPLE_RESULTS: dict[str, Any] = {
 def test_chart_collects_series_preferring_the_first_source() -> None:
     pause = chart.collect(SAMPLE_RESULTS["benches"], chart.PAUSE_SERIES)
     save = chart.collect(SAMPLE_RESULTS["benches"], chart.SAVE_SERIES)
-    assert pause["squibd live"] == {1.0: 4.0, 4.0: 5.0}  # live_pause wins over vs_qemu
+    assert pause["squibd live (memwriter guest)"] == {1.0: 4.0, 4.0: 5.0}
+    assert pause["squibd live (idle guest)"] == {1.0: 6.0}
+    # vs_qemu first; at 4 GiB its squibd save failed, so live_pause fills in.
+    assert pause["squibd stop-and-copy"] == {1.0: 800.0, 4.0: 3600.0}
     assert pause["QEMU background-snapshot"] == {1.0: 30.0, 4.0: 40.0}
     assert pause["QEMU migrate (paused VM)"] == {1.0: 2000.0, 4.0: 8000.0}
-    # full_save failed: stop-and-copy save comes from vs_qemu, only where it has figures.
+    # full_save failed and live_pause has no save times: only vs_qemu's 1 GiB point.
     assert save["squibd stop-and-copy"] == {1.0: 0.8}
     assert save["QEMU migrate (paused VM)"] == {1.0: 2.0, 4.0: 8.0}
-    assert "squibd live" not in save
+    assert "squibd live (idle guest)" not in save
     table = chart.markdown_table(pause, save, "_t_")
     assert "| QEMU migrate (paused VM) | 4 | 8000.0 | 8.000 |" in table
 
@@ -133,7 +136,7 @@ def test_chart_writes_png_and_table(tmp_path: Path) -> None:
     assert chart.main(["--results", str(results), "--output", str(png),
                        "--table", str(table)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "squibd live" in table.read_text(encoding="utf-8")
+    assert "squibd live (idle guest)" in table.read_text(encoding="utf-8")
 
 
 def test_chart_skips_when_no_figures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -167,3 +170,20 @@ def test_run_all_main_writes_results_with_machine_info(tmp_path: Path,
     assert results["machine"]["nproc"] == os.cpu_count()
     assert results["quick"] is True and results["date"]
     assert run_all.main(["--quick", "--output", str(out), "--no-chart", "--strict"]) == 1
+
+
+def test_run_all_merge_keeps_other_benches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bench_dir = tmp_path / "bench"
+    bench_dir.mkdir()
+    _script(bench_dir, "alpha", 'print(\'{"v": 2}\')\n')
+    monkeypatch.setattr(run_all, "BENCH_DIR", bench_dir)
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps({"benches": {"old": {"_status": "ok", "v": 0},
+                                           "alpha": {"_status": "ok", "v": 1}}}),
+                   encoding="utf-8")
+    assert run_all.main(["--only", "alpha", "--merge", "--output", str(out), "--no-chart"]) == 0
+    benches = json.loads(out.read_text(encoding="utf-8"))["benches"]
+    assert benches["old"]["v"] == 0
+    assert benches["alpha"]["v"] == 2
+    assert run_all.main(["--only", "alpha", "--output", str(out), "--no-chart"]) == 0
+    assert set(json.loads(out.read_text(encoding="utf-8"))["benches"]) == {"alpha"}

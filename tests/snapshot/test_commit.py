@@ -14,9 +14,11 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 
 from squibd.demo_format import sample_manifest, sample_x86_state
+from squibd.snapshot import commit as commit_module
 from squibd.snapshot.commit import (
     COMMIT_STEPS,
     JOURNAL_MARKER,
@@ -489,50 +491,96 @@ MUTATING_SYSCALLS = (
     "write,pwrite64,fsync,fdatasync,ftruncate,fchmod,flock,"
     "rename,renameat,renameat2,unlink,unlinkat"
 )
+#: The child refuses to run unless it imported the very commit.py this test imported
+#: (argv[5]): a child that picked up another checkout would test other code.
 CHILD_SAVE = """
 import os, sys
+import squibd.snapshot.commit
 from squibd.snapshot.commit import PairTransaction
-snap, mem, state_file, mem_file = sys.argv[1:5]
+snap, mem, state_file, mem_file, expected_module = sys.argv[1:6]
+if os.path.realpath(squibd.snapshot.commit.__file__) != expected_module:
+    sys.exit(f"imported {squibd.snapshot.commit.__file__}, not {expected_module}")
 state, memory = open(state_file, "rb").read(), open(mem_file, "rb").read()
 with PairTransaction(snap, mem) as tx:
     os.pwrite(tx.mem_fd, memory, 0)
     tx.commit(state, mem_size=len(memory))
 """
+#: The checkout this file belongs to; the child runs there so it imports the same code.
+REPO = Path(__file__).resolve().parents[2]
+#: One trace line of strace -f -o: "<tid> <name>(" (resumed halves of calls do not match).
+TRACE_CALL = re.compile(r"^(\d+)\s+(\w+)\(", flags=re.M)
 
 
-def run_traced_save(tmp_path: Path, *strace_args: str) -> subprocess.CompletedProcess[bytes]:
+@attrs.frozen
+class TracedSave:
+    """One save run under strace: how it ended and the traced calls of its main thread."""
+
+    returncode: int
+    calls: list[str]
+    stderr: str
+
+
+def run_traced_save(tmp_path: Path, syscalls: str, *inject: str) -> TracedSave:
+    """Run CHILD_SAVE under ``strace -f``, tracing ``syscalls`` (plus execve).
+
+    strace counts ``inject=...:when=N`` per thread, and the save runs on the
+    child's main thread, so only that thread's calls are returned: the thread
+    whose execve started the child.
+    """
+    trace = tmp_path / "trace.txt"
     command = [
-        "strace", "-f", "-qq", *strace_args, sys.executable, "-c", CHILD_SAVE,
+        "strace", "-f", "-qq", "-o", str(trace), "-e", f"trace=execve,{syscalls}", *inject,
+        sys.executable, "-c", CHILD_SAVE,
         str(tmp_path / "vm.snap"), str(tmp_path / "vm.mem"),
         str(tmp_path / "new.state"), str(tmp_path / "new.mem"),
+        os.path.realpath(commit_module.__file__),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # no .pyc writes in the count
-    return subprocess.run(command, env=env, capture_output=True, check=False)
+    env = {
+        **os.environ,
+        "PYTHONDONTWRITEBYTECODE": "1",  # no .pyc writes in the count
+        "OPENBLAS_NUM_THREADS": "1",  # numpy (imported by squibd.snapshot) starts no pool
+    }
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, check=False)
+    lines = TRACE_CALL.findall(trace.read_text()) if trace.exists() else []
+    main = next((tid for tid, name in lines if name == "execve"), None)
+    assert main is not None, f"strace traced no execve: {result.stderr.decode()}"
+    calls = [name for tid, name in lines if tid == main and name != "execve"]
+    return TracedSave(result.returncode, calls, result.stderr.decode(errors="replace"))
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (syscall fault injection)")
 def test_sigkill_at_every_file_changing_syscall_leaves_old_or_new_pair(tmp_path: Path) -> None:
-    """strace SIGKILLs a real save on entry to each of its file-changing syscalls in turn."""
+    """strace SIGKILLs a real save on entry to each of its file-changing syscalls in turn.
+
+    Each injected run is judged by its own trace: killed means killed on entry to
+    exactly the nth call; a run may finish only if it made fewer such calls than
+    the counting run (there was no nth call), and then it must leave the new pair.
+    """
     snap, mem = str(tmp_path / "vm.snap"), str(tmp_path / "vm.mem")
     (tmp_path / "new.state").write_bytes(NEW_STATE)
     (tmp_path / "new.mem").write_bytes(NEW_MEM)
-    trace = tmp_path / "trace.txt"
     write_old_pair(snap, mem)
-    counted = run_traced_save(tmp_path, "-o", str(trace), "-e", f"trace={MUTATING_SYSCALLS}")
-    assert counted.returncode == 0, counted.stderr.decode()
-    calls = re.findall(r"^(?:\d+\s+)?(\w+)\(", trace.read_text(), flags=re.M)
+    counted = run_traced_save(tmp_path, MUTATING_SYSCALLS)
+    assert counted.returncode == 0, counted.stderr
+    calls = counted.calls
     assert {"fsync", "rename", "unlink"} <= set(calls)
     outcomes: dict[str, list[str]] = {}
     for name in dict.fromkeys(calls):
         for nth in range(1, calls.count(name) + 1):
             write_old_pair(snap, mem)
-            result = run_traced_save(tmp_path, "-o", "/dev/null", "-e", f"trace={name}",
-                                     "-e", f"inject={name}:signal=KILL:when={nth}")  # fmt: skip
-            assert result.returncode == -signal.SIGKILL, (name, nth, result.stderr.decode())
+            run = run_traced_save(tmp_path, name, "-e", f"inject={name}:signal=KILL:when={nth}")
+            made = run.calls.count(name)
+            where = (name, nth, made, run.returncode, run.stderr)
+            if run.returncode == -signal.SIGKILL:
+                assert made == nth, where  # the kill came on entry to the nth call
+            else:
+                assert run.returncode == 0 and made < nth, where  # no nth call to kill on
             recover_pair(snap, mem)
             got = pair_bytes(snap, mem)
             assert got in ((OLD_STATE, OLD_MEM), (NEW_STATE, NEW_MEM)), f"torn at {name} #{nth}"
             assert leftovers(str(tmp_path)) == [], f"temp left at {name} #{nth}"
+            if run.returncode == 0:
+                assert got == (NEW_STATE, NEW_MEM), f"finished save lost at {name} #{nth}"
             outcomes.setdefault(name, []).append("new" if got[0] == NEW_STATE else "old")
     # Each syscall kind flips from the old pair to the new one at most once, and the
     # renames and the journal unlink come after the commit point.
