@@ -19,8 +19,10 @@ background-snapshot downtime. Two paths exist, tried in this order:
     random-filled ``GuestMemory`` into a ``PairTransaction``, committed with a
     placeholder state body. It is the memory-writer cost without VM capture.
 
-Each function returns ``(Stats, path)``; :class:`SquibdUnavailable` says why
-neither path can run.
+:func:`bench_vm` gives a long-lived runtime VM (:class:`BenchVm`) so that a
+caller can interleave squibd saves with a baseline's; :func:`full_save` and
+:func:`live_pause` run whole series and return ``(Stats, path)``.
+:class:`SquibdUnavailable` says why a path cannot run.
 """
 
 from __future__ import annotations

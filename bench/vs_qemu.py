@@ -53,6 +53,9 @@ def _ram_file(mem_mib: int) -> str:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         _common.fill_random_fd(fd, mem_mib * _common.MIB)
+    except BaseException:
+        os.unlink(path)  # e.g. ENOSPC on /dev/shm: leave nothing behind
+        raise
     finally:
         os.close(fd)
     return path

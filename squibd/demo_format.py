@@ -7,7 +7,9 @@ copy of the state file and describes that too.
 
 The ``sample_*`` builders make complete, compatible states of any size with
 deterministic content; the format tests and ``bench/state_codec.py`` use
-them as well.
+them as well. ``minimal_x86_vcpu``/``minimal_x86_state`` build the smallest
+compatible x86 state around a given manifest (memory-file and lazy-restore
+tests).
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ from .snapshot.models import (
 
 __all__ = [
     "main",
+    "minimal_x86_state",
+    "minimal_x86_vcpu",
     "pattern_memory",
     "sample_aarch64_state",
     "sample_manifest",
@@ -86,6 +90,10 @@ _SAMPLE_CS: Final = 0x33
 #: The pair id of sample manifests unless one is given (deterministic content).
 SAMPLE_PAIR_ID: Final = "5e1f0000-0000-4000-8000-000000000001"
 _PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
+#: IA32_APIC_BASE of a boot vCPU: LAPIC at 0xFEE00000, enabled (bit 11), BSP (bit 8) (SDM 10.4.4).
+_APIC_BASE_BSP: Final = 0xFEE0_0900
+#: RFLAGS with only its always-one bit 1 set (SDM 3.4.3).
+_RFLAGS_FIXED: Final = 0x2
 #: Two KVM_REG_ARM64 system-register ids (MPIDR_EL1-like), for the sample only.
 _SYSREG_A: Final = 0x6030_0000_0013_C005
 _SYSREG_B: Final = 0x6030_0000_0013_C006
@@ -128,6 +136,57 @@ def _x86_vcpu(index: int) -> X86VcpuState:
         vcpu_events=bytes(VCPU_EVENTS_SIZE),
         mp_state=0,
         debug_regs=DebugRegs(db=(0, 0, 0, 0), dr6=0xFFFF0FF0, dr7=0x400, flags=0),
+    )
+
+
+def minimal_x86_vcpu(
+    *, rip: int, rsp: int = 0, cr0: int = 0, cr3: int = 0, cr4: int = 0, efer: int = 0
+) -> X86VcpuState:
+    """The smallest x86 vCPU state the compatibility check accepts, with these registers.
+
+    One CPUID leaf, no MSRs or XCRs, zeroed xsave/lapic/events blobs of the
+    pinned sizes; every other register is zero. Tests of memory files and
+    lazy restore build their states from it.
+    """
+    names = [field.name for field in attrs.fields(X86Regs)]
+    regs = X86Regs(**{**dict.fromkeys(names, 0), "rsp": rsp, "rip": rip, "rflags": _RFLAGS_FIXED})
+    flat = _segment(0)
+    sregs = X86Sregs(
+        cs=flat, ds=flat, es=flat, fs=flat, gs=flat, ss=flat, tr=flat, ldt=flat,
+        gdt=DTable(0, 0), idt=DTable(0, 0),
+        cr0=cr0, cr2=0, cr3=cr3, cr4=cr4, cr8=0, efer=efer,
+        apic_base=_APIC_BASE_BSP, interrupt_bitmap=(0, 0, 0, 0),
+    )  # fmt: skip
+    return X86VcpuState(
+        cpuid=(CpuidEntry(function=0, index=0, flags=0, eax=0, ebx=0, ecx=0, edx=0),),
+        regs=regs,
+        sregs=sregs,
+        xsave=bytes(MIN_XSAVE_SIZE),
+        xcrs=(),
+        msrs=(),
+        lapic=bytes(LAPIC_SIZE),
+        vcpu_events=bytes(VCPU_EVENTS_SIZE),
+        mp_state=0,
+        debug_regs=DebugRegs(db=(0, 0, 0, 0), dr6=0, dr7=0, flags=0),
+    )
+
+
+def minimal_x86_state(
+    manifest: MemoryManifest, vcpus: tuple[X86VcpuState, ...]
+) -> X86MicrovmState:
+    """An x86 state of ``vcpus`` around ``manifest``: no clock, irqchip, PIT, devices or MMDS.
+
+    ``mem_size_mib`` is the manifest's regions' total (the compatibility check
+    requires exactly that).
+    """
+    mem_size = sum(region.size for region in manifest.regions)
+    return X86MicrovmState(
+        vm_info=VmInfo(mem_size_mib=mem_size // MIB, vcpu_count=len(vcpus)),
+        vm_state=X86VmState(clock=None, irqchips=(), pit=None),
+        vcpu_states=vcpus,
+        device_states=(),
+        mmds_state=None,
+        memory=manifest,
     )
 
 

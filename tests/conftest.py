@@ -44,3 +44,20 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         f"{_kvm_outcomes['failed']} failed), {_kvm_outcomes['skipped']} skipped"
         + ("" if KVM_AVAILABLE else f" ({_KVM_SKIP_REASON})")
     )
+
+
+# --- A short socket directory, shared by tests/api, tests/cli and tests/server ---------------
+# (Imports kept here: this shared file is edited append-only.)
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    """A fresh short directory under /tmp (Unix socket paths are limited to 107 bytes)."""
+    path = tempfile.mkdtemp(prefix="sqd-", dir="/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from typing import Final, Self
+from typing import Final, Protocol, Self
 
 import attrs
 
@@ -14,7 +14,7 @@ from squibd.snapshot.models import CpuidEntry
 from . import _abi
 from .errors import KvmIoctlError, KvmUnavailable, KvmUnsupported
 
-__all__ = ["KVM_DEVICE", "REQUIRED_CAPABILITIES", "Kvm", "check_ioctl"]
+__all__ = ["KVM_DEVICE", "REQUIRED_CAPABILITIES", "FdOwner", "Kvm", "check_ioctl"]
 
 #: The KVM device node.
 KVM_DEVICE: Final = "/dev/kvm"
@@ -53,8 +53,33 @@ def check_ioctl(name: str, fd: int, request: int, arg: int = 0) -> int:
     return result
 
 
+class _HasFd(Protocol):
+    fd: int
+
+
+class FdOwner:
+    """Mixin of the KVM handles that own one fd (``self.fd``, -1 once closed).
+
+    :meth:`close` is idempotent; the handle is its own context manager.
+    """
+
+    __slots__ = ()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self: _HasFd) -> None:
+        """Close the fd (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 @attrs.define(eq=False)
-class Kvm:
+class Kvm(FdOwner):
     """An open ``/dev/kvm`` with the capabilities this host's KVM reports.
 
     Use :meth:`open` to create one; close it (or use it as a context manager)
@@ -94,18 +119,6 @@ class Kvm:
             os.close(fd)
             raise
         return cls(fd=fd, api_version=version, capabilities=caps)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the device fd (idempotent)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
     def has(self, capability: str) -> bool:
         """Whether the capability (a ``KVM_CAP_*`` name) is present."""

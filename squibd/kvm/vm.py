@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Final, Self
+from typing import Final
 
 import attrs
 import numpy as np
@@ -15,7 +15,7 @@ from squibd.snapshot.models import ClockState, IrqchipState, X86VmState
 from . import _abi
 from .dirty_ring import DirtyRing, DirtyRingInUse, RingCollector
 from .errors import KvmError, KvmIoctlError, KvmUnsupported, VcpuLimitExceeded
-from .system import Kvm, check_ioctl
+from .system import FdOwner, Kvm, check_ioctl
 
 __all__ = [
     "DEFAULT_TSS_ADDR",
@@ -69,7 +69,7 @@ class MemorySlot:
 
 
 @attrs.define(eq=False)
-class KvmVm:
+class KvmVm(FdOwner):
     """A KVM VM fd with its memory slots and in-kernel devices.
 
     Create with :meth:`create`; then :meth:`create_irqchip`,
@@ -111,18 +111,6 @@ class KvmVm:
             vm.close()
             raise
         return vm
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the VM fd (idempotent). Close its vCPUs first."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
     # --- devices ---------------------------------------------------------------
     def set_tss_addr(self, addr: int = DEFAULT_TSS_ADDR) -> None:

@@ -29,6 +29,7 @@ from .memerrors import MemoryInputInvalid
 __all__ = [
     "BATCH_BYTES",
     "BATCH_UNITS",
+    "RegionLayout",
     "RegionSource",
     "RunsLike",
     "WorkPlan",
@@ -40,8 +41,8 @@ __all__ = [
 ]
 
 
-class RegionSource(Protocol):
-    """What the writer reads from (``squibd.vm.memory.GuestRegion`` is one)."""
+class RegionLayout(Protocol):
+    """Where a region sits: guest-physical address, size, offset in the memory file."""
 
     @property
     def guest_addr(self) -> int: ...
@@ -49,6 +50,11 @@ class RegionSource(Protocol):
     def size(self) -> int: ...
     @property
     def file_offset(self) -> int: ...
+
+
+class RegionSource(RegionLayout, Protocol):
+    """What the writer reads from (``squibd.vm.memory.GuestRegion`` is one)."""
+
     @property
     def view(self) -> memoryview: ...
     @property

@@ -36,7 +36,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from typing import Final, Protocol
+from typing import Final
 
 import attrs
 import numpy as np
@@ -54,7 +54,15 @@ from .manifest import (
     MemoryRegion,
 )
 from .memerrors import MemoryInputInvalid
-from .memplan import RegionSource, RunsLike, WorkPlan, check_regions, merge_extents, plan_units
+from .memplan import (
+    RegionLayout,
+    RegionSource,
+    RunsLike,
+    WorkPlan,
+    check_regions,
+    merge_extents,
+    plan_units,
+)
 from .memplan import nonzero_page_runs as _nonzero_page_runs
 from .pairing import PAIR_XATTR, new_pair_id, read_pair_xattr, set_pair_xattr
 
@@ -434,18 +442,9 @@ def _coalesce(starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64],
     )
 
 
-class _HasLayout(Protocol):
-    @property
-    def guest_addr(self) -> int: ...
-    @property
-    def size(self) -> int: ...
-    @property
-    def file_offset(self) -> int: ...
-
-
 def build_manifest(
     write_result: WriteResult,
-    regions: Sequence[_HasLayout],
+    regions: Sequence[RegionLayout],
     *,
     kind: str,
     pair_id: str,

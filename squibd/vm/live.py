@@ -38,12 +38,12 @@ import uuid
 from collections.abc import Sequence
 from typing import Final
 
+import attrs
 import trio
 
 from ..snapshot.bitmap import Words
 from ..snapshot.commit import PairTransaction
 from ..snapshot.digest import DEFAULT_ALGORITHM, DigestFunction, digest_function
-from ..snapshot.envelope import encode_state
 from ..snapshot.errors import MemoryIo
 from ..snapshot.manifest import (
     DEFAULT_CHUNK_SIZE,
@@ -58,15 +58,20 @@ from ..snapshot.memwriter import (
     WriteCancelled,
     WriteResult,
     merge_extents,
-    set_pair_xattr,
     write_memory,
 )
-from ..snapshot.models import X86MicrovmState
 from ._threads import run_blocking, run_cancellable
 from .dirty import or_words, page_count, runs_of
 from .machine import CapturedState, Vm
 from .models import Progress, SaveResult, VmState
-from .save import ByteProgress, SaveRequest, capture, save_stop_and_copy, thread_progress
+from .save import (
+    ByteProgress,
+    SaveRequest,
+    capture,
+    commit_state,
+    save_stop_and_copy,
+    thread_progress,
+)
 
 __all__ = ["save_live"]
 
@@ -206,16 +211,7 @@ class _LivePair:
             chunk_size=DEFAULT_CHUNK_SIZE,
             digests=self.digests.final(self.txn.mem_fd, extents, cancel),
         )
-        state = X86MicrovmState(
-            vm_info=self.vm.vm_info(),
-            vm_state=captured.vm_state,
-            vcpu_states=captured.vcpu_states,
-            device_states=(),
-            mmds_state=None,
-            memory=manifest,
-        )
-        set_pair_xattr(self.txn.mem_fd, pair_id)
-        self.txn.commit(encode_state(state))
+        commit_state(self.txn, self.vm, captured, manifest)
         return manifest
 
     def abort(self) -> None:
@@ -350,19 +346,4 @@ async def save_live(
 
 
 def _as_live(result: SaveResult, *, pass_limit_reached: bool) -> SaveResult:
-    return SaveResult(
-        vm_id=result.vm_id,
-        snapshot_type=result.snapshot_type,
-        snapshot_path=result.snapshot_path,
-        mem_file_path=result.mem_file_path,
-        pair_id=result.pair_id,
-        parent_pair_id=result.parent_pair_id,
-        bytes_written=result.bytes_written,
-        pages_written=result.pages_written,
-        live=True,
-        passes=1,
-        bytes_per_pass=result.bytes_per_pass,
-        pause_ms=result.pause_ms,
-        pass_limit_reached=pass_limit_reached,
-        duration_ms=result.duration_ms,
-    )
+    return attrs.evolve(result, live=True, passes=1, pass_limit_reached=pass_limit_reached)

@@ -51,6 +51,7 @@ __all__ = [
     "SaveRequest",
     "capture",
     "commit_pair",
+    "commit_state",
     "save_stop_and_copy",
     "thread_progress",
 ]
@@ -166,17 +167,28 @@ def commit_pair(
             parent_pair_id=parent_pair_id,
             page_size=vm.page_size,
         )
-        state = X86MicrovmState(
-            vm_info=vm.vm_info(),
-            vm_state=captured.vm_state,
-            vcpu_states=captured.vcpu_states,
-            device_states=(),
-            mmds_state=None,
-            memory=manifest,
-        )
-        set_pair_xattr(txn.mem_fd, pair_id)
-        txn.commit(encode_state(state))
+        commit_state(txn, vm, captured, manifest)
     return manifest, int(result.pages_written)
+
+
+def commit_state(
+    txn: PairTransaction, vm: Vm, captured: CapturedState, manifest: MemoryManifest
+) -> None:
+    """Tag the memory file with the manifest's pair id, encode the state, commit the pair.
+
+    Runs in a worker thread, once ``txn.mem_fd`` holds everything ``manifest``
+    describes. Stop-and-copy and live saves end here alike.
+    """
+    state = X86MicrovmState(
+        vm_info=vm.vm_info(),
+        vm_state=captured.vm_state,
+        vcpu_states=captured.vcpu_states,
+        device_states=(),
+        mmds_state=None,
+        memory=manifest,
+    )
+    set_pair_xattr(txn.mem_fd, manifest.pair_id)
+    txn.commit(encode_state(state))
 
 
 async def capture(vm: Vm, limiter: trio.CapacityLimiter) -> CapturedState:

@@ -6,5 +6,7 @@ import sys
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+# Appended, not prepended: bench/ holds modules named like common words (rpc, uffd,
+# digest) that must never shadow anything else the suite imports.
 if str(BENCH_DIR) not in sys.path:
-    sys.path.insert(0, str(BENCH_DIR))
+    sys.path.append(str(BENCH_DIR))

@@ -6,17 +6,21 @@
   given extents (coalesced), i.e. it holds data exactly there.
 - :func:`coalesce`: merge adjacent extents (manifests never merge across a
   region boundary; ``SEEK_DATA`` does).
+- :func:`small_tmpfs`: a tmpfs of a given size (ENOSPC on demand; root only).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+import subprocess
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from squibd.snapshot.manifest import Extent
 from squibd.snapshot.verify import data_extents, first_difference
 
-__all__ = ["assert_holes_match", "assert_same_content", "coalesce"]
+__all__ = ["assert_holes_match", "assert_same_content", "coalesce", "small_tmpfs"]
 
 
 def coalesce(extents: Iterable[Extent]) -> list[Extent]:
@@ -41,3 +45,16 @@ def assert_holes_match(path: str | os.PathLike[str], extents: Iterable[Extent]) 
     found = data_extents(os.fspath(path))
     expected = coalesce(extents)
     assert found == expected, f"data extents {found} != expected {expected}"
+
+
+@contextlib.contextmanager
+def small_tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
+    """Mount a tmpfs of ``size`` (mount syntax, e.g. ``"2m"``) at ``tmp_path/small``."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
+                   check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)

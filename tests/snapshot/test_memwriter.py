@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from squibd.snapshot.memwriter import (
     write_memory,
 )
 from squibd.vm.memory import GuestMemory
-from tests.snapshot.memfiles import assert_holes_match, assert_same_content
+from tests.snapshot.memfiles import assert_holes_match, assert_same_content, small_tmpfs
 
 PAGE = HOST_PAGE_SIZE
 MIB = 1024 * 1024
@@ -291,18 +290,6 @@ def test_injected_eio_fake_becomes_memory_io(tmp_path: Path, monkeypatch: pytest
         with pytest.raises(MemoryIo) as caught:
             write_memory(fd, memory.regions, kind="Full", writers=2, method="pwrite")
     assert str(caught.value) == "memory file I/O error: Input/output error (os error 5)"
-
-
-@contextlib.contextmanager
-def small_tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
-    mountpoint = tmp_path / "small"
-    mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
-                   check=True)
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")

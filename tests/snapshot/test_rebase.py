@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from squibd.demo_format import minimal_x86_state, minimal_x86_vcpu
 from squibd.snapshot.bitmap import HOST_PAGE_SIZE, DirtyBitmap
 from squibd.snapshot.commit import COMMIT_STEPS, PairTransaction, recover_pair
 from squibd.snapshot.envelope import encode_state, read_state_file
@@ -23,45 +24,15 @@ from squibd.snapshot.errors import MemoryIo, SnapshotError
 from squibd.snapshot.manifest import MemoryManifest, MemoryRegion
 from squibd.snapshot.memerrors import MemoryInputInvalid, MemoryPairMismatch
 from squibd.snapshot.memwriter import build_manifest, new_pair_id, set_pair_xattr, write_memory
-from squibd.snapshot.models import (
-    CpuidEntry,
-    DebugRegs,
-    DTable,
-    Segment,
-    VmInfo,
-    X86MicrovmState,
-    X86Regs,
-    X86Sregs,
-    X86VcpuState,
-    X86VmState,
-)
 from squibd.snapshot.rebase import memory_path_for, rebase
 from squibd.snapshot.verify import verify
 from squibd.vm.memory import GuestMemory
-from tests.snapshot.memfiles import assert_same_content
+from tests.snapshot.memfiles import assert_same_content, small_tmpfs
 
 PAGE = HOST_PAGE_SIZE
 MIB = 1024 * 1024
 LAYOUT = (MemoryRegion(0, 4 * MIB, 0), MemoryRegion(0x1000_0000, 4 * MIB, 4 * MIB))
-MEM_MIB = 8
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _vcpu(rip: int) -> X86VcpuState:
-    segment = Segment(0, 0xFFFFFFFF, 0, 11, 1, 3, 0, 1, 1, 1, 0, 0)
-    return X86VcpuState(
-        cpuid=(CpuidEntry(0, 0, 0, 0, 0, 0, 0),),
-        regs=X86Regs(*([0] * 16), rip, 2),
-        sregs=X86Sregs(*([segment] * 8), DTable(0, 0), DTable(0, 0),
-                       0, 0, 0, 0, 0, 0, 0xFEE00900, (0, 0, 0, 0)),
-        xsave=bytes(4096),
-        xcrs=(),
-        msrs=(),
-        lapic=bytes(1024),
-        vcpu_events=bytes(64),
-        mp_state=0,
-        debug_regs=DebugRegs((0, 0, 0, 0), 0, 0, 0),
-    )
 
 
 @attrs.define(eq=False)
@@ -94,14 +65,7 @@ class FakeVm:
             manifest = build_manifest(result, self.memory.regions, kind=kind, pair_id=pair_id,
                                       parent_pair_id=parent)
             self.saves += 1
-            state = X86MicrovmState(
-                vm_info=VmInfo(mem_size_mib=MEM_MIB, vcpu_count=1),
-                vm_state=X86VmState(clock=None, irqchips=(), pit=None),
-                vcpu_states=(_vcpu(0x1000 + self.saves),),
-                device_states=(),
-                mmds_state=None,
-                memory=manifest,
-            )
+            state = minimal_x86_state(manifest, (minimal_x86_vcpu(rip=0x1000 + self.saves),))
             txn.commit(encode_state(state))
         for bitmap in self.bitmaps:  # only after the commit
             bitmap.clear()
@@ -264,18 +228,6 @@ def test_sigkill_during_rebase_leaves_old_or_new_pair(tmp_path: Path, step: str)
         state = read_state_file(tmp_path / "out.snap")
         verify(state, str(tmp_path / "out.mem"), "full")
         assert_same_content(tmp_path / "out.mem", tmp_path / "ref.mem")
-
-
-@contextlib.contextmanager
-def small_tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
-    mountpoint = tmp_path / "small"
-    mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
-                   check=True)
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
+from squibd.demo_format import minimal_x86_state, minimal_x86_vcpu
 from squibd.snapshot.digest import digest_function
 from squibd.snapshot.envelope import encode_state
 from squibd.snapshot.manifest import (
@@ -24,18 +25,7 @@ from squibd.snapshot.manifest import (
     MemoryRegion,
     iter_chunks,
 )
-from squibd.snapshot.models import (
-    CpuidEntry,
-    DebugRegs,
-    DTable,
-    Segment,
-    VmInfo,
-    X86MicrovmState,
-    X86Regs,
-    X86Sregs,
-    X86VcpuState,
-    X86VmState,
-)
+from squibd.snapshot.models import X86VcpuState
 from squibd.uffd.source import PAIR_XATTR
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -44,6 +34,8 @@ MIB = 1024 * 1024
 REGIONS = (MemoryRegion(0, 4 * MIB, 0), MemoryRegion(0x1000_0000, 4 * MIB, 4 * MIB))
 MEM_SIZE = sum(r.size for r in REGIONS)
 ALGORITHM = "xxh3-64"
+#: A complete (for the compatibility check) x86 vCPU state with the given registers.
+vcpu_state = minimal_x86_vcpu
 
 
 def page_pattern(page: int, version: int = 0) -> bytes:
@@ -93,40 +85,6 @@ def write_memory(
     )
 
 
-def _segment(dpl: int = 3) -> Segment:
-    return Segment(0, 0xFFFFFFFF, 0, 11, 1, dpl, 0, 1, 1, 1, 0, 0)
-
-
-def vcpu_state(*, rip: int, rsp: int, cr0: int = 0, cr3: int = 0, cr4: int = 0, efer: int = 0
-               ) -> X86VcpuState:
-    """A complete (for the compatibility check) x86 vCPU state with these registers."""
-    regs = X86Regs(*([0] * 6), rsp, *([0] * 9), rip, 2)
-    sregs = X86Sregs(
-        *(_segment() for _ in range(8)), DTable(0, 0), DTable(0, 0),
-        cr0, 0, cr3, cr4, 0, efer, 0xFEE00900, (0, 0, 0, 0),
-    )
-    return X86VcpuState(
-        cpuid=(CpuidEntry(0, 0, 0, 0, 0, 0, 0),),
-        regs=regs,
-        sregs=sregs,
-        xsave=bytes(4096),
-        xcrs=(),
-        msrs=(),
-        lapic=bytes(1024),
-        vcpu_events=bytes(64),
-        mp_state=0,
-        debug_regs=DebugRegs((0, 0, 0, 0), 0, 0, 0),
-    )
-
-
 def write_state(path: Path, manifest: MemoryManifest, vcpus: tuple[X86VcpuState, ...]) -> None:
     """Write a real state file holding ``manifest`` and ``vcpus``."""
-    state = X86MicrovmState(
-        vm_info=VmInfo(mem_size_mib=manifest.file_size // MIB, vcpu_count=len(vcpus)),
-        vm_state=X86VmState(clock=None, irqchips=(), pit=None),
-        vcpu_states=vcpus,
-        device_states=(),
-        mmds_state=None,
-        memory=manifest,
-    )
-    path.write_bytes(encode_state(state))
+    path.write_bytes(encode_state(minimal_x86_state(manifest, vcpus)))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Final
 
 import trio
 
+from squibd.snapshot.rebase import rebase
 from squibd.vm.machine import Vm
 
 #: Generous bound for a guest to show progress on a noisy, shared host.
@@ -43,3 +45,13 @@ def first_memory_difference(path: str, vm: Vm) -> int | None:
                 offset += length
     return None
 
+
+
+def rebase_full_and_diff(directory: Path) -> str:
+    """Rebase ``f.snap`` + ``d.snap`` (and their ``.mem``) into ``r.snap``; return ``r.mem``."""
+    rebase(
+        str(directory / "f.snap"), [str(directory / "d.snap")], str(directory / "r.snap"),
+        str(directory / "r.mem"), base_mem=str(directory / "f.mem"),
+        diff_mems=[str(directory / "d.mem")],
+    )  # fmt: skip
+    return str(directory / "r.mem")

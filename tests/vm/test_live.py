@@ -11,14 +11,13 @@ import trio.testing
 
 from squibd.snapshot.envelope import read_state_file
 from squibd.snapshot.errors import MemoryIo, QuiesceTimeout
-from squibd.snapshot.rebase import rebase
 from squibd.snapshot.verify import verify
 from squibd.vm.errors import DiffNotAllowed
 from squibd.vm.machine import Vm
 from squibd.vm.models import GuestSpec, MemBackend
 from squibd.vm.runtime import Runtime
 
-from ._helpers import first_memory_difference, wait_progress_beyond
+from ._helpers import first_memory_difference, rebase_full_and_diff, wait_progress_beyond
 
 pytestmark = pytest.mark.kvm
 
@@ -66,12 +65,7 @@ async def test_live_diff_after_full_rebases_to_memory_at_the_pause(
                                 str(tmp_path / "d.mem"), live=True, resume=False)  # fmt: skip
     assert result.live and result.parent_pair_id is not None
     verify(read_state_file(str(tmp_path / "d.snap")), str(tmp_path / "d.mem"), "full")
-    rebase(
-        str(tmp_path / "f.snap"), [str(tmp_path / "d.snap")], str(tmp_path / "r.snap"),
-        str(tmp_path / "r.mem"), base_mem=str(tmp_path / "f.mem"),
-        diff_mems=[str(tmp_path / "d.mem")],
-    )  # fmt: skip
-    assert first_memory_difference(str(tmp_path / "r.mem"), vm) is None
+    assert first_memory_difference(rebase_full_and_diff(tmp_path), vm) is None
     # The checkpoint moved: a Diff right away (still paused) is empty.
     empty = await runtime.save("ldiff", "Diff", str(tmp_path / "e.snap"),
                                str(tmp_path / "e.mem"), resume=False)  # fmt: skip
@@ -200,12 +194,7 @@ async def test_live_save_failing_with_enospc_keeps_running_and_keeps_the_dirty_s
     await wait_progress_beyond(vm, vm.guest_progress())
     await runtime.save("lfull", "Diff", str(tmp_path / "d.snap"), str(tmp_path / "d.mem"),
                        live=True, resume=False)  # fmt: skip
-    rebase(
-        str(tmp_path / "f.snap"), [str(tmp_path / "d.snap")], str(tmp_path / "r.snap"),
-        str(tmp_path / "r.mem"), base_mem=str(tmp_path / "f.mem"),
-        diff_mems=[str(tmp_path / "d.mem")],
-    )  # fmt: skip
-    assert first_memory_difference(str(tmp_path / "r.mem"), vm) is None
+    assert first_memory_difference(rebase_full_and_diff(tmp_path), vm) is None
 
 
 async def test_live_save_of_a_guest_split_around_the_mmio_gap(
@@ -233,11 +222,7 @@ async def test_live_save_of_a_guest_split_around_the_mmio_gap(
     with open(tmp_path / "d.mem", "rb") as mem:
         offset = high.file_offset + (marker_addr + 4096 - high.guest_addr)
         assert os.pread(mem.fileno(), 19, offset) == b"dirty above the gap"
-    rebase(
-        str(tmp_path / "f.snap"), [str(tmp_path / "d.snap")], str(tmp_path / "r.snap"),
-        str(tmp_path / "r.mem"), base_mem=str(tmp_path / "f.mem"),
-        diff_mems=[str(tmp_path / "d.mem")],
-    )  # fmt: skip
+    rebase_full_and_diff(tmp_path)
     await runtime.destroy("split")
     restored = await runtime.load("split2", str(tmp_path / "r.snap"),
                                   MemBackend("File", str(tmp_path / "r.mem")),

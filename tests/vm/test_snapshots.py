@@ -20,7 +20,7 @@ from squibd.snapshot.verify import first_difference, verify
 from squibd.vm.models import GuestSpec, MemBackend
 from squibd.vm.runtime import Runtime
 
-from ._helpers import first_memory_difference, wait_progress_beyond
+from ._helpers import first_memory_difference, rebase_full_and_diff, wait_progress_beyond
 
 pytestmark = pytest.mark.kvm
 
@@ -204,9 +204,4 @@ async def test_save_failing_mid_write_resumes_and_keeps_the_dirty_set(
     await runtime.save("enospc", "Diff", str(tmp_path / "d.snap"), str(tmp_path / "d.mem"),
                        resume=False)  # fmt: skip
     assert marker // PAGE in _pages(_manifest(tmp_path / "d.snap"))
-    rebase(
-        str(tmp_path / "f.snap"), [str(tmp_path / "d.snap")], str(tmp_path / "r.snap"),
-        str(tmp_path / "r.mem"), base_mem=str(tmp_path / "f.mem"),
-        diff_mems=[str(tmp_path / "d.mem")],
-    )  # fmt: skip
-    assert first_memory_difference(str(tmp_path / "r.mem"), vm) is None
+    assert first_memory_difference(rebase_full_and_diff(tmp_path), vm) is None
