@@ -51,8 +51,6 @@ MAX_VCPUS: Final = 32
 MAX_MEMORY_ACCESS: Final = 1024 * 1024
 #: The largest guest we accept, in MiB (the host has 24 GiB; 1 TiB is a sanity bound).
 MAX_MEM_SIZE_MIB: Final = 1024 * 1024
-#: SPEC section 10: client paths are at most 1024 bytes.
-MAX_PATH_LENGTH: Final = 1024
 
 ProgressToken = int | str
 

@@ -209,11 +209,6 @@ def ioctl_raw(fd: int, request: int, arg: int = 0) -> tuple[int, int]:
     return result, (ctypes.get_errno() if result < 0 else 0)
 
 
-def ioctl_addr(obj: ctypes.Structure | ctypes.Array[ctypes.c_char]) -> int:
-    """The address of a ctypes buffer, to pass as an ioctl argument."""
-    return ctypes.addressof(obj)
-
-
 def mmap_shared(fd: int, size: int, offset: int = 0) -> int:
     """``mmap(NULL, size, PROT_READ|PROT_WRITE, MAP_SHARED, fd, offset)``; returns the address.
 

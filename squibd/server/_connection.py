@@ -289,17 +289,12 @@ class ClientConnection:
                 answer = ErrorResponse(request.id, failure)
             else:
                 answer = Response(request.id, result)
-        except RpcError as exc:
-            failure = exc.error
-            answer = ErrorResponse(request.id, failure)
-        except UnexpectedHandlerError as exc:
-            log.error("%s %s failed unexpectedly", self.peer, request.method, exc_info=exc)
-            failure = exc.rpc_error.error
+        except (RpcError, UnexpectedHandlerError) as exc:
+            failure = self._failure(request, exc)
             answer = ErrorResponse(request.id, failure)
         finally:
             del self._scopes[request.id]
-        elapsed = (time.monotonic() - started) * _MS_PER_S
-        self.server.log_request(self.peer, request.method, request.id, elapsed, failure)
+        self._log_request(request, started, failure)
         return answer
 
     async def _answer_inline(self, request: Request) -> Response | ErrorResponse:
@@ -311,16 +306,22 @@ class ClientConnection:
                 request.id,
                 await dispatch(self.api, CallInfo(request.id), request.method, request.params),
             )
-        except RpcError as exc:
-            failure = exc.error
+        except (RpcError, UnexpectedHandlerError) as exc:
+            failure = self._failure(request, exc)
             answer = ErrorResponse(request.id, failure)
-        except UnexpectedHandlerError as exc:
+        self._log_request(request, started, failure)
+        return answer
+
+    def _failure(self, request: Request, exc: RpcError | UnexpectedHandlerError) -> ErrorObject:
+        # The error object answering a failed call; a handler bug is logged with its traceback.
+        if isinstance(exc, UnexpectedHandlerError):
             log.error("%s %s failed unexpectedly", self.peer, request.method, exc_info=exc)
-            failure = exc.rpc_error.error
-            answer = ErrorResponse(request.id, failure)
+            return exc.rpc_error.error
+        return exc.error
+
+    def _log_request(self, request: Request, started: float, failure: ErrorObject | None) -> None:
         elapsed = (time.monotonic() - started) * _MS_PER_S
         self.server.log_request(self.peer, request.method, request.id, elapsed, failure)
-        return answer
 
     def _frame(self, answer: Response | ErrorResponse) -> bytes:
         """Encode an answer; a result JSON cannot carry becomes -32603 (a bug, logged)."""

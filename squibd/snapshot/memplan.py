@@ -137,7 +137,7 @@ def check_regions(regions: Sequence[RegionSource], page_size: int) -> int:
 
 
 def memfd_extents(fd: int, size: int) -> list[tuple[int, int]]:
-    """Touched ``(offset, length)`` ranges of a memfd, via SEEK_DATA/SEEK_HOLE."""
+    """Touched ``(offset, length)`` ranges of a memfd (or any file), via SEEK_DATA/SEEK_HOLE."""
     found: list[tuple[int, int]] = []
     position = 0
     while position < size:

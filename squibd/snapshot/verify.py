@@ -26,6 +26,7 @@ from .digest import digest_function
 from .errors import MemoryIo
 from .manifest import DIGEST_SIZES, Extent, MemoryManifest, iter_chunks
 from .memerrors import MemoryDigestMismatch, MemoryInputInvalid, MemoryPairMismatch
+from .memplan import memfd_extents
 from .memwriter import read_pair_xattr
 
 __all__ = [
@@ -159,24 +160,11 @@ def verify(state: _HasManifest | MemoryManifest, memory_path: str, mode: str) ->
 
 def data_extents(path: str) -> list[Extent]:
     """Where ``path`` holds data according to ``SEEK_DATA``/``SEEK_HOLE``, coalesced."""
-    found: list[Extent] = []
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
-        position = 0
-        while position < size:
-            try:
-                start = os.lseek(fd, position, os.SEEK_DATA)
-            except OSError as error:
-                if error.errno == errno.ENXIO:
-                    break
-                raise
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            found.append(Extent(start, end - start))
-            position = end
+        return [Extent(start, length) for start, length in memfd_extents(fd, os.fstat(fd).st_size)]
     finally:
         os.close(fd)
-    return found
 
 
 def first_difference(path_a: str, path_b: str) -> int | None:

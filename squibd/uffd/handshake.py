@@ -44,7 +44,6 @@ __all__ = [
 MAX_SOCKET_PATH_BYTES: Final = 107
 #: Cap on the JSON we accept: thousands of regions fit; anything larger is not a VMM.
 MAX_HANDSHAKE_BYTES: Final = 1 << 20
-_FIELDS: Final = ("base_host_virt_addr", "size", "offset", "page_size", "page_size_kib")
 _INT_SIZE: Final = array.array("i").itemsize
 
 

@@ -26,7 +26,7 @@ import contextlib
 import ctypes
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import attrs
@@ -183,22 +183,18 @@ class GuestMemory:
             MemoryLayoutError: the layout is invalid.
         """
         _check_layout(regions)
-        built: list[GuestRegion] = []
-        try:
-            for region in regions:
-                fd = os.memfd_create(name, os.MFD_CLOEXEC)
-                try:
-                    os.ftruncate(fd, region.size)
-                    mapping = mmap.mmap(fd, region.size, flags=mmap.MAP_SHARED, prot=_PROT_RW)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                built.append(cls._region(region, mapping, fd))
-        except BaseException:
-            for done in built:
-                done.close()
-            raise
-        return cls(tuple(built))
+
+        def map_one(region: MemoryRegion) -> GuestRegion:
+            fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, region.size)
+                mapping = mmap.mmap(fd, region.size, flags=mmap.MAP_SHARED, prot=_PROT_RW)
+            except BaseException:
+                os.close(fd)
+                raise
+            return cls._region(region, mapping, fd)
+
+        return cls._map_each(regions, map_one)
 
     @classmethod
     def from_file(cls, path: str, regions: Sequence[MemoryRegion]) -> GuestMemory:
@@ -211,44 +207,52 @@ class GuestMemory:
         _check_layout(regions)
         total = sum(region.size for region in regions)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        built: list[GuestRegion] = []
+
+        def map_one(region: MemoryRegion) -> GuestRegion:
+            mapping = mmap.mmap(
+                fd,
+                region.size,
+                flags=mmap.MAP_PRIVATE | _MAP_NORESERVE,
+                prot=_PROT_RW,
+                offset=region.file_offset,
+            )
+            return cls._region(region, mapping, None)
+
         try:
             size = os.fstat(fd).st_size
             if size != total:
                 raise MemoryLayoutError(
                     f"memory file {path!r} is {size} bytes, the regions need {total}"
                 )
-            for region in regions:
-                mapping = mmap.mmap(
-                    fd,
-                    region.size,
-                    flags=mmap.MAP_PRIVATE | _MAP_NORESERVE,
-                    prot=_PROT_RW,
-                    offset=region.file_offset,
-                )
-                built.append(cls._region(region, mapping, None))
-        except BaseException:
-            for done in built:
-                done.close()
-            raise
+            return cls._map_each(regions, map_one)
         finally:
             os.close(fd)  # the mappings keep the file referenced
-        return cls(tuple(built))
 
     @classmethod
     def anonymous(cls, regions: Sequence[MemoryRegion]) -> GuestMemory:
         """Anonymous private RAM (``MAP_NORESERVE``), for a userfaultfd lazy restore."""
         _check_layout(regions)
+
+        def map_one(region: MemoryRegion) -> GuestRegion:
+            mapping = mmap.mmap(
+                -1,
+                region.size,
+                flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+                prot=_PROT_RW,
+            )
+            return cls._region(region, mapping, None)
+
+        return cls._map_each(regions, map_one)
+
+    @classmethod
+    def _map_each(
+        cls, regions: Sequence[MemoryRegion], map_one: Callable[[MemoryRegion], GuestRegion]
+    ) -> GuestMemory:
+        # Map every region in order; a failure unmaps (and closes) those already mapped.
         built: list[GuestRegion] = []
         try:
             for region in regions:
-                mapping = mmap.mmap(
-                    -1,
-                    region.size,
-                    flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
-                    prot=_PROT_RW,
-                )
-                built.append(cls._region(region, mapping, None))
+                built.append(map_one(region))
         except BaseException:
             for done in built:
                 done.close()
