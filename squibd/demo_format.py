@@ -290,8 +290,8 @@ def _banner(text: str) -> None:
 def write_demo_pair(directory: str) -> tuple[str, str]:
     """Write a real snapshot pair (2 vCPUs, devices, patterned memory) into ``directory``."""
     from .snapshot.commit import PairTransaction
-    from .snapshot.describe import PAIR_XATTR
     from .snapshot.envelope import encode_state
+    from .snapshot.pairing import PAIR_XATTR
 
     snap, mem = os.path.join(directory, "demo.snap"), os.path.join(directory, "demo.mem")
     memory = pattern_memory(DEMO_MEM_MIB * MIB)

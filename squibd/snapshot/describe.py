@@ -34,6 +34,7 @@ from .envelope import (
 from .errors import CrcMismatch, MagicMismatch, MemoryIo, SnapshotError, TooShort, VersionMismatch
 from .manifest import MemoryManifest
 from .models import MicrovmState
+from .pairing import PAIR_XATTR
 
 __all__ = [
     "FORMAT_FIRECRACKER",
@@ -51,8 +52,6 @@ __all__ = [
 FORMAT_SQUIBD: Final = "squibd"
 FORMAT_FIRECRACKER: Final = "firecracker-bincode"
 FORMAT_UNKNOWN: Final = "unknown"
-#: SPEC section 4: the memory file's pair binding.
-PAIR_XATTR: Final = "user.squibd.pair"
 #: A version string longer than this is not read for display.
 _MAX_SHOWN_VERSION: Final = 64
 _SNAP_SUFFIX: Final = ".snap"

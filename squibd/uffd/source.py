@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from squibd.snapshot.digest import digest_function
 from squibd.snapshot.manifest import KIND_FULL, MemoryManifest, iter_chunks
+from squibd.snapshot.pairing import PAIR_XATTR
 
 from .errors import ChunkCorrupt, SnapshotMismatch
 
@@ -33,8 +34,6 @@ __all__ = ["HOLE", "PAIR_XATTR", "MemoryLayer", "PageSource"]
 
 #: ``layer_of_page`` value of a page no layer wrote: served as zeros.
 HOLE: Final = -1
-#: SPEC section 4: the memory file names its pair in this extended attribute.
-PAIR_XATTR: Final = "user.squibd.pair"
 #: Layers per chain at most (``layer_of_page`` is int8).
 MAX_LAYERS: Final = 127
 

@@ -106,8 +106,6 @@ def build_fresh(
                 image.setup_vcpu(vcpu)
             return Vm(
                 vm_id=vm_id,
-                vcpu_count=vcpu_count,
-                mem_size_mib=mem_size_mib,
                 track_dirty_pages=track_dirty_pages,
                 guest=GuestSpec(image.program, dict(image.params)),
                 memory=memory,
@@ -165,8 +163,6 @@ def build_restored(
             )
         vm = Vm(
             vm_id=vm_id,
-            vcpu_count=info.vcpu_count,
-            mem_size_mib=info.mem_size_mib,
             track_dirty_pages=track_dirty_pages,
             guest=guest,
             memory=memory,

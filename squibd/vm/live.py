@@ -231,7 +231,9 @@ async def save_live(
         # Nothing runs meanwhile (or no pre-copy pass is allowed): the final
         # pass is the whole save.
         result = await save_stop_and_copy(vm, request, limiter=limiter, progress=progress)
-        return _as_live(result, pass_limit_reached=request.max_passes == 1)
+        return attrs.evolve(
+            result, live=True, passes=1, pass_limit_reached=request.max_passes == 1
+        )
     started = time.perf_counter()
     enabled_here = not vm.dirty_logging
     diff = request.kind == KIND_DIFF
@@ -343,7 +345,3 @@ async def save_live(
         pass_limit_reached=limit_reached,
         duration_ms=(time.perf_counter() - started) * _MS_PER_S,
     )
-
-
-def _as_live(result: SaveResult, *, pass_limit_reached: bool) -> SaveResult:
-    return attrs.evolve(result, live=True, passes=1, pass_limit_reached=pass_limit_reached)

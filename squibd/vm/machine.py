@@ -34,7 +34,7 @@ from ..snapshot.models import VmInfo, X86VcpuState, X86VmState
 from ..uffd import UffdBackend
 from .dirty import DirtySet
 from .errors import InvalidVmConfig
-from .memory import GuestMemory
+from .memory import MIB, GuestMemory
 from .models import GuestSpec, VmDescription, VmState
 from .quiesce import VcpuGate, quiesce
 
@@ -67,8 +67,6 @@ class Vm:
     """A VM run by squibd (see the module doc); ``build.py`` makes them."""
 
     vm_id: str
-    vcpu_count: int
-    mem_size_mib: int
     track_dirty_pages: bool
     guest: GuestSpec | None
     memory: GuestMemory = attrs.field(repr=False)
@@ -97,6 +95,16 @@ class Vm:
     _heartbeat_event: trio.Event = attrs.field(factory=trio.Event, repr=False)
     _failed: trio.Event = attrs.field(factory=trio.Event, repr=False)
     _closed: bool = False
+
+    @property
+    def vcpu_count(self) -> int:
+        """Number of vCPUs."""
+        return len(self._vcpus)
+
+    @property
+    def mem_size_mib(self) -> int:
+        """Guest RAM in MiB (the regions' total)."""
+        return self.memory.total_size // MIB
 
     def __attrs_post_init__(self) -> None:
         self._log_enabled = self.track_dirty_pages
