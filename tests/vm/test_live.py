@@ -23,6 +23,8 @@ pytestmark = pytest.mark.kvm
 
 MEM_MIB = 128
 WRITER = GuestSpec("memwriter", {"working_set_mib": 16, "stride_pages": 1})
+#: More than the 4 MiB ``small_tmpfs`` holds.
+OVER_TMPFS = 5 * 1024 * 1024
 
 
 async def _running_writer(runtime: Runtime, vm_id: str, *, track: bool = True) -> Vm:
@@ -181,7 +183,8 @@ async def test_live_save_failing_with_enospc_keeps_running_and_keeps_the_dirty_s
     vm = await _running_writer(runtime, "lfull")
     await runtime.save("lfull", "Full", str(tmp_path / "f.snap"), str(tmp_path / "f.mem"))
     marker = 100 * 1024 * 1024
-    runtime.write_memory("lfull", marker, b"before the failed live save")
+    # A device write larger than the tmpfs: ENOSPC whatever the guest dirtied meanwhile.
+    runtime.write_memory("lfull", marker, b"before the failed live save".ljust(OVER_TMPFS, b"x"))
     with pytest.raises(MemoryIo, match=r"No space left on device \(os error 28\)"):
         await runtime.save("lfull", "Diff", str(small_tmpfs / "d.snap"),
                            str(small_tmpfs / "d.mem"), live=True)  # fmt: skip
