@@ -14,7 +14,6 @@ import threading
 import time
 from typing import Any, Final
 
-import outcome
 import trio
 
 import squibd
@@ -22,6 +21,7 @@ from squibd.rpc import RpcError
 from squibd.snapshot.describe import default_memory_path, describe_snapshot
 from squibd.snapshot.paths import validate_path
 from squibd.snapshot.rebase import rebase
+from squibd.vm import run_cancellable
 
 from .context import ApiContext, CallInfo
 from .models import (
@@ -244,34 +244,21 @@ async def snapshot_rebase(
     out_mem = default_memory_path(out)
     if params.output_mem_file_path is not None:
         out_mem = _path(api, params.output_mem_file_path, "output_mem_file_path")
-    cancel = threading.Event()
     committed = threading.Event()
 
-    def step(name: str) -> None:
-        if name == _COMMIT_STEP:
-            committed.set()
-        elif cancel.is_set() and not committed.is_set():
-            raise _RebaseCancelled
+    def work(cancel: threading.Event) -> None:
+        def step(name: str) -> None:
+            if name == _COMMIT_STEP:
+                committed.set()
+            elif cancel.is_set() and not committed.is_set():
+                raise _RebaseCancelled
 
-    def work() -> None:
         rebase(base, [diff], out, out_mem, step_hook=step)
 
     started = time.monotonic()
-    async with trio.open_nursery() as nursery:
-
-        async def watch_cancel() -> None:
-            try:
-                await trio.sleep_forever()
-            finally:
-                cancel.set()
-
-        nursery.start_soon(watch_cancel)
-        with trio.CancelScope(shield=True):
-            result = await outcome.acapture(trio.to_thread.run_sync, work)
-        nursery.cancel_scope.cancel()
-    if isinstance(result, outcome.Error) and isinstance(result.error, _RebaseCancelled):
-        await trio.lowlevel.checkpoint()  # raises Cancelled: our scope was cancelled
-    result.unwrap()
+    # Cancelled before the commit step: the transaction aborts and Cancelled
+    # propagates; after it: run_cancellable returns and the call succeeds.
+    await run_cancellable(work, trio.to_thread.current_default_thread_limiter())
     elapsed = (time.monotonic() - started) * _MS_PER_S
     return RebaseResult(
         output_snapshot_path=out, output_mem_file_path=out_mem, duration_ms=round(elapsed, 3)

@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._threads import run_cancellable
     from .errors import (
         Busy,
         DiffNotAllowed,
@@ -45,6 +46,7 @@ __all__ = [
     "VmFailed",
     "VmState",
     "WrongVmState",
+    "run_cancellable",
 ]
 
 _HOMES = {
@@ -55,6 +57,7 @@ _HOMES = {
     "SaveResult": ".models",
     "VmDescription": ".models",
     "VmState": ".models",
+    "run_cancellable": "._threads",
 }
 
 
