@@ -140,7 +140,12 @@ async def _map_uffd(
     """Anonymous memory registered with userfaultfd and handed to the page server."""
     memory = GuestMemory.anonymous(state.memory.regions)
     try:
-        session = await run_blocking(lambda: UffdBackend.connect(socket_path, memory), limiter)
+        session = await run_blocking(
+            lambda: UffdBackend.connect(
+                socket_path, memory, expected_pair_id=state.memory.pair_id
+            ),
+            limiter,
+        )
     except BaseException:
         memory.close()
         raise

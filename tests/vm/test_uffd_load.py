@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from squibd.uffd.errors import UffdError
 from squibd.vm.errors import VmFailed
 from squibd.vm.models import GuestSpec, MemBackend
 from squibd.vm.runtime import Runtime
@@ -78,6 +79,43 @@ def test_uffd_load_runs_and_page_server_death_is_an_error_state(
 
     try:
         trio.run(run)
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_uffd_load_refuses_a_page_server_serving_another_pair(
+    saved_pair: tuple[Path, Path, list[int]], tmp_path: Path
+) -> None:
+    snap, _, _ = saved_pair
+    other_snap, other_mem = tmp_path / "other.snap", tmp_path / "other.mem"
+
+    async def save_other() -> None:
+        # Same layout (one vCPU, 64 MiB), another pair id.
+        rt = Runtime(quiesce_timeout_s=PATIENT_QUIESCE_TIMEOUT_S)
+        try:
+            vm = await rt.create_vm("other", 1, 64, False, GuestSpec("counter"))
+            await rt.start("other")
+            await wait_progress_beyond(vm, [0])
+            await rt.save("other", "Full", str(other_snap), str(other_mem))
+        finally:
+            await rt.aclose()
+
+    trio.run(save_other)
+    socket_path = tmp_path / "other.sock"
+    server = _start_page_server(other_snap, socket_path)
+
+    async def load_mismatched() -> None:
+        rt = Runtime()
+        try:
+            with pytest.raises(UffdError, match="belongs to pair"):
+                await rt.load("lazy", str(snap), MemBackend("Uffd", str(socket_path)))
+            assert rt.list() == []  # nothing half-loaded stays registered
+        finally:
+            await rt.aclose()
+
+    try:
+        trio.run(load_mismatched)
     finally:
         server.kill()
         server.wait()
