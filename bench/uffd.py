@@ -38,14 +38,13 @@ import _common
 import numpy as np
 import trio
 
-from squibd.snapshot.digest import digest_function
+from squibd.snapshot.digest import manifest_digests
 from squibd.snapshot.manifest import (
     DEFAULT_CHUNK_SIZE,
     KIND_FULL,
     Extent,
     MemoryManifest,
     MemoryRegion,
-    iter_chunks,
 )
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -66,11 +65,9 @@ def _write_pair(directory: str, size: int) -> str:
     fd = os.open(mem, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         _common.fill_random_fd(fd, size, seed=7)
-        digest = digest_function("xxh3-64")
         extents = (Extent(0, size),)
-        digests = b"".join(
-            digest(os.pread(fd, c.length, c.offset))
-            for c in iter_chunks(extents, DEFAULT_CHUNK_SIZE)
+        digests = manifest_digests(
+            lambda offset, length: os.pread(fd, length, offset), extents, algorithm="xxh3-64"
         )
     finally:
         os.close(fd)

@@ -37,14 +37,13 @@ from .snapshot.compat import (
     PIT_STATE2_SIZE,
     VCPU_EVENTS_SIZE,
 )
-from .snapshot.digest import DEFAULT_ALGORITHM, digest
+from .snapshot.digest import DEFAULT_ALGORITHM, manifest_digests
 from .snapshot.manifest import (
     DEFAULT_CHUNK_SIZE,
     KIND_FULL,
     Extent,
     MemoryManifest,
     MemoryRegion,
-    iter_chunks,
 )
 from .snapshot.models import (
     Aarch64MicrovmState,
@@ -213,10 +212,7 @@ def sample_manifest(
     size = mem_size_mib * MIB
     extents = (Extent(0, size),)
     data = memory if memory is not None else bytes(size)
-    digests = b"".join(
-        digest(DEFAULT_ALGORITHM, data[chunk.offset : chunk.end])
-        for chunk in iter_chunks(extents, DEFAULT_CHUNK_SIZE)
-    )
+    digests = manifest_digests(lambda offset, length: data[offset : offset + length], extents)
     return MemoryManifest(
         page_size=_PAGE_SIZE,
         regions=(MemoryRegion(guest_addr=0, size=size, file_offset=0),),

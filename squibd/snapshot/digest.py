@@ -16,7 +16,7 @@ from typing import Final
 
 import xxhash
 
-from .manifest import DIGEST_SIZES
+from .manifest import DEFAULT_CHUNK_SIZE, DIGEST_SIZES, Extent, iter_chunks
 
 __all__ = [
     "ALGORITHMS",
@@ -26,6 +26,7 @@ __all__ = [
     "available_algorithms",
     "digest",
     "digest_function",
+    "manifest_digests",
 ]
 
 Buffer = bytes | bytearray | memoryview
@@ -88,3 +89,25 @@ def digest_function(algorithm: str) -> DigestFunction:
 def digest(algorithm: str, data: Buffer) -> bytes:
     """``algorithm``'s digest of ``data``."""
     return digest_function(algorithm)(data)
+
+
+def manifest_digests(
+    read: Callable[[int, int], Buffer],
+    extents: tuple[Extent, ...] | list[Extent],
+    *,
+    algorithm: str = DEFAULT_ALGORITHM,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> bytes:
+    """The manifest's ``digests`` field for data that is already written.
+
+    Args:
+        read: ``read(offset, length)`` returns those bytes of the memory file.
+        extents: the written extents, cut into chunks by ``iter_chunks``.
+
+    The memory writer hashes inside its writer threads instead; this is for
+    a memory file (or buffer) built by other means.
+    """
+    hash_chunk = digest_function(algorithm)
+    return b"".join(
+        hash_chunk(read(chunk.offset, chunk.length)) for chunk in iter_chunks(extents, chunk_size)
+    )

@@ -15,8 +15,9 @@ from squibd.snapshot.digest import (
     available_algorithms,
     digest,
     digest_function,
+    manifest_digests,
 )
-from squibd.snapshot.manifest import DIGEST_SIZES
+from squibd.snapshot.manifest import DIGEST_SIZES, Extent
 
 
 @settings(max_examples=50, deadline=None)
@@ -60,3 +61,16 @@ def test_digests_from_many_threads_agree() -> None:
     for thread in threads:
         thread.join()
     assert results == [expected] * 4
+
+
+def test_manifest_digests_hash_each_chunk_of_each_extent() -> None:
+    mib = 1024 * 1024
+    data = bytes(range(256)) * (5 * mib // 256)
+    # The first extent crosses the 2 MiB boundary, so it is two chunks.
+    extents = (Extent(mib, 2 * mib), Extent(4 * mib, 4096))
+    got = manifest_digests(lambda offset, length: data[offset : offset + length], extents)
+    expected = b"".join(
+        xxhash.xxh3_64_digest(data[start:end])
+        for start, end in ((mib, 2 * mib), (2 * mib, 3 * mib), (4 * mib, 4 * mib + 4096))
+    )
+    assert got == expected

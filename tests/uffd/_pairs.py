@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from squibd.demo_format import minimal_x86_state, minimal_x86_vcpu
-from squibd.snapshot.digest import digest_function
+from squibd.snapshot.digest import manifest_digests
 from squibd.snapshot.envelope import encode_state
 from squibd.snapshot.manifest import (
     DEFAULT_CHUNK_SIZE,
@@ -23,7 +23,6 @@ from squibd.snapshot.manifest import (
     Extent,
     MemoryManifest,
     MemoryRegion,
-    iter_chunks,
 )
 from squibd.snapshot.models import X86VcpuState
 from squibd.uffd.source import PAIR_XATTR
@@ -63,10 +62,9 @@ def write_memory(
                 extents[-1] = Extent(extents[-1].offset, extents[-1].length + PAGE)
             else:
                 extents.append(Extent(page * PAGE, PAGE))
-    digest = digest_function(ALGORITHM)
     data = path.read_bytes()
-    digests = b"".join(
-        digest(data[c.offset : c.end]) for c in iter_chunks(extents, DEFAULT_CHUNK_SIZE)
+    digests = manifest_digests(
+        lambda offset, length: data[offset : offset + length], extents, algorithm=ALGORITHM
     )
     pair_id = str(uuid.uuid4())
     with contextlib.suppress(OSError):
