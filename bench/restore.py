@@ -18,7 +18,6 @@ The pair is written once; the page cache is warm for both sides.
 
 from __future__ import annotations
 
-import mmap
 import os
 import time
 from typing import Any
@@ -30,30 +29,8 @@ import trio
 
 SIZES_MIB = (1024,)
 QUICK_SIZES_MIB = (256,)
-COPY_BLOCK = 8 * _common.MIB
 #: Published Firecracker restore latency on x86 5.10 hosts (BENCH.md).
 FIRECRACKER_PUBLISHED_MS = 30.0
-
-
-def _eager_copy(path: str, size: int) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    memfd = os.memfd_create("eager-restore", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(memfd, size)
-        with mmap.mmap(memfd, size, flags=mmap.MAP_SHARED) as target:
-            view = memoryview(target)
-            try:
-                for offset in range(0, size, COPY_BLOCK):
-                    chunk = view[offset : min(offset + COPY_BLOCK, size)]
-                    done = 0
-                    while done < len(chunk):
-                        done += os.preadv(fd, [chunk[done:]], offset + done)
-                    chunk.release()
-            finally:
-                view.release()
-    finally:
-        os.close(memfd)
-        os.close(fd)
 
 
 async def _one_size(mem_mib: int, reps: int, directory: str) -> dict[str, Any]:
@@ -89,7 +66,7 @@ async def _one_size(mem_mib: int, reps: int, directory: str) -> dict[str, Any]:
                 loads.append(loaded)
                 progress.append(moved)
         size = mem_mib * _common.MIB
-        eager = _common.measure(lambda: _eager_copy(mem, size), reps=reps).scaled(1000)
+        eager = _common.measure(lambda: _common.eager_copy(mem, size), reps=reps).scaled(1000)
         restore = _common.summarize(loads).scaled(1000)
         return {
             "mem_mib": mem_mib,

@@ -150,21 +150,6 @@ def _file_read(mem: str, size: int) -> float:
     return elapsed
 
 
-def _eager_copy(mem: str, size: int) -> None:
-    fd = os.open(mem, os.O_RDONLY)
-    memfd = os.memfd_create("eager", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(memfd, size)
-        with mmap.mmap(memfd, size, flags=mmap.MAP_SHARED) as target:
-            view = memoryview(target)
-            for offset in range(0, size, COPY_BLOCK):
-                os.preadv(fd, [view[offset : offset + COPY_BLOCK]], offset)
-            view.release()
-    finally:
-        os.close(memfd)
-        os.close(fd)
-
-
 def _stats(samples: list[float]) -> _common.Stats:
     return _common.summarize(samples)
 
@@ -189,7 +174,7 @@ def _fault_figures(reps: int, size: int, directory: str) -> dict[str, Any]:
         }
     _uffd_read(snap, directory, size, stream=True)
     stream = _stats([_uffd_read(snap, directory, size, stream=True) for _ in range(reps)])
-    eager = _common.measure(lambda: _eager_copy(mem, size), reps=reps)
+    eager = _common.measure(lambda: _common.eager_copy(mem, size), reps=reps)
     results["stream"] = {
         "gb_per_s": round(size / stream.median / 1e9, 3),
         "stream_s": stream.to_dict(),
