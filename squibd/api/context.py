@@ -15,6 +15,8 @@ from .wire import make_wire_converter
 if TYPE_CHECKING:
     from squibd.vm.runtime import Runtime
 
+    from .firecracker import ApiSocketHost
+
 __all__ = ["KVM_DEVICE", "ApiContext", "CallInfo", "ProgressSink"]
 
 #: The KVM device node (Documentation/virt/kvm/api.rst).
@@ -43,6 +45,8 @@ class ApiContext:
     quiesce_timeout_s: float | None = None
     started_at: float = attrs.field(factory=time.monotonic)
     converter: cattrs.Converter = attrs.field(factory=make_wire_converter)
+    #: Serves vm.create's ``api_socket`` (set by the server; None: not available).
+    api_sockets: ApiSocketHost | None = None
     _runtime: Runtime | None = attrs.field(default=None, init=False)
 
     @property

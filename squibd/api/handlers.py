@@ -24,6 +24,7 @@ from squibd.snapshot.rebase import rebase
 from squibd.vm import run_cancellable
 
 from .context import ApiContext, CallInfo
+from .errors import not_allowed
 from .models import (
     MAX_MEMORY_ACCESS,
     DestroyResult,
@@ -100,14 +101,35 @@ async def daemon_status(api: ApiContext, call: CallInfo, params: EmptyParams) ->
 
 
 async def vm_create(api: ApiContext, call: CallInfo, params: VmCreateParams) -> VmInfo:
-    """Create a NotStarted VM running a built-in guest."""
+    """Create a NotStarted VM running a built-in guest (and its Firecracker API socket)."""
     from squibd.vm.models import GuestSpec
 
+    socket_path = None
+    if params.api_socket is not None:
+        socket_path = _path(api, params.api_socket, "api_socket", socket=True)
+        if api.api_sockets is None:
+            raise not_allowed("api_socket: this squibd serves no Firecracker API sockets")
     guest = GuestSpec(program=params.guest.program, params=dict(params.guest.params))
     await api.runtime.create_vm(
-        params.vm_id, params.vcpu_count, params.mem_size_mib, params.track_dirty_pages, guest
-    )
+        params.vm_id, params.vcpu_count, params.mem_size_mib, params.track_dirty_pages, guest,
+        memory_layout=params.memory_layout,
+    )  # fmt: skip
+    if socket_path is not None and api.api_sockets is not None:
+        await _open_api_socket(api, params.vm_id, socket_path)
     return _info(api, params.vm_id)
+
+
+async def _open_api_socket(api: ApiContext, vm_id: str, path: str) -> None:
+    # The VM exists already; a socket that cannot be served undoes its creation.
+    assert api.api_sockets is not None
+    try:
+        await api.api_sockets.open_api_socket(vm_id, path)
+    except BaseException as exc:
+        with trio.CancelScope(shield=True):
+            await api.runtime.destroy(vm_id)
+        if isinstance(exc, Exception) and not isinstance(exc, RpcError):
+            raise RpcError.invalid_params(f"params.api_socket: {exc}") from exc
+        raise
 
 
 async def vm_start(api: ApiContext, call: CallInfo, params: VmIdParams) -> VmInfo:
@@ -131,6 +153,8 @@ async def vm_resume(api: ApiContext, call: CallInfo, params: VmIdParams) -> VmIn
 async def vm_destroy(api: ApiContext, call: CallInfo, params: VmIdParams) -> DestroyResult:
     """Stop a VM and release it."""
     await api.runtime.destroy(params.vm_id)
+    if api.api_sockets is not None:
+        await api.api_sockets.close_api_socket(params.vm_id)
     return DestroyResult(vm_id=params.vm_id, destroyed=True)
 
 

@@ -151,6 +151,15 @@ class VmCreateParams:
     track_dirty_pages: bool = wire_field(
         default=False, description="enable dirty page tracking (needed for Diff snapshots)"
     )
+    api_socket: str | None = wire_field(
+        default=None,
+        description="also serve Firecracker's REST API for this VM on this Unix socket",
+    )
+    memory_layout: Literal["squibd", "firecracker"] = wire_field(
+        default="squibd",
+        description="guest RAM layout above 3 GiB: squibd's, or Firecracker v1.13+'s "
+        "(32-bit gap at 0xC000_0000, 64-bit gap at 256 GiB)",
+    )
 
 
 @attrs.frozen

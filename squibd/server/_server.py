@@ -35,7 +35,10 @@ from squibd.config import DaemonConfig
 from squibd.rpc import BUSY, NOT_ALLOWED, ErrorObject, ErrorResponse, Role, RpcConnection
 from squibd.rpc import application_error as _app_error
 
+from squibd.api.firecracker import FirecrackerApp
+
 from ._connection import ClientConnection
+from ._firecracker import FirecrackerSockets
 from ._notify import Notifier
 from ._peercred import PeerCredentials, is_allowed, peer_credentials
 
@@ -103,6 +106,7 @@ class Server:
             async with trio.open_nursery() as calls:
                 self._calls = calls
                 async with trio.open_nursery() as conns:
+                    self._firecracker_hook(conns)
                     accept_scope = trio.CancelScope()
                     for listener in listeners:
                         conns.start_soon(self._accept_loop, listener, conns, accept_scope)
@@ -117,6 +121,8 @@ class Server:
                     await self._shut_down(accept_scope, listeners)
                     conns.cancel_scope.cancel()
         finally:
+            if isinstance(self.api.api_sockets, FirecrackerSockets):
+                self.api.api_sockets.close_all()
             with trio.CancelScope(shield=True):
                 await self.api.aclose()
             for path in self.owned_paths:
@@ -125,6 +131,20 @@ class Server:
             log.info("squibd stopped")
 
     # -- internals -------------------------------------------------------------
+
+    def _firecracker_hook(self, conns: trio.Nursery) -> FirecrackerSockets:
+        # Issue 14: vm.create's api_socket serves a VM's Firecracker REST API;
+        # its listeners run in the connection nursery (they stop with it).
+        server_config = self.config.server
+        sockets = FirecrackerSockets(
+            conns,
+            lambda vm_id: FirecrackerApp.for_vm(self.api, vm_id),
+            server_config.effective_allowed_uids(),
+            server_config.allowed_gids,
+            server_config.idle_timeout_s,
+        )
+        self.api.api_sockets = sockets
+        return sockets
 
     async def _shut_down(
         self, accept_scope: trio.CancelScope, listeners: list[trio.SocketListener]

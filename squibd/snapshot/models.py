@@ -55,6 +55,9 @@ class VmInfo:
     guest_params: dict[str, int] = attrs.field(factory=dict)
     kernel_path: str | None = None
     boot_args: str | None = None
+    #: The guest-physical RAM layout the VM was created with (issue 14): "squibd"
+    #: (default; files without the field) or "firecracker" (v1.13+ x86_64 gaps).
+    memory_layout: str = "squibd"
 
 
 @attrs.frozen

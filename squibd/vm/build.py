@@ -26,7 +26,7 @@ from ..kvm.vm import KvmVm
 from ..snapshot.models import VmInfo, X86VcpuState, X86VmState
 from .errors import InvalidVmConfig
 from .machine import MAX_VCPUS, Vm
-from .memory import GuestMemory
+from .memory import DEFAULT_MEMORY_LAYOUT, GuestMemory, MemoryLayoutError
 from .models import GuestSpec, VmState
 from .quiesce import VcpuGate
 
@@ -87,14 +87,20 @@ def build_fresh(
     *,
     token: trio.lowlevel.TrioToken,
     quiesce_timeout_s: float,
+    memory_layout: str = DEFAULT_MEMORY_LAYOUT,
 ) -> Vm:
     """A NotStarted VM running ``guest`` in fresh memfd RAM. Blocking.
 
+    ``memory_layout`` names the guest-physical RAM layout (``memory.MEMORY_LAYOUTS``).
+
     Raises:
-        InvalidVmConfig: bad vCPU count, memory size or guest program.
+        InvalidVmConfig: bad vCPU count, memory size, layout or guest program.
     """
     _check_config(vm_id, vcpu_count, mem_size_mib)
-    memory = GuestMemory.create(mem_size_mib, name=f"squibd-{vm_id}")
+    try:
+        memory = GuestMemory.create(mem_size_mib, name=f"squibd-{vm_id}", layout=memory_layout)
+    except MemoryLayoutError as error:
+        raise InvalidVmConfig(vm_id, str(error)) from error
     try:
         try:
             image = kvm_guest.build_guest(memory, guest.program, dict(guest.params), vcpu_count)

@@ -38,7 +38,7 @@ from ._threads import run_blocking
 from .build import build_restored
 from .errors import PairMismatch
 from .machine import Vm
-from .memory import GuestMemory
+from .memory import GuestMemory, MemoryLayoutError, layout_regions
 from .models import BACKEND_FILE, BACKEND_UFFD, MemBackend, Progress
 
 __all__ = ["load_snapshot"]
@@ -61,6 +61,23 @@ def _map_file(vm_id: str, state: X86MicrovmState, mem_path: str) -> GuestMemory:
         )
     verify(state, mem_path, "size")
     return GuestMemory.from_file(mem_path, state.memory.regions)
+
+
+def _check_recorded_layout(vm_id: str, state: X86MicrovmState) -> None:
+    # Issue 14: the state file names the layout the save used; its manifest's
+    # regions (what load maps) must be that layout's regions for the RAM size.
+    recorded = state.vm_info.memory_layout
+    total = sum(region.size for region in state.memory.regions)
+    try:
+        expected = layout_regions(recorded, total)
+    except MemoryLayoutError as error:
+        raise PairMismatch(vm_id, f"vm_info.memory_layout: {error}") from error
+    if tuple(state.memory.regions) != expected:
+        raise PairMismatch(
+            vm_id,
+            f"the state file records memory layout {recorded!r} but its memory "
+            "regions do not follow it",
+        )
 
 
 async def load_snapshot(
@@ -95,6 +112,7 @@ async def load_snapshot(
     state = await run_blocking(lambda: read_state_file(snap), limiter)
     if not isinstance(state, X86MicrovmState):
         raise PairMismatch(vm_id, "the snapshot is not an x86_64 snapshot")
+    _check_recorded_layout(vm_id, state)
     _report(progress, "check-pair")
     uffd_session: UffdBackend | None = None
     if mem_backend.backend_type == BACKEND_FILE:

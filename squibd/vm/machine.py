@@ -34,7 +34,7 @@ from ..snapshot.models import VmInfo, X86VcpuState, X86VmState
 from ..uffd import UffdBackend
 from .dirty import DirtySet
 from .errors import InvalidVmConfig
-from .memory import MIB, GuestMemory
+from .memory import MIB, GuestMemory, layout_name
 from .models import GuestSpec, VmDescription, VmState
 from .quiesce import VcpuGate, quiesce
 
@@ -105,6 +105,15 @@ class Vm:
     def mem_size_mib(self) -> int:
         """Guest RAM in MiB (the regions' total)."""
         return self.memory.total_size // MIB
+
+    @property
+    def memory_layout(self) -> str:
+        """The name of the RAM layout (``squibd`` or ``firecracker``; see ``memory.py``).
+
+        Found from the regions, which a restored VM took from its state file's
+        manifest (load checked them against the layout the file records).
+        """
+        return layout_name(self.memory.manifest_regions())
 
     def __attrs_post_init__(self) -> None:
         self._log_enabled = self.track_dirty_pages
@@ -297,6 +306,7 @@ class Vm:
             track_dirty_pages=self.track_dirty_pages,
             guest_program=self.guest.program if self.guest else None,
             guest_params=dict(self.guest.params) if self.guest else {},
+            memory_layout=self.memory_layout,
         )
 
     def describe(self) -> VmDescription:

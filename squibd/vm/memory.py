@@ -34,12 +34,21 @@ import attrs
 from squibd.snapshot.manifest import MemoryRegion
 
 __all__ = [
+    "DEFAULT_MEMORY_LAYOUT",
+    "FC_MMIO32_GAP_SIZE",
+    "FC_MMIO32_GAP_START",
+    "FC_MMIO64_GAP_SIZE",
+    "FC_MMIO64_GAP_START",
+    "MEMORY_LAYOUTS",
     "MMIO_GAP_END",
     "MMIO_GAP_START",
     "GuestAddressError",
     "GuestMemory",
     "GuestRegion",
     "MemoryLayoutError",
+    "firecracker_x86_layout",
+    "layout_name",
+    "layout_regions",
     "x86_layout",
 ]
 
@@ -48,6 +57,17 @@ MIB: Final = 1024 * 1024
 #: MMIO_MEM_START = 0xd000_0000 (3.25 GiB) up to the 4 GiB boundary).
 MMIO_GAP_START: Final = 0xD000_0000
 MMIO_GAP_END: Final = 0x1_0000_0000
+#: Firecracker v1.13+ x86_64 (src/vmm/src/arch/x86_64/layout.rs): MMIO32_MEM_SIZE is
+#: 1 GiB and ends at the 4 GiB boundary, so the 32-bit gap starts at 0xC000_0000 (3 GiB).
+FC_MMIO32_GAP_START: Final = 0xC000_0000
+FC_MMIO32_GAP_SIZE: Final = 1 << 30
+#: The same file's 64-bit gap: MMIO64_MEM_START = 256 GiB, MMIO64_MEM_SIZE = 256 GiB.
+FC_MMIO64_GAP_START: Final = 256 << 30
+FC_MMIO64_GAP_SIZE: Final = 256 << 30
+#: ``vm.create``'s ``memory_layout`` values: squibd's own (the 0xD000_0000 gap of
+#: Firecracker up to v1.12) and Firecracker v1.13+'s.
+MEMORY_LAYOUTS: Final = ("squibd", "firecracker")
+DEFAULT_MEMORY_LAYOUT: Final = "squibd"
 
 _PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
 _PROT_RW: Final = mmap.PROT_READ | mmap.PROT_WRITE
@@ -69,15 +89,80 @@ def x86_layout(mem_size: int) -> tuple[MemoryRegion, ...]:
     Raises:
         MemoryLayoutError: ``mem_size`` is not a positive multiple of the host page.
     """
-    if mem_size <= 0 or mem_size % _PAGE_SIZE:
-        raise MemoryLayoutError(
-            f"memory size {mem_size} is not a positive multiple of the {_PAGE_SIZE}-byte page"
-        )
+    _check_size(mem_size)
     low = min(mem_size, MMIO_GAP_START)
     regions = [MemoryRegion(guest_addr=0, size=low, file_offset=0)]
     if mem_size > low:
         regions.append(MemoryRegion(guest_addr=MMIO_GAP_END, size=mem_size - low, file_offset=low))
     return tuple(regions)
+
+
+def firecracker_x86_layout(mem_size: int) -> tuple[MemoryRegion, ...]:
+    """Firecracker v1.13+'s x86_64 RAM regions for ``mem_size`` bytes.
+
+    RAM fills guest-physical space from 0 and skips two gaps: the 32-bit one
+    (:data:`FC_MMIO32_GAP_START`, 1 GiB, up to 4 GiB) and the 64-bit one
+    (:data:`FC_MMIO64_GAP_START`, 256 GiB long). Up to three regions result.
+
+    Raises:
+        MemoryLayoutError: ``mem_size`` is not a positive multiple of the host page.
+    """
+    _check_size(mem_size)
+    gaps = (
+        (FC_MMIO32_GAP_START, FC_MMIO32_GAP_SIZE),
+        (FC_MMIO64_GAP_START, FC_MMIO64_GAP_SIZE),
+    )
+    regions: list[MemoryRegion] = []
+    start = 0
+    remaining = mem_size
+    for gap_start, gap_size in gaps:
+        size = min(remaining, gap_start - start)
+        regions.append(MemoryRegion(guest_addr=start, size=size, file_offset=mem_size - remaining))
+        remaining -= size
+        start = gap_start + gap_size
+        if remaining == 0:
+            return tuple(regions)
+    regions.append(MemoryRegion(guest_addr=start, size=remaining, file_offset=mem_size - remaining))
+    return tuple(regions)
+
+
+def layout_regions(layout: str, mem_size: int) -> tuple[MemoryRegion, ...]:
+    """The RAM regions of the named layout (one of :data:`MEMORY_LAYOUTS`).
+
+    Raises:
+        MemoryLayoutError: unknown layout, or a size that is not whole host pages.
+    """
+    if layout == "squibd":
+        return x86_layout(mem_size)
+    if layout == "firecracker":
+        return firecracker_x86_layout(mem_size)
+    known = ", ".join(MEMORY_LAYOUTS)
+    raise MemoryLayoutError(f"unknown memory layout {layout!r} (known: {known})")
+
+
+def layout_name(regions: Sequence[MemoryRegion]) -> str:
+    """The name of the layout ``regions`` follow.
+
+    Guests up to 3 GiB have one region at 0 in both layouts: those are
+    reported as the default, ``"squibd"``.
+
+    Raises:
+        MemoryLayoutError: the regions follow neither layout.
+    """
+    total = sum(region.size for region in regions)
+    for name in MEMORY_LAYOUTS:
+        if total > 0 and total % _PAGE_SIZE == 0 and tuple(regions) == layout_regions(name, total):
+            return name
+    raise MemoryLayoutError(
+        "the memory regions follow neither the squibd nor the firecracker layout"
+    )
+
+
+def _check_size(mem_size: int) -> None:
+    if mem_size <= 0 or mem_size % _PAGE_SIZE:
+        raise MemoryLayoutError(
+            f"memory size {mem_size} is not a positive multiple of the {_PAGE_SIZE}-byte page"
+        )
 
 
 def _check_layout(regions: Sequence[MemoryRegion]) -> None:
@@ -169,9 +254,15 @@ class GuestMemory:
     regions: tuple[GuestRegion, ...]
 
     @classmethod
-    def create(cls, mem_size_mib: int, *, name: str = "squibd-guest") -> GuestMemory:
-        """Fresh zeroed RAM of ``mem_size_mib`` MiB in the x86 layout (see :meth:`shared`)."""
-        return cls.shared(x86_layout(mem_size_mib * MIB), name=name)
+    def create(
+        cls,
+        mem_size_mib: int,
+        *,
+        name: str = "squibd-guest",
+        layout: str = DEFAULT_MEMORY_LAYOUT,
+    ) -> GuestMemory:
+        """Fresh zeroed RAM of ``mem_size_mib`` MiB in the named x86 layout (see :meth:`shared`)."""
+        return cls.shared(layout_regions(layout, mem_size_mib * MIB), name=name)
 
     @classmethod
     def shared(cls, regions: Sequence[MemoryRegion], *, name: str = "squibd-guest") -> GuestMemory:

@@ -21,6 +21,7 @@ from .errors import Busy, DuplicateVm, UnknownVm, VmFailed, WrongVmState
 from .live import save_live
 from .load import load_snapshot
 from .machine import Vm
+from .memory import DEFAULT_MEMORY_LAYOUT
 from .models import (
     DEFAULT_MAX_PASSES,
     DEFAULT_PAUSE_BUDGET_MS,
@@ -91,8 +92,11 @@ class Runtime:
         mem_size_mib: int,
         track_dirty_pages: bool,
         guest: GuestSpec | None = None,
+        memory_layout: str = DEFAULT_MEMORY_LAYOUT,
     ) -> Vm:
         """Create a VM in the NotStarted state running a built-in guest program.
+
+        ``memory_layout``: ``"squibd"`` or ``"firecracker"`` (``memory.MEMORY_LAYOUTS``).
 
         Raises:
             DuplicateVm: ``vm_id`` is taken.
@@ -111,6 +115,7 @@ class Runtime:
                 spec,
                 token=token,
                 quiesce_timeout_s=self.quiesce_timeout_s,
+                memory_layout=memory_layout,
             ),
             self._limiter,
         )
