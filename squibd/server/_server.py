@@ -31,11 +31,10 @@ import attrs
 import trio
 
 from squibd.api import ApiContext
+from squibd.api.firecracker import FirecrackerApp
 from squibd.config import DaemonConfig
 from squibd.rpc import BUSY, NOT_ALLOWED, ErrorObject, ErrorResponse, Role, RpcConnection
 from squibd.rpc import application_error as _app_error
-
-from squibd.api.firecracker import FirecrackerApp
 
 from ._connection import ClientConnection
 from ._firecracker import FirecrackerSockets
