@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--program", choices=("counter", "memwriter"), default="counter")
     create.add_argument("--guest-param", type=_guest_param, action="append", default=[],
                         metavar="NAME=INT", help="guest parameter (repeatable)")  # fmt: skip
+    create.add_argument("--api-socket", metavar="PATH",
+                        help="also serve Firecracker's REST API for the VM on PATH")  # fmt: skip
+    create.add_argument("--memory-layout", choices=("squibd", "firecracker"), default=None,
+                        help="guest RAM layout (default: squibd)")  # fmt: skip
     for verb in ("start", "pause", "resume", "destroy", "describe"):
         vm.add_parser(verb, help=f"vm.{verb}").add_argument("vm_id")
     vm.add_parser("list", help="vm.list")
@@ -137,11 +141,16 @@ def request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if area == "vm":
         if verb == "create":
             guest: dict[str, Any] = {"program": args.program, **dict(args.guest_param)}
-            return "vm.create", {
+            create_params: dict[str, Any] = {
                 "vm_id": args.vm_id, "vcpu_count": args.vcpu_count,
                 "mem_size_mib": args.mem_size_mib,
                 "track_dirty_pages": args.track_dirty_pages, "guest": guest,
             }  # fmt: skip
+            if args.api_socket is not None:
+                create_params["api_socket"] = os.path.abspath(args.api_socket)
+            if args.memory_layout is not None:
+                create_params["memory_layout"] = args.memory_layout
+            return "vm.create", create_params
         if verb == "list":
             return "vm.list", {}
         if verb == "read-memory":

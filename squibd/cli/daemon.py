@@ -6,6 +6,8 @@ each exposing ``main(argv) -> int``:
 - ``--describe-snapshot PATH``  -> ``squibd.cli.describe``
 - ``--rebase-snapshot ...``     -> ``squibd.cli.rebase``
 - ``--page-server ...``         -> ``squibd.cli.pageserver``
+- ``--firecracker-api-socket``  -> ``squibd.cli.firecracker`` (an empty VM slot
+  serving Firecracker's REST API only)
 
 Anything else starts the daemon (``squibd.cli.serve``).
 """
@@ -21,6 +23,7 @@ _OFFLINE_MODES = {
     "--describe-snapshot": "squibd.cli.describe",
     "--rebase-snapshot": "squibd.cli.rebase",
     "--page-server": "squibd.cli.pageserver",
+    "--firecracker-api-socket": "squibd.cli.firecracker",
 }
 
 

@@ -75,8 +75,10 @@ __all__ = [
 ]
 
 PROGRAMS: Final = ("counter", "memwriter")
-#: x86 32-bit MMIO gap start (squibd.vm.memory lays RAM out around it).
-_MMIO_GAP_START: Final = 0xD000_0000
+#: The lower of the x86 32-bit MMIO gap starts squibd.vm.memory lays RAM out
+#: around: 0xD000_0000 (squibd layout), 0xC000_0000 (Firecracker v1.13+ layout).
+#: The working set stays below both, so it fits whichever layout the VM has.
+_MMIO_GAP_START: Final = 0xC000_0000
 #: Progress counters, control words and memwriter values: little-endian u64.
 _U64: Final = struct.Struct("<Q")
 _GIB: Final = 1 << 30

@@ -4,6 +4,7 @@ Public surface: :class:`Server`, the socket helpers and :class:`Notifier`.
 """
 
 from ._connection import ClientConnection
+from ._firecracker import API_SOCKET_MODE, FirecrackerSockets, HttpApp, serve_http
 from ._listener import (
     LISTEN_BACKLOG,
     DaemonAlreadyRunning,
@@ -17,9 +18,12 @@ from ._peercred import PeerCredentials, is_allowed, peer_credentials
 from ._server import Server
 
 __all__ = [
+    "API_SOCKET_MODE",
     "LISTEN_BACKLOG",
     "ClientConnection",
     "DaemonAlreadyRunning",
+    "FirecrackerSockets",
+    "HttpApp",
     "Notifier",
     "PeerCredentials",
     "Server",
@@ -28,5 +32,6 @@ __all__ = [
     "is_allowed",
     "launchd_sockets",
     "peer_credentials",
+    "serve_http",
     "systemd_sockets",
 ]
