@@ -66,6 +66,8 @@ MAX_HEADER_BYTES: Final = 16 * 1024
 #: A peer that does not take its answer within this is disconnected.
 WRITE_TIMEOUT_S: Final = 10.0
 _RECEIVE_SIZE: Final = 64 * 1024
+#: How long a refused peer's remaining input is drained before the close.
+_DRAIN_TIMEOUT_S: Final = 1.0
 _HTTP_OK: Final = 200
 _HTTP_NO_CONTENT: Final = 204
 _HTTP_BAD_REQUEST: Final = 400
@@ -172,6 +174,7 @@ class _HttpConnection:
                         "bytes allowed by the server"
                     )
                     await self._send(_fault(_HTTP_BAD_REQUEST, message), close=True)
+                    await self._drain()
                     raise _PeerGone
             elif isinstance(part, h11.EndOfMessage):
                 return method, path, bytes(body)
@@ -183,6 +186,19 @@ class _HttpConnection:
             return
         with contextlib.suppress(_PeerGone, h11.LocalProtocolError):
             await self._send(_fault(_HTTP_BAD_REQUEST, f"Invalid HTTP request: {exc}"), close=True)
+            await self._drain()
+
+    async def _drain(self) -> None:
+        # After a refusal that closes the connection: read what the peer still
+        # sends (bounded) before closing, because closing a Unix socket with
+        # unread data makes the peer's read fail before it sees the answer.
+        with trio.move_on_after(_DRAIN_TIMEOUT_S):
+            try:
+                await self.stream.send_eof()
+                while await self.stream.receive_some(_RECEIVE_SIZE):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     async def _send(self, response: HttpResponse, *, close: bool = False) -> None:
         headers: list[tuple[bytes, bytes]] = [(b"Server", _SERVER_NAME)]

@@ -153,7 +153,7 @@ async def test_bad_bodies_are_refused(sockdir: str, raw: bytes, needle: str) -> 
 async def test_oversized_body_is_refused_and_the_socket_keeps_serving(sockdir: str) -> None:
     path = os.path.join(sockdir, "fc.sock")
     async with serving_slot(path):
-        raw = b'{"x": "' + b"a" * MAX_PAYLOAD_BYTES + b'"}'
+        raw = b'{"x": "' + b"a" * (4 * MAX_PAYLOAD_BYTES) + b'"}'
         answer = await http(path, "PUT", "/machine-config", raw=raw)
         assert "larger than the limit" in _fault(answer)
         assert answer.headers.get("connection") == "close"
