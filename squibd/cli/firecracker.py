@@ -74,19 +74,21 @@ async def _serve(sock: socket.socket, app: FirecrackerApp, api: ApiContext,
                  allowed_uids: frozenset[int], allowed_gids: tuple[int, ...],
                  idle_timeout_s: float) -> None:  # fmt: skip
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda task_status: serve_http(
-                    sock, app, allowed_uids=allowed_uids, allowed_gids=allowed_gids,
-                    idle_timeout_s=idle_timeout_s, task_status=task_status,
-                )
-            )  # fmt: skip
-            log.info("serving Firecracker's API for %s (pid %d)", app.vm_id, os.getpid())
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        # The signal receiver is in place before the socket is served, so a
+        # SIGTERM never finds the default action (no cleanup).
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    lambda task_status: serve_http(
+                        sock, app, allowed_uids=allowed_uids, allowed_gids=allowed_gids,
+                        idle_timeout_s=idle_timeout_s, task_status=task_status,
+                    )
+                )  # fmt: skip
+                log.info("serving Firecracker's API for %s (pid %d)", app.vm_id, os.getpid())
                 async for signum in signals:
                     log.info("received %s", signal.Signals(signum).name)
                     break
-            nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             await api.aclose()
