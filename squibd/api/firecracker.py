@@ -25,6 +25,7 @@ bodies are Firecracker's: ``204`` with no body for a PUT/PATCH that worked,
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol, TypeVar
 
@@ -35,6 +36,7 @@ import squibd
 from squibd.rpc import RpcError
 
 from .context import ApiContext, CallInfo
+from .errors import internal_error, map_exception
 from .firecracker_models import (
     BUILTIN_PREFIX,
     DEFAULT_MEM_SIZE_MIB,
@@ -85,6 +87,8 @@ _UNSUPPORTED_PREFIXES: Final = (
 )  # fmt: skip
 
 _T = TypeVar("_T")
+
+log = logging.getLogger("squibd.firecracker")
 
 
 @attrs.frozen
@@ -205,10 +209,15 @@ class FirecrackerApp:
                 return await route(self, body)
         except _Fault as fault:
             return fault.response
-        except RpcError as exc:
-            return _from_rpc(exc)
         except UnexpectedHandlerError as exc:
+            log.error("%s %s failed", method, path, exc_info=exc.__cause__ or exc)
             return _Fault(exc.rpc_error.error.message, HTTP_INTERNAL_ERROR).response
+        except Exception as exc:  # runtime errors of the direct calls (_rebuild)
+            mapped = map_exception(exc)
+            if mapped is None:
+                log.exception("%s %s failed", method, path)
+                return _Fault(internal_error(exc).error.message, HTTP_INTERNAL_ERROR).response
+            return _from_rpc(mapped)
 
     @staticmethod
     def _no_route(method: str, path: str) -> HttpResponse:

@@ -115,7 +115,17 @@ async def test_client_configures_starts_snapshots_and_loads_squibd_vms(
                 snapshot_type="Full", snapshot_path=snap, mem_file_path=mem))  # fmt: skip
             assert (await in_thread(fc.describe.get)).json()["state"] == "Paused"
             await in_thread(lambda: fc.vm.patch(state="Resumed"))
-            await progress_beyond(client, "fc-a", saved)
+            later = await progress_beyond(client, "fc-a", saved)
+            # A Diff (the VM tracks dirty pages) holds what changed since the Full.
+            await in_thread(lambda: fc.vm.patch(state="Paused"))
+            diff_snap, diff_mem = str(tmp_path / "d.snap"), str(tmp_path / "d.mem")
+            await in_thread(lambda: fc.create_snapshot.put(
+                snapshot_type="Diff", snapshot_path=diff_snap, mem_file_path=diff_mem))  # fmt: skip
+            described = await client.call("snapshot.describe", {"snapshot_path": diff_snap})
+            assert described["ok"] and described["manifest"]["kind"] == "Diff"
+            await in_thread(lambda: fc.vm.patch(state="Resumed"))
+            await in_thread(lambda: fc.vm.patch(state="Resumed"))  # already Resumed: 204
+            await progress_beyond(client, "fc-a", later)
             with pytest.raises(APIError, match="not allowed after the microVM started"):
                 await in_thread(lambda: fc.machine_config.put(vcpu_count=1, mem_size_mib=32))
         finally:

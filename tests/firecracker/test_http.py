@@ -186,3 +186,23 @@ async def test_peer_outside_the_allow_list_gets_403(sockdir: str) -> None:
         assert answer.status == 403
         _schemas.check(_schemas.ERROR, answer.body)
         assert f"uid {os.getuid()} is not allowed" in answer.body["fault_message"]
+
+
+async def test_fake_route_bug_answers_500_and_the_socket_keeps_serving(
+    sockdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from squibd.api import firecracker
+
+    async def broken(app: Any, body: bytes) -> Any:
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setitem(firecracker._ROUTES, ("GET", "/version"), broken)
+    path = os.path.join(sockdir, "fc.sock")
+    async with serving_slot(path):
+        client = await HttpClient.connect(path)
+        try:
+            message = _fault(await client.request("GET", "/version"), status=500)
+            assert "RuntimeError: injected bug" in message
+            assert (await client.request("GET", "/")).status == 200  # same connection
+        finally:
+            await client.aclose()
