@@ -31,10 +31,9 @@ from squibd.api.firecracker import DEFAULT_SLOT_ID, FirecrackerApp
 from squibd.api.models import VM_ID_PATTERN
 from squibd.config import ConfigError, load_config
 from squibd.server import (
-    API_SOCKET_MODE,
     DaemonAlreadyRunning,
     SocketPathOccupied,
-    bind_unix_socket,
+    bind_api_socket,
     serve_http,
 )
 from squibd.snapshot.errors import SnapshotError
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level.upper(), format=_LOG_FORMAT, stream=sys.stderr, force=True)
     path = args.firecracker_api_socket
     try:
-        sock = bind_unix_socket(path, mode=API_SOCKET_MODE)
+        sock = bind_api_socket(path)
     except (DaemonAlreadyRunning, SocketPathOccupied) as exc:
         print(f"squibd: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -4,7 +4,13 @@ Public surface: :class:`Server`, the socket helpers and :class:`Notifier`.
 """
 
 from ._connection import ClientConnection
-from ._firecracker import API_SOCKET_MODE, FirecrackerSockets, HttpApp, serve_http
+from ._firecracker import (
+    API_SOCKET_MODE,
+    FirecrackerSockets,
+    HttpApp,
+    bind_api_socket,
+    serve_http,
+)
 from ._listener import (
     LISTEN_BACKLOG,
     DaemonAlreadyRunning,
@@ -28,6 +34,7 @@ __all__ = [
     "PeerCredentials",
     "Server",
     "SocketPathOccupied",
+    "bind_api_socket",
     "bind_unix_socket",
     "is_allowed",
     "launchd_sockets",

@@ -41,8 +41,9 @@ import h11
 import trio
 
 from squibd.api.firecracker import HttpResponse
+from squibd.snapshot.paths import validate_path
 
-from ._listener import bind_unix_socket
+from ._listener import LISTEN_BACKLOG, _remove_if_stale
 from ._peercred import PeerCredentials, is_allowed, peer_credentials
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "MAX_PAYLOAD_BYTES",
     "FirecrackerSockets",
     "HttpApp",
+    "bind_api_socket",
     "serve_http",
 ]
 
@@ -82,6 +84,34 @@ class HttpApp(Protocol):
     async def handle(self, method: str, path: str, body: bytes) -> HttpResponse:
         """Answer ``method path`` with ``body`` (raw bytes, maybe empty)."""
         ...
+
+
+def bind_api_socket(path: str) -> socket.socket:
+    """Create, bind (mode 0600) and listen on a Firecracker API socket at ``path``.
+
+    Unlike :func:`~squibd.server.bind_unix_socket` this never touches the
+    process-wide umask (the daemon binds these while worker threads create
+    files): the mode is set on the socket before ``bind``, which Linux
+    applies to the socket file it creates. The parent directory must exist.
+
+    Raises:
+        InvalidPath: the path breaks SPEC section 10 (107 bytes for a socket).
+        DaemonAlreadyRunning: something listens on ``path``.
+        SocketPathOccupied: ``path`` exists and is not a socket.
+        OSError: bind/listen failed.
+    """
+    validate_path(path, what="api_socket", socket=True)
+    _remove_if_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        os.fchmod(sock.fileno(), API_SOCKET_MODE)
+        sock.bind(path)
+        os.chmod(path, API_SOCKET_MODE)
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _fault(status: int, message: str) -> HttpResponse:
@@ -316,9 +346,7 @@ class FirecrackerSockets:
         """
         if vm_id in self._open:
             raise ValueError(f"VM {vm_id!r} already has a Firecracker API socket")
-        sock = await trio.to_thread.run_sync(
-            lambda: bind_unix_socket(path, mode=API_SOCKET_MODE)
-        )
+        sock = await trio.to_thread.run_sync(lambda: bind_api_socket(path))
         scope = trio.CancelScope()
         self._open[vm_id] = _OpenSocket(path, sock, scope)
         app = self.app_for(vm_id)

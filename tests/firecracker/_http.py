@@ -15,7 +15,7 @@ import trio
 
 from squibd.api import ApiContext
 from squibd.api.firecracker import FirecrackerApp
-from squibd.server import API_SOCKET_MODE, bind_unix_socket, serve_http
+from squibd.server import bind_api_socket, serve_http
 
 
 @attrs.frozen
@@ -98,7 +98,7 @@ async def serving_slot(
     api = ApiContext(quiesce_timeout_s=quiesce_timeout_s, allowed_roots=allowed_roots)
     app = FirecrackerApp(api, vm_id, memory_layout=memory_layout)
     uids = {os.getuid(), 0} if allowed_uids is None else allowed_uids
-    sock = bind_unix_socket(path, mode=API_SOCKET_MODE)
+    sock = bind_api_socket(path)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(functools.partial(serve_http, sock, app, allowed_uids=uids))

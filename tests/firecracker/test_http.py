@@ -206,3 +206,18 @@ async def test_fake_route_bug_answers_500_and_the_socket_keeps_serving(
             assert (await client.request("GET", "/")).status == 200  # same connection
         finally:
             await client.aclose()
+
+
+def test_api_socket_is_0600_without_touching_the_umask(sockdir: str) -> None:
+    from squibd.server import bind_api_socket
+
+    path = os.path.join(sockdir, "m.sock")
+    old = os.umask(0)  # the widest umask: the socket must still come out 0600
+    try:
+        sock = bind_api_socket(path)
+        try:
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        finally:
+            sock.close()
+    finally:
+        assert os.umask(old) == 0  # bind_api_socket left the process umask alone
