@@ -22,6 +22,7 @@ pages from the first instruction.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
@@ -30,7 +31,7 @@ from ..kvm.errors import KvmError
 from ..snapshot.envelope import read_state_file
 from ..snapshot.errors import Capture
 from ..snapshot.manifest import KIND_FULL
-from ..snapshot.models import X86MicrovmState
+from ..snapshot.models import VmInfo, X86MicrovmState
 from ..snapshot.paths import validate_path
 from ..snapshot.verify import verify
 from ..uffd import UffdBackend
@@ -73,8 +74,12 @@ async def load_snapshot(
     quiesce_timeout_s: float,
     limiter: trio.CapacityLimiter,
     progress: Progress | None = None,
+    admit: Callable[[VmInfo], Awaitable[None]] | None = None,
 ) -> Vm:
     """Build VM ``vm_id`` from a pair (see the module doc).
+
+    ``admit(vm_info)`` is awaited once the state file is read, before any
+    memory is mapped: the runtime refuses there a VM over its limits.
 
     Raises:
         InvalidPath: a path breaks SPEC section 10.
@@ -95,6 +100,8 @@ async def load_snapshot(
     state = await run_blocking(lambda: read_state_file(snap), limiter)
     if not isinstance(state, X86MicrovmState):
         raise PairMismatch(vm_id, "the snapshot is not an x86_64 snapshot")
+    if admit is not None:
+        await admit(state.vm_info)
     _report(progress, "check-pair")
     uffd_session: UffdBackend | None = None
     if mem_backend.backend_type == BACKEND_FILE:

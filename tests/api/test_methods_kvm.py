@@ -30,7 +30,7 @@ _MIB = 1024 * 1024
 def _fill(server: Server, vm_id: str) -> None:
     block = os.urandom(_CHUNK)
     for offset in range(0, FILL_SIZE, _CHUNK):
-        server.api.runtime.write_memory(vm_id, FILL_BASE + offset, block)
+        await server.api.runtime.write_memory(vm_id, FILL_BASE + offset, block)
 
 
 async def _create(client: RpcClient, vm_id: str, *, dirty: bool = True, mib: int = 64,
