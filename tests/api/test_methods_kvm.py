@@ -27,7 +27,7 @@ _CHUNK = 16 * 1024 * 1024
 _MIB = 1024 * 1024
 
 
-def _fill(server: Server, vm_id: str) -> None:
+async def _fill(server: Server, vm_id: str) -> None:
     block = os.urandom(_CHUNK)
     for offset in range(0, FILL_SIZE, _CHUNK):
         await server.api.runtime.write_memory(vm_id, FILL_BASE + offset, block)

@@ -184,7 +184,8 @@ async def test_live_save_failing_with_enospc_keeps_running_and_keeps_the_dirty_s
     await runtime.save("lfull", "Full", str(tmp_path / "f.snap"), str(tmp_path / "f.mem"))
     marker = 100 * 1024 * 1024
     # A device write larger than the tmpfs: ENOSPC whatever the guest dirtied meanwhile.
-    await runtime.write_memory("lfull", marker, b"before the failed live save".ljust(OVER_TMPFS, b"x"))
+    payload = b"before the failed live save".ljust(OVER_TMPFS, b"x")
+    await runtime.write_memory("lfull", marker, payload)
     with pytest.raises(MemoryIo, match=r"No space left on device \(os error 28\)"):
         await runtime.save("lfull", "Diff", str(small_tmpfs / "d.snap"),
                            str(small_tmpfs / "d.mem"), live=True)  # fmt: skip

@@ -191,7 +191,8 @@ async def test_save_failing_mid_write_resumes_and_keeps_the_dirty_set(
     await runtime.save("enospc", "Full", str(tmp_path / "f.snap"), str(tmp_path / "f.mem"))
     marker = 40 * MIB
     # A device write larger than the 4 MiB tmpfs: ENOSPC whatever the guest dirtied meanwhile.
-    await runtime.write_memory("enospc", marker, b"written before the failed save".ljust(5 * MIB, b"x"))
+    payload = b"written before the failed save".ljust(5 * MIB, b"x")
+    await runtime.write_memory("enospc", marker, payload)
     await wait_progress_beyond(vm, vm.guest_progress())
 
     with pytest.raises(MemoryIo, match=r"No space left on device \(os error 28\)"):
