@@ -75,11 +75,13 @@ async def load_snapshot(
     limiter: trio.CapacityLimiter,
     progress: Progress | None = None,
     admit: Callable[[VmInfo], Awaitable[None]] | None = None,
+    peer_limiter: trio.CapacityLimiter | None = None,
 ) -> Vm:
     """Build VM ``vm_id`` from a pair (see the module doc).
 
     ``admit(vm_info)`` is awaited once the state file is read, before any
     memory is mapped: the runtime refuses there a VM over its limits.
+    ``peer_limiter`` bounds the threads waiting on page servers (default: ``limiter``).
 
     Raises:
         InvalidPath: a path breaks SPEC section 10.
@@ -107,7 +109,9 @@ async def load_snapshot(
     if mem_backend.backend_type == BACKEND_FILE:
         memory = await run_blocking(lambda: _map_file(vm_id, state, backend_path), limiter)
     else:
-        memory, uffd_session = await _map_uffd(state, backend_path, limiter)
+        memory, uffd_session = await _map_uffd(
+            state, backend_path, limiter, peer_limiter if peer_limiter is not None else limiter
+        )
     _report(progress, "map-memory")
     token = trio.lowlevel.current_trio_token()
     try:
@@ -142,16 +146,23 @@ async def load_snapshot(
 
 
 async def _map_uffd(
-    state: X86MicrovmState, socket_path: str, limiter: trio.CapacityLimiter
+    state: X86MicrovmState,
+    socket_path: str,
+    limiter: trio.CapacityLimiter,
+    peer_limiter: trio.CapacityLimiter,
 ) -> tuple[GuestMemory, UffdBackend]:
-    """Anonymous memory registered with userfaultfd and handed to the page server."""
-    memory = GuestMemory.anonymous(state.memory.regions)
+    """Anonymous memory registered with userfaultfd and handed to the page server.
+
+    The handshake waits on a peer: it runs under ``peer_limiter``, so that
+    page servers that stall cannot take the runtime's I/O threads.
+    """
+    memory = await run_blocking(lambda: GuestMemory.anonymous(state.memory.regions), limiter)
     try:
         session = await run_blocking(
             lambda: UffdBackend.connect(
                 socket_path, memory, expected_pair_id=state.memory.pair_id
             ),
-            limiter,
+            peer_limiter,
         )
     except BaseException:
         memory.close()

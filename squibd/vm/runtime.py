@@ -54,6 +54,8 @@ _OP_LOAD: Final = "snapshot load"
 #: How long vm.describe/vm.list and the debug memory methods wait for guest
 #: memory (a lazy VM's page may never be served) before answering without it.
 DEFAULT_MEMORY_TIMEOUT_S: Final = 2.0
+#: Page-server handshakes in progress at once (each may wait on a slow peer).
+PEER_THREADS: Final = 16
 
 T = TypeVar("T")
 
@@ -81,6 +83,10 @@ class Runtime:
     _vms: dict[str, Vm] = attrs.field(init=False, factory=dict)
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
     _ledger: Ledger = attrs.field(init=False)
+    #: Threads waiting on a peer (page-server handshakes), apart from the I/O threads.
+    _peer_limiter: trio.CapacityLimiter = attrs.field(
+        init=False, factory=lambda: trio.CapacityLimiter(PEER_THREADS)
+    )
 
     @_ledger.default
     def _make_ledger(self) -> Ledger:
@@ -361,6 +367,7 @@ class Runtime:
                         limiter=self._limiter,
                         progress=progress,
                         admit=admit,
+                        peer_limiter=self._peer_limiter,
                     ),
                 )
             finally:
