@@ -14,6 +14,12 @@ of the daemon, the trio thread included. So:
 - :class:`GuestAccess` counts the threads inside guest memory so that the
   VM's teardown unmaps only once none is left (an unmap under a blocked
   access would turn its wake-up into a SIGSEGV of the daemon);
+- :class:`Populator` faults in all of a lazy VM's memory before a Full
+  save (``MADV_POPULATE_READ``, GIL released) while watching that the page
+  server makes progress: the memory writer's scans and hashes may hold the
+  GIL, so they must only ever meet pages that are present. A page server
+  that serves nothing for ``stall_s`` fails the save with a clear error
+  before anything is written;
 - :class:`ProgressProbe` reads the guest program's progress counters for
   ``vm.describe``/``vm.list`` in at most ONE thread per VM at a time, waits
   for it at most ``timeout_s``, and otherwise answers the last value it
@@ -28,24 +34,39 @@ import ctypes
 import errno
 import fcntl
 import logging
+import os
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final
 
 import attrs
 import trio
 
 from ..uffd._abi import UFFDIO_RANGE_STRUCT, UFFDIO_UNREGISTER
-from .errors import WrongVmState
+from .errors import GuestMemoryUnavailable, WrongVmState
 from .memory import GuestMemory
 
-__all__ = ["GuestAccess", "ProgressProbe", "ProgressReading", "release_lazy_pages"]
+__all__ = [
+    "GuestAccess",
+    "Populator",
+    "ProgressProbe",
+    "ProgressReading",
+    "release_lazy_pages",
+]
 
 #: Progress counters are little-endian u64 (the guest programs of squibd.kvm).
 _U64: Final = struct.Struct("<Q")
 
 _log = logging.getLogger(__name__)
+
+#: madvise(2) advice that read-faults a range in (Linux 5.14, uapi/asm-generic/mman-common.h).
+_MADV_POPULATE_READ: Final = 22
+#: Populate in steps of this size: progress is visible between them.
+_POPULATE_STEP: Final = 16 * 1024 * 1024
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.madvise.restype = ctypes.c_int
 
 
 def release_lazy_pages(uffd_fd: int, memory: GuestMemory) -> None:
@@ -108,6 +129,32 @@ class GuestAccess:
         region = self.memory.region_at(guest_addr, len(data))
         with self._inside():
             ctypes.memmove(region.host_addr + (guest_addr - region.guest_addr), data, len(data))
+
+    def populate(self, step_done: Callable[[int], None], cancel: threading.Event) -> None:
+        """Read-fault every page in, calling ``step_done(bytes)`` after each step.
+
+        Blocking (a lazy page waits for its page server); stops at the next
+        step once ``cancel`` is set.
+        """
+        scratch: ctypes.Array[ctypes.c_char] | None = None
+        with self._inside():
+            for region in self.memory.regions:
+                for offset in range(0, region.size, _POPULATE_STEP):
+                    if cancel.is_set():
+                        return
+                    length = min(_POPULATE_STEP, region.size - offset)
+                    address = region.host_addr + offset
+                    while _libc.madvise(address, length, _MADV_POPULATE_READ) != 0:
+                        err = ctypes.get_errno()
+                        if err == errno.EINTR:
+                            continue
+                        if err != errno.EINVAL:
+                            raise OSError(err, os.strerror(err))
+                        # A kernel before 5.14: copy the step out instead (GIL released too).
+                        scratch = scratch or ctypes.create_string_buffer(_POPULATE_STEP)
+                        ctypes.memmove(scratch, address, length)
+                        break
+                    step_done(length)
 
     def read_u64s(self, addrs: Sequence[int]) -> list[int]:
         """Little-endian u64 values at ``addrs``."""
@@ -205,3 +252,64 @@ class ProgressProbe:
         if self._pending is read:
             self._pending = None
         read.done.set()
+
+
+@attrs.define(eq=False)
+class Populator:
+    """Faults a lazy VM's memory in before a save, bounded by page-server progress.
+
+    At most one population runs per VM: a thread stuck on a page nobody
+    serves stays until the page is served or the VM is torn down (which
+    releases the pages), and a save meanwhile is refused at once.
+    """
+
+    access: GuestAccess
+    token: trio.lowlevel.TrioToken
+    _running: bool = attrs.field(default=False, init=False)
+
+    async def run(self, stall_s: float) -> None:
+        """Populate everything; fail if no step completes within ``stall_s``.
+
+        Raises:
+            GuestMemoryUnavailable: the page server made no progress in time
+                (or a population of this VM is still stuck).
+            OSError: madvise failed (e.g. ENOMEM).
+        """
+        if self._running:
+            raise GuestMemoryUnavailable(self.access.vm_id, stall_s)
+        self._running = True
+        cancel = threading.Event()
+        news = [trio.Event()]
+        outcome: list[BaseException | None] = []
+
+        def step_done(_length: int) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self.token.run_sync_soon(lambda: news[0].set())
+
+        def finished(error: BaseException | None) -> None:
+            self._running = False
+            outcome.append(error)
+            news[0].set()
+
+        def work() -> None:
+            error: BaseException | None = None
+            try:
+                self.access.populate(step_done, cancel)
+            except Exception as exc:
+                error = exc
+            with contextlib.suppress(trio.RunFinishedError):
+                self.token.run_sync_soon(finished, error)
+
+        threading.Thread(target=work, name=f"populate-{self.access.vm_id}", daemon=True).start()
+        try:
+            while not outcome:
+                with trio.move_on_after(stall_s) as scope:
+                    await news[0].wait()
+                if scope.cancelled_caught:
+                    raise GuestMemoryUnavailable(self.access.vm_id, stall_s)
+                news[0] = trio.Event()
+        finally:
+            cancel.set()  # the thread stops at its next step, if it ever gets there
+        error = outcome[0]
+        if error is not None:
+            raise error

@@ -36,7 +36,13 @@ from ..snapshot.models import VmInfo, X86VcpuState, X86VmState
 from ..uffd import UffdBackend
 from .dirty import DirtySet
 from .errors import InvalidVmConfig
-from .guest_access import GuestAccess, ProgressProbe, ProgressReading, release_lazy_pages
+from .guest_access import (
+    GuestAccess,
+    Populator,
+    ProgressProbe,
+    ProgressReading,
+    release_lazy_pages,
+)
 from .memory import MIB, GuestMemory
 from .models import GuestSpec, VmDescription, VmState
 from .quiesce import VcpuGate, quiesce
@@ -110,6 +116,7 @@ class Vm:
     #: Every access to guest memory from squibd itself (worker threads only).
     _access: GuestAccess = attrs.field(init=False, repr=False)
     _probe: ProgressProbe = attrs.field(init=False, repr=False)
+    _populator: Populator = attrs.field(init=False, repr=False)
     #: One debug-API memory access (read/write_memory) at a time per VM.
     memory_limiter: trio.CapacityLimiter = attrs.field(
         init=False, repr=False, factory=lambda: trio.CapacityLimiter(1)
@@ -128,6 +135,7 @@ class Vm:
     def __attrs_post_init__(self) -> None:
         self._access = GuestAccess(self.vm_id, self.memory)
         self._probe = ProgressProbe(self._access, self._progress_addrs, self._gate.token)
+        self._populator = Populator(self._access, self._gate.token)
         self._log_enabled = self.track_dirty_pages
         self.dirty = DirtySet(
             tuple(region.size for region in self.memory.regions), self.track_dirty_pages
@@ -364,6 +372,23 @@ class Vm:
         """
         self._page_server = backend
         self._resources.append(backend)
+
+    @property
+    def lazy(self) -> bool:
+        """Whether a page server serves this VM's memory (a Uffd load)."""
+        return self._page_server is not None
+
+    async def populate_lazy(self, stall_s: float) -> None:
+        """Fault in all memory of a lazy VM (no-op otherwise), before a Full save reads it.
+
+        The memory writer may hold the GIL while it scans pages: a missing
+        page there would freeze the daemon until served. See ``guest_access.Populator``.
+
+        Raises:
+            GuestMemoryUnavailable: the page server served nothing for ``stall_s``.
+        """
+        if self._page_server is not None:
+            await self._populator.run(stall_s)
 
     def _page_server_dead_from_thread(self, reason: str) -> None:
         with contextlib.suppress(trio.RunFinishedError):

@@ -18,6 +18,7 @@ import attrs
 import trio
 
 from ..kvm.runner import install_signal_handler
+from ..snapshot.manifest import KIND_FULL
 from ..snapshot.models import VmInfo
 from ._threads import IO_LIMITER_TOKENS, run_blocking
 from .build import build_fresh, check_config
@@ -54,6 +55,9 @@ _OP_LOAD: Final = "snapshot load"
 #: How long vm.describe/vm.list and the debug memory methods wait for guest
 #: memory (a lazy VM's page may never be served) before answering without it.
 DEFAULT_MEMORY_TIMEOUT_S: Final = 2.0
+#: A Full save of a lazy VM first faults its memory in; it fails when the page
+#: server serves nothing (not one 16 MiB step) for this long.
+DEFAULT_PAGE_SERVER_STALL_S: Final = 5.0
 #: Page-server handshakes in progress at once (each may wait on a slow peer).
 PEER_THREADS: Final = 16
 
@@ -70,6 +74,8 @@ class Runtime:
         limits: how many VMs, vCPUs and MiB of guest RAM it admits (``limits.py``).
         memory_timeout_s: bound on every wait for guest memory (progress
             reads, the debug memory methods).
+        page_server_stall_s: a Full save of a lazy VM fails when its page
+            server serves nothing for this long (``Vm.populate_lazy``).
 
     The trio thread never touches guest memory: reads and writes run in
     worker threads with the GIL released (``guest_access.py``), bounded by
@@ -80,6 +86,7 @@ class Runtime:
     io_threads: int = IO_LIMITER_TOKENS
     limits: RuntimeLimits = attrs.field(factory=RuntimeLimits)
     memory_timeout_s: float = DEFAULT_MEMORY_TIMEOUT_S
+    page_server_stall_s: float = DEFAULT_PAGE_SERVER_STALL_S
     _vms: dict[str, Vm] = attrs.field(init=False, factory=dict)
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
     _ledger: Ledger = attrs.field(init=False)
@@ -307,6 +314,8 @@ class Runtime:
         self._not_busy(vm)
         vm.busy = _OP_SAVE
         try:
+            if request.kind == KIND_FULL:
+                await vm.populate_lazy(self.page_server_stall_s)
             if live:
                 return await save_live(
                     vm, request, limiter=self._limiter, progress=progress

@@ -65,6 +65,18 @@ def test_stalled_page_server_does_not_freeze_the_daemon(sockdir: str, tmp_path: 
         described = _call(path, "vm.describe", {"vm_id": "lazy"})
         assert described["guest_progress"] is None and described["guest_progress_stale"]
 
+        # A Full save must read every page: it refuses before writing anything
+        # (the memory writer's scans would otherwise wait on the page with the GIL held).
+        out = tmp_path / "out"
+        out.mkdir()
+        error = _error(path, "snapshot.create", {
+            "vm_id": "lazy", "snapshot_type": "Full",
+            "snapshot_path": str(out / "o.snap"), "mem_file_path": str(out / "o.mem"),
+        })  # fmt: skip
+        assert error["code"] == -32004 and error["data"]["kind"] == "GuestMemoryUnavailable"
+        assert list(out.iterdir()) == []
+        assert _call(path, "daemon.status")["vm_count"] == 2
+
         # The debug memory methods wait for the page at most a bound, then refuse.
         error = _error(path, "vm.read_memory", {"vm_id": "lazy", "guest_addr": 0, "length": 8})
         assert error["code"] == -32004
