@@ -57,6 +57,7 @@ from ..snapshot.memwriter import (
     DEFAULT_METHOD,
     WriteCancelled,
     WriteResult,
+    WriterThreads,
     merge_extents,
     write_memory,
 )
@@ -158,9 +159,10 @@ class _ChunkDigests:
 class _LivePair:
     """The open pair transaction and what the passes wrote into it (worker threads)."""
 
-    def __init__(self, vm: Vm, request: SaveRequest) -> None:
+    def __init__(self, vm: Vm, request: SaveRequest, threads: WriterThreads | None) -> None:
         self.vm = vm
         self.request = request
+        self.threads = threads
         self.txn = PairTransaction(request.snapshot_path, request.mem_file_path)
         self.extents: list[Extent] = []
         self.bytes_per_pass: list[int] = []
@@ -187,6 +189,7 @@ class _LivePair:
             algorithm=DEFAULT_ALGORITHM,
             chunk_size=DEFAULT_CHUNK_SIZE,
             method=method,
+            threads=self.threads,
         )
         self.digests.record(len(self.bytes_per_pass), result)
         self.extents.extend(result.extents)
@@ -259,16 +262,22 @@ async def save_live(
     *,
     limiter: trio.CapacityLimiter,
     progress: Progress | None,
+    threads: WriterThreads | None = None,
 ) -> SaveResult:
-    """Save ``vm`` with pre-copy passes and a short final pause (see the module doc)."""
+    """Save ``vm`` with pre-copy passes and a short final pause (see the module doc).
+
+    ``threads``: where the memory writer's helper threads come from (the runtime's pool).
+    """
     if vm.state is not VmState.RUNNING or request.max_passes == 1:
         # Nothing runs meanwhile (or no pre-copy pass is allowed): the final
         # pass is the whole save.
-        result = await save_stop_and_copy(vm, request, limiter=limiter, progress=progress)
+        result = await save_stop_and_copy(
+            vm, request, limiter=limiter, progress=progress, threads=threads
+        )
         return attrs.evolve(
             result, live=True, passes=1, pass_limit_reached=request.max_passes == 1
         )
-    return await LiveSaveSession(vm, request, limiter, progress).run()
+    return await LiveSaveSession(vm, request, limiter, progress, threads).run()
 
 
 @attrs.define(eq=False)
@@ -284,6 +293,7 @@ class LiveSaveSession:
     request: SaveRequest
     limiter: trio.CapacityLimiter
     progress: Progress | None
+    threads: WriterThreads | None = None
     planner: PassPlanner = attrs.field(init=False)
     pair_id: str = attrs.field(init=False, factory=lambda: str(uuid.uuid4()))
     _pair: _LivePair | None = attrs.field(default=None, init=False)
@@ -312,7 +322,7 @@ class LiveSaveSession:
         vm.dirty.begin_journal()
         try:
             pair = self._pair = await run_blocking(
-                lambda: _LivePair(vm, self.request), self.limiter
+                lambda: _LivePair(vm, self.request, self.threads), self.limiter
             )
             leftover = await self._precopy(pair)
             captured, seen = await self._final_pass(pair, leftover)

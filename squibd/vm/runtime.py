@@ -47,6 +47,7 @@ from .models import (
     VmState,
 )
 from .save import SaveRequest, save_stop_and_copy
+from .writer_pool import WriterPool
 
 __all__ = ["DEFAULT_MEMORY_TIMEOUT_S", "Runtime"]
 
@@ -89,11 +90,17 @@ class Runtime:
     page_server_stall_s: float = DEFAULT_PAGE_SERVER_STALL_S
     _vms: dict[str, Vm] = attrs.field(init=False, factory=dict)
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
+    #: Helper threads of the memory writers of every save (bounded, visible here).
+    writer_pool: WriterPool = attrs.field(init=False)
     _ledger: Ledger = attrs.field(init=False)
     #: Threads waiting on a peer (page-server handshakes), apart from the I/O threads.
     _peer_limiter: trio.CapacityLimiter = attrs.field(
         init=False, factory=lambda: trio.CapacityLimiter(PEER_THREADS)
     )
+
+    @writer_pool.default
+    def _make_writer_pool(self) -> WriterPool:
+        return WriterPool(self.io_threads)
 
     @_ledger.default
     def _make_ledger(self) -> Ledger:
@@ -318,10 +325,11 @@ class Runtime:
                 await vm.populate_lazy(self.page_server_stall_s)
             if live:
                 return await save_live(
-                    vm, request, limiter=self._limiter, progress=progress
-                )
+                    vm, request, limiter=self._limiter, progress=progress,
+                    threads=self.writer_pool,
+                )  # fmt: skip
             return await save_stop_and_copy(
-                vm, request, limiter=self._limiter, progress=progress
+                vm, request, limiter=self._limiter, progress=progress, threads=self.writer_pool
             )
         finally:
             vm.busy = None
