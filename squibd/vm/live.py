@@ -25,6 +25,11 @@ the dirty set (exactly the words seen up to the pause), come after that.
 Failures (quiesce timeout, cancel, ENOSPC, ...) at any pass abort the
 transaction (temps removed), resume the VM if it was paused here, turn
 temporary dirty logging off again, and keep the dirty set.
+
+Code: :class:`PassPlanner` is the policy (pure: when to stop pre-copying,
+unit-tested without KVM); :class:`LiveSaveSession` is the mechanism and
+owns everything a failure must undo (journal, temporary logging, temps,
+the pause); ``_LivePair`` is the open pair transaction and its digests.
 """
 
 from __future__ import annotations
