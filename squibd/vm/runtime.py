@@ -216,10 +216,15 @@ class Runtime:
         await run_blocking(vm.close, self._limiter)
 
     async def aclose(self) -> None:
-        """Destroy every VM (daemon shutdown)."""
-        for vm_id in list(self._vms):
-            vm = self._vms.pop(vm_id)
-            await run_blocking(vm.close, self._limiter)
+        """Destroy every VM (daemon shutdown), several at once.
+
+        Each close is bounded (``Vm.close``); VMs stuck on a page server must not add up.
+        """
+        vms = list(self._vms.values())
+        self._vms.clear()
+        async with trio.open_nursery() as nursery:
+            for vm in vms:
+                nursery.start_soon(run_blocking, vm.close, self._limiter)
 
     # --- lifecycle -------------------------------------------------------
 
