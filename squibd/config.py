@@ -20,6 +20,12 @@ and issue 5. Example (all keys)::
     [snapshot]
     allowed_roots = ["/var/lib/squibd"]
     quiesce_timeout_s = 1.0
+
+    [limits]                      # issue 10: refused with -32004 naming the limit
+    max_vms = 128
+    max_vcpus_total = 1024
+    max_guest_memory_mib = 24576  # default: the host's RAM
+    fd_reserve = 64               # fds kept free for connections when VMs use the rest
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ __all__ = [
     "DEFAULT_SOCKET_MODE",
     "ConfigError",
     "DaemonConfig",
+    "LimitsConfig",
     "ServerConfig",
     "SnapshotConfig",
     "default_socket_path",
@@ -122,12 +129,35 @@ class SnapshotConfig:
     quiesce_timeout_s: float | None = None
 
 
+def _optional_positive(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{attribute.name} must be at least 1, got {value}")
+
+
+def _not_negative(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name} must not be negative, got {value}")
+
+
+@attrs.frozen
+class LimitsConfig:
+    """``[limits]``: what the VM runtime admits (None: its default, see ``squibd.vm.limits``)."""
+
+    max_vms: int | None = attrs.field(default=None, validator=_optional_positive)
+    max_vcpus_total: int | None = attrs.field(default=None, validator=_optional_positive)
+    max_guest_memory_mib: int | None = attrs.field(default=None, validator=_optional_positive)
+    fd_reserve: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_not_negative)
+    )
+
+
 @attrs.frozen
 class DaemonConfig:
     """The whole configuration file."""
 
     server: ServerConfig = attrs.field(factory=ServerConfig)
     snapshot: SnapshotConfig = attrs.field(factory=SnapshotConfig)
+    limits: LimitsConfig = attrs.field(factory=LimitsConfig)
 
 
 def _converter() -> cattrs.Converter:

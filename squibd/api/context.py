@@ -38,11 +38,14 @@ class ApiContext:
         debug_api: expose ``vm.read_memory`` / ``vm.write_memory``.
         allowed_roots: if set, client paths must lie inside these directories.
         quiesce_timeout_s: passed to the runtime (SPEC section 6), ``None`` = its default.
+        limits: the runtime's ``[limits]`` (``squibd.vm.limits.RuntimeLimits`` keys;
+            a key left out or ``None`` keeps its default).
     """
 
     debug_api: bool = False
     allowed_roots: Sequence[str] | None = None
     quiesce_timeout_s: float | None = None
+    limits: dict[str, int | None] = attrs.field(factory=dict)
     started_at: float = attrs.field(factory=time.monotonic)
     converter: cattrs.Converter = attrs.field(factory=make_wire_converter)
     #: Serves vm.create's ``api_socket`` (set by the server; None: not available).
@@ -58,6 +61,11 @@ class ApiContext:
             kwargs: dict[str, Any] = {}
             if self.quiesce_timeout_s is not None:
                 kwargs["quiesce_timeout_s"] = self.quiesce_timeout_s
+            limits = {key: value for key, value in self.limits.items() if value is not None}
+            if limits:
+                from squibd.vm.limits import RuntimeLimits
+
+                kwargs["limits"] = RuntimeLimits(**limits)
             self._runtime = Runtime(**kwargs)
         return self._runtime
 

@@ -46,6 +46,10 @@ _VM_KIND_CODES: Final = {
     "Busy": BUSY,
     "InvalidVmConfig": INVALID_PARAMS,
     "PairMismatch": SNAPSHOT_ERROR,
+    # Issue 10: limits and host resources refuse a VM for now (retry later).
+    "LimitReached": BUSY,
+    "ResourceExhausted": BUSY,
+    "GuestMemoryUnavailable": BUSY,
 }
 
 

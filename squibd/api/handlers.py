@@ -22,6 +22,7 @@ from squibd.snapshot.describe import default_memory_path, describe_snapshot
 from squibd.snapshot.paths import validate_path
 from squibd.snapshot.rebase import rebase
 from squibd.vm import run_cancellable
+from squibd.vm.models import VmDescription
 
 from .context import ApiContext, CallInfo
 from .errors import not_allowed
@@ -73,8 +74,7 @@ def _path(api: ApiContext, path: str, what: str, *, socket: bool = False) -> str
     return validate_path(path, what=what, socket=socket, allowed_roots=api.allowed_roots)
 
 
-def _info(api: ApiContext, vm_id: str) -> VmInfo:
-    d = api.runtime.describe(vm_id)
+def _to_info(d: VmDescription) -> VmInfo:
     state = d.state if d.state in ("NotStarted", "Running", "Paused") else "Paused"
     return VmInfo(
         vm_id=d.vm_id,
@@ -82,10 +82,16 @@ def _info(api: ApiContext, vm_id: str) -> VmInfo:
         vcpu_count=d.vcpu_count,
         mem_size_mib=d.mem_size_mib,
         track_dirty_pages=d.track_dirty_pages,
-        guest_progress=list(d.guest_progress),
+        guest_progress=None if d.guest_progress is None else list(d.guest_progress),
         guest_program=d.guest_program,
         error=d.error,
+        guest_progress_stale=d.guest_progress_stale,
     )
+
+
+async def _info(api: ApiContext, vm_id: str) -> VmInfo:
+    """The VM as ``vm.describe`` reports it; guest memory is read off the trio thread, bounded."""
+    return _to_info(await api.runtime.describe_current(vm_id))
 
 
 async def daemon_status(api: ApiContext, call: CallInfo, params: EmptyParams) -> StatusResult:
@@ -116,7 +122,7 @@ async def vm_create(api: ApiContext, call: CallInfo, params: VmCreateParams) -> 
     )  # fmt: skip
     if socket_path is not None and api.api_sockets is not None:
         await _open_api_socket(api, params.vm_id, socket_path)
-    return _info(api, params.vm_id)
+    return await _info(api, params.vm_id)
 
 
 async def _open_api_socket(api: ApiContext, vm_id: str, path: str) -> None:
@@ -135,19 +141,19 @@ async def _open_api_socket(api: ApiContext, vm_id: str, path: str) -> None:
 async def vm_start(api: ApiContext, call: CallInfo, params: VmIdParams) -> VmInfo:
     """Start a NotStarted VM's vCPUs."""
     await api.runtime.start(params.vm_id)
-    return _info(api, params.vm_id)
+    return await _info(api, params.vm_id)
 
 
 async def vm_pause(api: ApiContext, call: CallInfo, params: VmIdParams) -> VmInfo:
     """Pause a Running VM (quiesce)."""
     await api.runtime.pause(params.vm_id)
-    return _info(api, params.vm_id)
+    return await _info(api, params.vm_id)
 
 
 async def vm_resume(api: ApiContext, call: CallInfo, params: VmIdParams) -> VmInfo:
     """Resume a Paused VM."""
     await api.runtime.resume(params.vm_id)
-    return _info(api, params.vm_id)
+    return await _info(api, params.vm_id)
 
 
 async def vm_destroy(api: ApiContext, call: CallInfo, params: VmIdParams) -> DestroyResult:
@@ -160,14 +166,15 @@ async def vm_destroy(api: ApiContext, call: CallInfo, params: VmIdParams) -> Des
 
 async def vm_describe(api: ApiContext, call: CallInfo, params: VmIdParams) -> VmInfo:
     """State, sizes and guest progress of one VM."""
-    return _info(api, params.vm_id)
+    return await _info(api, params.vm_id)
 
 
 async def vm_list(api: ApiContext, call: CallInfo, params: EmptyParams) -> VmListResult:
     """Every VM, sorted by id."""
     if api.vm_count == 0:
         return VmListResult(vms=[])
-    return VmListResult(vms=[_info(api, vm_id) for vm_id in api.runtime.list()])
+    descriptions = await api.runtime.describe_many(api.runtime.list())
+    return VmListResult(vms=[_to_info(d) for d in descriptions])
 
 
 async def snapshot_create(
@@ -227,7 +234,7 @@ async def snapshot_load(
         progress=call.progress,
     )
     elapsed = (time.monotonic() - started) * _MS_PER_S
-    return SnapshotLoadResult(vm=_info(api, params.vm_id), duration_ms=round(elapsed, 3))
+    return SnapshotLoadResult(vm=await _info(api, params.vm_id), duration_ms=round(elapsed, 3))
 
 
 async def snapshot_describe(
@@ -293,7 +300,7 @@ async def vm_read_memory(
     api: ApiContext, call: CallInfo, params: ReadMemoryParams
 ) -> ReadMemoryResult:
     """Read guest RAM (debug API)."""
-    data = api.runtime.read_memory(params.vm_id, params.guest_addr, params.length)
+    data = await api.runtime.read_memory(params.vm_id, params.guest_addr, params.length)
     return ReadMemoryResult(data_base64=base64.b64encode(data).decode("ascii"))
 
 
@@ -309,5 +316,5 @@ async def vm_write_memory(
         raise RpcError.invalid_params(
             f"params.data_base64: decodes to {len(data)} bytes, more than {MAX_MEMORY_ACCESS}"
         )
-    api.runtime.write_memory(params.vm_id, params.guest_addr, data)
+    await api.runtime.write_memory(params.vm_id, params.guest_addr, data)
     return WriteMemoryResult(bytes_written=len(data))

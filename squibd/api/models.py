@@ -178,9 +178,12 @@ class VmInfo:
     vcpu_count: int
     mem_size_mib: int
     track_dirty_pages: bool
-    guest_progress: list[int]
+    #: null when guest memory never answered in time (a lazy VM whose page server stalls).
+    guest_progress: list[int] | None
     guest_program: str | None = None
     error: str | None = None
+    #: true when guest_progress is the last known value, not read for this answer.
+    guest_progress_stale: bool = False
 
 
 @attrs.frozen

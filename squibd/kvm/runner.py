@@ -129,6 +129,11 @@ class VcpuRunner:
         return self._thread is not None
 
     @property
+    def alive(self) -> bool:
+        """Whether the thread was started and has not exited yet."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def error(self) -> str | None:
         """The message of the exit that stopped this vCPU, if any."""
         return self._error

@@ -36,7 +36,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Final, Protocol
 
 import attrs
 import numpy as np
@@ -75,6 +75,7 @@ __all__ = [
     "RegionSource",
     "WriteCancelled",
     "WriteResult",
+    "WriterThreads",
     "build_manifest",
     "merge_extents",
     "new_pair_id",
@@ -190,6 +191,34 @@ class _Writer:
             done += sent
 
 
+class Joinable(Protocol):
+    """A started writer thread."""
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+
+class WriterThreads(Protocol):
+    """Where a write's helper threads come from (e.g. the VM runtime's bounded pool).
+
+    ``start(count, target)`` starts at most ``count`` threads running
+    ``target`` and returns them; it may start fewer, even none (the write then
+    runs in the calling thread).
+    """
+
+    def start(self, count: int, target: Callable[[], None]) -> Sequence[Joinable]: ...
+
+
+class _FreshThreads:
+    """The default: ``count`` new daemon threads."""
+
+    def start(self, count: int, target: Callable[[], None]) -> Sequence[Joinable]:
+        threads = [threading.Thread(target=target, name=f"squibd-memwriter-{i}", daemon=True)
+                   for i in range(count)]
+        for thread in threads:
+            thread.start()
+        return threads
+
+
 def write_memory(
     out_fd: int,
     regions: Sequence[RegionSource],
@@ -203,6 +232,7 @@ def write_memory(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     page_size: int = HOST_PAGE_SIZE,
     method: str = DEFAULT_METHOD,
+    threads: WriterThreads | None = None,
 ) -> WriteResult:
     """Write guest memory into ``out_fd`` (see the module doc).
 
@@ -221,6 +251,8 @@ def write_memory(
         chunk_size: digest chunk size (SPEC section 4: at most 2 MiB).
         page_size: the page of the runs (default: the host page).
         method: one of ``WRITE_METHODS``.
+        threads: where the helper threads come from (default: fresh threads);
+            the owner of a pool sees and bounds them.
 
     Raises:
         MemoryIo: an I/O error (``MemoryInputInvalid`` for bad input).
@@ -247,7 +279,7 @@ def write_memory(
         # slower with 2 writers in bench/diff_save.py).
         writers = 1
     run = _Run(plan, regions, hash_of, page_size, out_fd, method, cancel)
-    run.execute(writers, progress)
+    run.execute(writers, progress, threads if threads is not None else _FreshThreads())
     starts, lengths, digests = run.extents_and_digests()
     written = int(lengths.sum())
     return WriteResult(
@@ -337,10 +369,13 @@ class _Run:
         finally:
             writer.close()
 
-    def execute(self, writers: int, progress: Callable[[int, int], None] | None) -> None:
+    def execute(self, writers: int, progress: Callable[[int, int], None] | None,
+                threads: WriterThreads) -> None:
         total = self.plan.total
         done = 0
-        if writers == 1 or len(self.plan.batches) <= 1:
+        if writers == 1 or len(self.plan.batches) <= 1 or not self._threads(
+            min(writers, len(self.plan.batches)), progress, total, threads
+        ):
 
             def report_here(size: int) -> None:
                 nonlocal done
@@ -352,13 +387,12 @@ class _Run:
                 self._batches(report_here)
             except OSError as error:
                 raise MemoryIo(error) from error
-        else:
-            self._threads(min(writers, len(self.plan.batches)), progress, total)
         if self.cancel is not None and self.cancel.is_set():
             raise WriteCancelled("memory write cancelled")
 
     def _threads(self, count: int, progress: Callable[[int, int], None] | None,
-                 total: int) -> None:
+                 total: int, source: WriterThreads) -> bool:
+        """Write with up to ``count`` threads of ``source``; False if it gave none."""
         done_queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
 
         def work() -> None:
@@ -370,11 +404,10 @@ class _Run:
             finally:
                 done_queue.put(None)
 
-        threads = [threading.Thread(target=work, name=f"squibd-memwriter-{i}", daemon=True)
-                   for i in range(count)]
-        for thread in threads:
-            thread.start()
-        done, running = 0, count
+        threads = source.start(count, work)
+        if not threads:
+            return False
+        done, running = 0, len(threads)
         try:
             while running:
                 item = done_queue.get()
@@ -393,6 +426,7 @@ class _Run:
             if isinstance(failure, OSError):
                 raise MemoryIo(failure) from failure
             raise failure
+        return True
 
     def extents_and_digests(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], bytes]:
         """Written pieces in file order: (file offsets, lengths, concatenated digests)."""

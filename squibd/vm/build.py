@@ -30,10 +30,15 @@ from .memory import DEFAULT_MEMORY_LAYOUT, GuestMemory, MemoryLayoutError
 from .models import GuestSpec, VmState
 from .quiesce import VcpuGate
 
-__all__ = ["build_fresh", "build_restored"]
+__all__ = ["build_fresh", "build_restored", "check_config"]
 
 
-def _check_config(vm_id: str, vcpu_count: int, mem_size_mib: int) -> None:
+def check_config(vm_id: str, vcpu_count: int, mem_size_mib: int) -> None:
+    """Refuse a vCPU count or memory size no VM can have.
+
+    Raises:
+        InvalidVmConfig: naming the bad value.
+    """
     if not 1 <= vcpu_count <= MAX_VCPUS:
         raise InvalidVmConfig(vm_id, f"vcpu_count must be 1 to {MAX_VCPUS}, not {vcpu_count}")
     if mem_size_mib < 1:
@@ -96,7 +101,7 @@ def build_fresh(
     Raises:
         InvalidVmConfig: bad vCPU count, memory size, layout or guest program.
     """
-    _check_config(vm_id, vcpu_count, mem_size_mib)
+    check_config(vm_id, vcpu_count, mem_size_mib)
     try:
         memory = GuestMemory.create(mem_size_mib, name=f"squibd-{vm_id}", layout=memory_layout)
     except MemoryLayoutError as error:
@@ -149,7 +154,7 @@ def build_restored(
         InvalidVmConfig: the state's vCPU count or sizes are not usable.
         KvmError: KVM refused a piece of state.
     """
-    _check_config(vm_id, info.vcpu_count, info.mem_size_mib)
+    check_config(vm_id, info.vcpu_count, info.mem_size_mib)
     if len(vcpu_states) != info.vcpu_count:
         raise InvalidVmConfig(
             vm_id, f"state has {len(vcpu_states)} vCPU states for {info.vcpu_count} vCPUs"

@@ -9,15 +9,19 @@ those.
 
 from __future__ import annotations
 
-from typing import ClassVar
+import errno
+from typing import ClassVar, Final
 
 __all__ = [
     "Busy",
     "DiffNotAllowed",
     "DuplicateVm",
+    "GuestMemoryUnavailable",
     "InvalidVmConfig",
+    "LimitReached",
     "NoParentCheckpoint",
     "PairMismatch",
+    "ResourceExhausted",
     "UnknownVm",
     "VmError",
     "VmFailed",
@@ -148,4 +152,74 @@ class NoParentCheckpoint(VmError):
         super().__init__(
             f"VM {vm_id!r} has no checkpoint yet, so a Diff has no parent; "
             "take a Full snapshot first (or load one)."
+        )
+
+
+class LimitReached(VmError):
+    """Raised when a new VM would exceed a configured limit of the daemon (``[limits]``).
+
+    ``limit`` names the config key (``max_vms``, ``max_vcpus_total``,
+    ``max_guest_memory_mib``). Answered -32004 (busy): retry once VMs were destroyed.
+    """
+
+    kind = "LimitReached"
+
+    def __init__(self, vm_id: str, limit: str, value: int, unit: str, detail: str) -> None:
+        self.vm_id = vm_id
+        self.limit = limit
+        self.value = value
+        super().__init__(
+            f"Cannot create VM {vm_id!r}: {limit} limit reached ({value} {unit}); {detail}."
+        )
+
+
+#: errno values that mean "the host ran out of a resource" (fds, kernel memory).
+EXHAUSTION_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
+class ResourceExhausted(VmError):
+    """Raised when the host or the daemon ran out of file descriptors or memory for a VM.
+
+    Nothing of the VM is left behind; the daemon keeps serving. Answered
+    -32004 (busy): retry once VMs were destroyed, or raise the limit
+    (``LimitNOFILE=`` of the service) / free memory.
+    """
+
+    kind = "ResourceExhausted"
+
+    def __init__(self, vm_id: str, resource: str, detail: str) -> None:
+        self.vm_id = vm_id
+        self.resource = resource
+        super().__init__(f"Cannot create VM {vm_id!r}: out of {resource} ({detail}).")
+
+    @classmethod
+    def from_error(cls, vm_id: str, error: BaseException) -> ResourceExhausted | None:
+        """The typed error for an EMFILE/ENFILE/ENOMEM anywhere in ``error``'s chain, else None."""
+        seen: BaseException | None = error
+        depth = 0
+        while seen is not None and depth < 8:
+            code = getattr(seen, "errno", None)
+            if code in EXHAUSTION_ERRNOS:
+                resource = "memory" if code == errno.ENOMEM else "file descriptors"
+                return cls(vm_id, resource, f"{errno.errorcode[code]}: {seen}")
+            seen = seen.__cause__ or seen.__context__
+            depth += 1
+        return None
+
+
+class GuestMemoryUnavailable(VmError):
+    """Raised when guest memory did not answer in time (a lazy VM whose page server stalls).
+
+    The access keeps waiting in a worker thread (at most one per VM) and
+    ends when the page server serves the page or the VM is destroyed.
+    """
+
+    kind = "GuestMemoryUnavailable"
+
+    def __init__(self, vm_id: str, timeout_s: float) -> None:
+        self.vm_id = vm_id
+        self.timeout_s = timeout_s
+        super().__init__(
+            f"The memory of VM {vm_id!r} did not answer within {timeout_s:g} s "
+            "(its page server does not serve the page); retry later or destroy the VM."
         )

@@ -25,6 +25,11 @@ the dirty set (exactly the words seen up to the pause), come after that.
 Failures (quiesce timeout, cancel, ENOSPC, ...) at any pass abort the
 transaction (temps removed), resume the VM if it was paused here, turn
 temporary dirty logging off again, and keep the dirty set.
+
+Code: :class:`PassPlanner` is the policy (pure: when to stop pre-copying,
+unit-tested without KVM); :class:`LiveSaveSession` is the mechanism and
+owns everything a failure must undo (journal, temporary logging, temps,
+the pause); ``_LivePair`` is the open pair transaction and its digests.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from ..snapshot.memwriter import (
     DEFAULT_METHOD,
     WriteCancelled,
     WriteResult,
+    WriterThreads,
     merge_extents,
     write_memory,
 )
@@ -158,9 +164,10 @@ class _ChunkDigests:
 class _LivePair:
     """The open pair transaction and what the passes wrote into it (worker threads)."""
 
-    def __init__(self, vm: Vm, request: SaveRequest) -> None:
+    def __init__(self, vm: Vm, request: SaveRequest, threads: WriterThreads | None) -> None:
         self.vm = vm
         self.request = request
+        self.threads = threads
         self.txn = PairTransaction(request.snapshot_path, request.mem_file_path)
         self.extents: list[Extent] = []
         self.bytes_per_pass: list[int] = []
@@ -187,6 +194,7 @@ class _LivePair:
             algorithm=DEFAULT_ALGORITHM,
             chunk_size=DEFAULT_CHUNK_SIZE,
             method=method,
+            threads=self.threads,
         )
         self.digests.record(len(self.bytes_per_pass), result)
         self.extents.extend(result.extents)
@@ -219,129 +227,208 @@ class _LivePair:
         self.txn.abort()
 
 
+@attrs.define
+class PassPlanner:
+    """The policy of a live save, pure (no KVM, no I/O): when to stop pre-copying.
+
+    After each pre-copy pass, :meth:`record` its bytes and duration. Then
+    :meth:`another_pass_allowed` says whether ``max_passes`` leaves room for
+    one more pre-copy pass besides the final (paused) one; if it does, the
+    caller harvests the pages dirtied meanwhile and :meth:`fits_pause` says
+    whether writing them at the last measured rate fits ``pause_budget_ms``
+    (pause now) or not (one more pass).
+    """
+
+    max_passes: int
+    pause_budget_ms: float
+    #: Write rate of the last pass that wrote something (bytes/s).
+    rate: float = _INITIAL_BYTES_PER_S
+    #: Pre-copy passes recorded so far.
+    passes: int = 0
+
+    def record(self, bytes_written: int, seconds: float) -> None:
+        """Account one pre-copy pass."""
+        self.passes += 1
+        if seconds > 0 and bytes_written > 0:
+            self.rate = bytes_written / seconds
+
+    def another_pass_allowed(self) -> bool:
+        """Whether one more pre-copy pass fits in ``max_passes`` (the final pass is counted)."""
+        return self.passes + 2 <= self.max_passes
+
+    def fits_pause(self, remaining_bytes: int) -> bool:
+        """Whether writing ``remaining_bytes`` paused is expected to fit the budget."""
+        return remaining_bytes / self.rate * _MS_PER_S <= self.pause_budget_ms
+
+
 async def save_live(
     vm: Vm,
     request: SaveRequest,
     *,
     limiter: trio.CapacityLimiter,
     progress: Progress | None,
+    threads: WriterThreads | None = None,
 ) -> SaveResult:
-    """Save ``vm`` with pre-copy passes and a short final pause (see the module doc)."""
+    """Save ``vm`` with pre-copy passes and a short final pause (see the module doc).
+
+    ``threads``: where the memory writer's helper threads come from (the runtime's pool).
+    """
     if vm.state is not VmState.RUNNING or request.max_passes == 1:
         # Nothing runs meanwhile (or no pre-copy pass is allowed): the final
         # pass is the whole save.
-        result = await save_stop_and_copy(vm, request, limiter=limiter, progress=progress)
+        result = await save_stop_and_copy(
+            vm, request, limiter=limiter, progress=progress, threads=threads
+        )
         return attrs.evolve(
             result, live=True, passes=1, pass_limit_reached=request.max_passes == 1
         )
-    started = time.perf_counter()
-    enabled_here = not vm.dirty_logging
-    diff = request.kind == KIND_DIFF
-    parent = vm.last_pair_id if diff else None
-    pair_id = str(uuid.uuid4())
-    paused_at: float | None = None
-    pause_ms = 0.0
-    committed = False
-    pair: _LivePair | None = None
-    if enabled_here:
-        await run_blocking(lambda: vm.set_dirty_logging(True), limiter)
-    vm.dirty.begin_journal()
-    try:
-        pair = await run_blocking(lambda: _LivePair(vm, request), limiter)
-        live_pair = pair
-        # Pass 1: reset the log, then everything (Full) or the dirty set (Diff).
-        await run_blocking(vm.harvest_kvm, limiter)
-        runs = runs_of(vm.dirty.words()) if diff else None
-        seconds = await run_cancellable(
-            functools.partial(
-                live_pair.write_pass,
-                request.kind,
-                runs,
-                progress=thread_progress(progress, "pass-1"),
-                method=_FIRST_PASS_METHOD,
-            ),
-            limiter,
-        )
-        passes = 1
-        limit_reached = False
-        leftover: list[Words] | None = None
-        rate = _INITIAL_BYTES_PER_S
-        while True:
-            if seconds > 0 and live_pair.bytes_per_pass[-1] > 0:
-                rate = live_pair.bytes_per_pass[-1] / seconds
-            if passes + 1 >= request.max_passes:
-                limit_reached = True
-                break
-            harvested = await run_blocking(vm.harvest_kvm, limiter)
-            remaining = page_count(harvested) * vm.page_size
-            if remaining / rate * _MS_PER_S <= request.pause_budget_ms:
-                # The log was reset for these pages: the final pass writes them.
-                leftover = harvested
-                break
-            passes += 1
-            seconds = await run_cancellable(
-                functools.partial(
-                    live_pair.write_pass,
-                    KIND_DIFF,
-                    runs_of(harvested),
-                    progress=thread_progress(progress, f"pass-{passes}"),
-                ),
-                limiter,
+    return await LiveSaveSession(vm, request, limiter, progress, threads).run()
+
+
+@attrs.define(eq=False)
+class LiveSaveSession:
+    """One live save of a Running VM: the mechanism, driven by a :class:`PassPlanner`.
+
+    It owns everything the save changes and must undo on failure: the
+    temporary KVM dirty logging, the device-write journal, the pair's temps,
+    and the pause. :meth:`run` always ends through :meth:`_finish`.
+    """
+
+    vm: Vm
+    request: SaveRequest
+    limiter: trio.CapacityLimiter
+    progress: Progress | None
+    threads: WriterThreads | None = None
+    planner: PassPlanner = attrs.field(init=False)
+    pair_id: str = attrs.field(init=False, factory=lambda: str(uuid.uuid4()))
+    _pair: _LivePair | None = attrs.field(default=None, init=False)
+    _logging_enabled_here: bool = attrs.field(default=False, init=False)
+    _paused_at: float | None = attrs.field(default=None, init=False)
+    _pause_ms: float = attrs.field(default=0.0, init=False)
+    _committed: bool = attrs.field(default=False, init=False)
+    _limit_reached: bool = attrs.field(default=False, init=False)
+
+    @planner.default
+    def _make_planner(self) -> PassPlanner:
+        return PassPlanner(self.request.max_passes, self.request.pause_budget_ms)
+
+    @property
+    def _diff(self) -> bool:
+        return self.request.kind == KIND_DIFF
+
+    async def run(self) -> SaveResult:
+        """Pre-copy, pause, final pass, resume, commit; undo everything on failure."""
+        started = time.perf_counter()
+        vm = self.vm
+        parent = vm.last_pair_id if self._diff else None
+        self._logging_enabled_here = not vm.dirty_logging
+        if self._logging_enabled_here:
+            await run_blocking(lambda: vm.set_dirty_logging(True), self.limiter)
+        vm.dirty.begin_journal()
+        try:
+            pair = self._pair = await run_blocking(
+                lambda: _LivePair(vm, self.request, self.threads), self.limiter
             )
-        # Final pass: pause, harvest, write the remainder, capture.
-        paused_at = time.perf_counter()
+            leftover = await self._precopy(pair)
+            captured, seen = await self._final_pass(pair, leftover)
+            if self.request.resume:
+                self._resume()
+            manifest = await run_cancellable(
+                lambda cancel: pair.commit(captured, self.pair_id, parent, cancel), self.limiter
+            )
+            vm.dirty.clear(seen)
+            vm.last_pair_id = self.pair_id
+            self._committed = True
+        finally:
+            await self._finish()
+        return SaveResult(
+            vm_id=vm.vm_id,
+            snapshot_type=self.request.snapshot_type,
+            snapshot_path=self.request.snapshot_path,
+            mem_file_path=self.request.mem_file_path,
+            pair_id=self.pair_id,
+            parent_pair_id=parent,
+            bytes_written=manifest.bytes_written,
+            pages_written=manifest.bytes_written // vm.page_size,
+            live=True,
+            passes=len(pair.bytes_per_pass),
+            bytes_per_pass=tuple(pair.bytes_per_pass),
+            pause_ms=self._pause_ms,
+            pass_limit_reached=self._limit_reached,
+            duration_ms=(time.perf_counter() - started) * _MS_PER_S,
+        )
+
+    async def _write_pass(
+        self, pair: _LivePair, kind: str, runs: list[list[tuple[int, int]]] | None, method: str
+    ) -> float:
+        number = len(pair.bytes_per_pass) + 1
+        return await run_cancellable(
+            functools.partial(
+                pair.write_pass,
+                kind,
+                runs,
+                progress=thread_progress(self.progress, f"pass-{number}"),
+                method=method,
+            ),
+            self.limiter,
+        )
+
+    async def _precopy(self, pair: _LivePair) -> list[Words] | None:
+        """Pass 1 and the later running passes; returns a harvest the final pass must write."""
+        vm = self.vm
+        # Pass 1: reset the log, then everything (Full) or the dirty set (Diff).
+        await run_blocking(vm.harvest_kvm, self.limiter)
+        runs = runs_of(vm.dirty.words()) if self._diff else None
+        seconds = await self._write_pass(pair, self.request.kind, runs, _FIRST_PASS_METHOD)
+        self.planner.record(pair.bytes_per_pass[-1], seconds)
+        while self.planner.another_pass_allowed():
+            harvested = await run_blocking(vm.harvest_kvm, self.limiter)
+            if self.planner.fits_pause(page_count(harvested) * vm.page_size):
+                # The log was reset for these pages: the final pass writes them.
+                return harvested
+            seconds = await self._write_pass(pair, KIND_DIFF, runs_of(harvested), _LIVE_METHOD)
+            self.planner.record(pair.bytes_per_pass[-1], seconds)
+        self._limit_reached = True
+        return None
+
+    async def _final_pass(
+        self, pair: _LivePair, leftover: list[Words] | None
+    ) -> tuple[CapturedState, list[Words] | None]:
+        """Pause, harvest, write the remainder and squibd's own writes, capture.
+
+        Returns the captured state and the dirty words seen up to the pause
+        (cleared after the commit).
+        """
+        vm = self.vm
+        self._paused_at = time.perf_counter()
         await vm.pause()
-        final_harvest = await run_blocking(vm.harvest_kvm, limiter)
+        final_harvest = await run_blocking(vm.harvest_kvm, self.limiter)
         seen = vm.dirty.words()  # the dirty set only grows during the save
         final_words = or_words(or_words(final_harvest, leftover), vm.dirty.journal_words())
-        passes += 1
-        final_runs = runs_of(final_words)
-        await run_cancellable(
-            functools.partial(
-                live_pair.write_pass,
-                KIND_DIFF,
-                final_runs,
-                progress=thread_progress(progress, f"pass-{passes}"),
-            ),
-            limiter,
-        )
-        captured = await capture(vm, limiter)
-        if request.resume:
-            vm.resume()
-            pause_ms = (time.perf_counter() - paused_at) * _MS_PER_S
-            paused_at = None
-        manifest = await run_cancellable(
-            lambda cancel: live_pair.commit(captured, pair_id, parent, cancel), limiter
-        )
-        vm.dirty.clear(seen)
-        vm.last_pair_id = pair_id
-        committed = True
-    finally:
+        await self._write_pass(pair, KIND_DIFF, runs_of(final_words), _LIVE_METHOD)
+        captured = await capture(vm, self.limiter)
+        return captured, seen
+
+    def _resume(self) -> None:
+        if self._paused_at is not None:
+            self.vm.resume()
+            self._pause_ms = (time.perf_counter() - self._paused_at) * _MS_PER_S
+            self._paused_at = None
+
+    async def _finish(self) -> None:
+        """Undo what a failed save changed; end the journal and temporary logging."""
+        vm = self.vm
         vm.dirty.end_journal()
-        if pair is not None and not committed:
-            closing = pair
+        if self._pair is not None and not self._committed:
+            pair = self._pair
             with trio.CancelScope(shield=True):
-                await run_blocking(closing.abort, limiter)
-        if paused_at is not None:
-            if not committed or request.resume:
-                vm.resume()
-            pause_ms = (time.perf_counter() - paused_at) * _MS_PER_S
-        if enabled_here:
+                await run_blocking(pair.abort, self.limiter)
+        if self._paused_at is not None:
+            if self._committed and not self.request.resume:
+                # Left paused on purpose; still report how long the pause lasted so far.
+                self._pause_ms = (time.perf_counter() - self._paused_at) * _MS_PER_S
+            else:
+                self._resume()
+        if self._logging_enabled_here:
             with trio.CancelScope(shield=True):
-                await run_blocking(lambda: vm.set_dirty_logging(False), limiter)
-    return SaveResult(
-        vm_id=vm.vm_id,
-        snapshot_type=request.snapshot_type,
-        snapshot_path=request.snapshot_path,
-        mem_file_path=request.mem_file_path,
-        pair_id=pair_id,
-        parent_pair_id=parent,
-        bytes_written=manifest.bytes_written,
-        pages_written=manifest.bytes_written // vm.page_size,
-        live=True,
-        passes=passes,
-        bytes_per_pass=tuple(live_pair.bytes_per_pass),
-        pause_ms=pause_ms,
-        pass_limit_reached=limit_reached,
-        duration_ms=(time.perf_counter() - started) * _MS_PER_S,
-    )
+                await run_blocking(lambda: vm.set_dirty_logging(False), self.limiter)

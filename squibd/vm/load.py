@@ -22,6 +22,7 @@ pages from the first instruction.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
@@ -30,7 +31,7 @@ from ..kvm.errors import KvmError
 from ..snapshot.envelope import read_state_file
 from ..snapshot.errors import Capture
 from ..snapshot.manifest import KIND_FULL
-from ..snapshot.models import X86MicrovmState
+from ..snapshot.models import VmInfo, X86MicrovmState
 from ..snapshot.paths import validate_path
 from ..snapshot.verify import verify
 from ..uffd import UffdBackend
@@ -90,8 +91,14 @@ async def load_snapshot(
     quiesce_timeout_s: float,
     limiter: trio.CapacityLimiter,
     progress: Progress | None = None,
+    admit: Callable[[VmInfo], Awaitable[None]] | None = None,
+    peer_limiter: trio.CapacityLimiter | None = None,
 ) -> Vm:
     """Build VM ``vm_id`` from a pair (see the module doc).
+
+    ``admit(vm_info)`` is awaited once the state file is read, before any
+    memory is mapped: the runtime refuses there a VM over its limits.
+    ``peer_limiter`` bounds the threads waiting on page servers (default: ``limiter``).
 
     Raises:
         InvalidPath: a path breaks SPEC section 10.
@@ -113,12 +120,16 @@ async def load_snapshot(
     if not isinstance(state, X86MicrovmState):
         raise PairMismatch(vm_id, "the snapshot is not an x86_64 snapshot")
     _check_recorded_layout(vm_id, state)
+    if admit is not None:
+        await admit(state.vm_info)
     _report(progress, "check-pair")
     uffd_session: UffdBackend | None = None
     if mem_backend.backend_type == BACKEND_FILE:
         memory = await run_blocking(lambda: _map_file(vm_id, state, backend_path), limiter)
     else:
-        memory, uffd_session = await _map_uffd(state, backend_path, limiter)
+        memory, uffd_session = await _map_uffd(
+            state, backend_path, limiter, peer_limiter if peer_limiter is not None else limiter
+        )
     _report(progress, "map-memory")
     token = trio.lowlevel.current_trio_token()
     try:
@@ -153,16 +164,23 @@ async def load_snapshot(
 
 
 async def _map_uffd(
-    state: X86MicrovmState, socket_path: str, limiter: trio.CapacityLimiter
+    state: X86MicrovmState,
+    socket_path: str,
+    limiter: trio.CapacityLimiter,
+    peer_limiter: trio.CapacityLimiter,
 ) -> tuple[GuestMemory, UffdBackend]:
-    """Anonymous memory registered with userfaultfd and handed to the page server."""
-    memory = GuestMemory.anonymous(state.memory.regions)
+    """Anonymous memory registered with userfaultfd and handed to the page server.
+
+    The handshake waits on a peer: it runs under ``peer_limiter``, so that
+    page servers that stall cannot take the runtime's I/O threads.
+    """
+    memory = await run_blocking(lambda: GuestMemory.anonymous(state.memory.regions), limiter)
     try:
         session = await run_blocking(
             lambda: UffdBackend.connect(
                 socket_path, memory, expected_pair_id=state.memory.pair_id
             ),
-            limiter,
+            peer_limiter,
         )
     except BaseException:
         memory.close()

@@ -15,8 +15,10 @@ writes (``write_memory``) feed the VM's ``DirtySet`` (``dirty.py``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import struct
+import time
 from typing import Final, Protocol
 
 import attrs
@@ -34,6 +36,13 @@ from ..snapshot.models import VmInfo, X86VcpuState, X86VmState
 from ..uffd import UffdBackend
 from .dirty import DirtySet
 from .errors import InvalidVmConfig
+from .guest_access import (
+    GuestAccess,
+    Populator,
+    ProgressProbe,
+    ProgressReading,
+    release_lazy_pages,
+)
 from .memory import MIB, GuestMemory, layout_name
 from .models import GuestSpec, VmDescription, VmState
 from .quiesce import VcpuGate, quiesce
@@ -46,6 +55,15 @@ MAX_VCPUS: Final = 32
 PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
 #: Progress counters are little-endian u64 (the guest programs of squibd.kvm).
 _U64: Final = struct.Struct("<Q")
+#: Teardown: how long vCPU threads get to leave KVM_RUN before a lazy VM's
+#: missing pages are released (their page server may never serve them).
+_JOIN_GRACE_S: Final = 2.0
+#: Teardown: how long stopping threads and memory accesses may take once
+#: released; past it the VM's mappings are leaked rather than unmapped under
+#: a thread (which would crash the daemon).
+_TEARDOWN_TIMEOUT_S: Final = 30.0
+
+_log = logging.getLogger(__name__)
 
 
 class Closeable(Protocol):
@@ -95,6 +113,14 @@ class Vm:
     _heartbeat_event: trio.Event = attrs.field(factory=trio.Event, repr=False)
     _failed: trio.Event = attrs.field(factory=trio.Event, repr=False)
     _closed: bool = False
+    #: Every access to guest memory from squibd itself (worker threads only).
+    _access: GuestAccess = attrs.field(init=False, repr=False)
+    _probe: ProgressProbe = attrs.field(init=False, repr=False)
+    _populator: Populator = attrs.field(init=False, repr=False)
+    #: One debug-API memory access (read/write_memory) at a time per VM.
+    memory_limiter: trio.CapacityLimiter = attrs.field(
+        init=False, repr=False, factory=lambda: trio.CapacityLimiter(1)
+    )
 
     @property
     def vcpu_count(self) -> int:
@@ -116,6 +142,9 @@ class Vm:
         return layout_name(self.memory.manifest_regions())
 
     def __attrs_post_init__(self) -> None:
+        self._access = GuestAccess(self.vm_id, self.memory)
+        self._probe = ProgressProbe(self._access, self._progress_addrs, self._gate.token)
+        self._populator = Populator(self._access, self._gate.token)
         self._log_enabled = self.track_dirty_pages
         self.dirty = DirtySet(
             tuple(region.size for region in self.memory.regions), self.track_dirty_pages
@@ -262,10 +291,11 @@ class Vm:
     def write_memory(self, guest_addr: int, data: bytes) -> None:
         """Write guest RAM as an emulated device; the pages become dirty.
 
+        Blocking (a lazy page waits for its page server): worker threads only.
         KVM does not log writes made from userspace, so squibd marks them itself.
         """
         region = self.memory.region_at(guest_addr, len(data))
-        self.memory.write(guest_addr, data)
+        self._access.write(guest_addr, data)
         index = self.memory.regions.index(region)
         self.dirty.mark(index, guest_addr - region.guest_addr, len(data))
 
@@ -292,9 +322,26 @@ class Vm:
         addr = kvm_guest.control_addr(self.guest.program, self.guest.params, index)
         self.write_memory(addr, _U64.pack(1))
 
+    def read_memory(self, guest_addr: int, length: int) -> bytes:
+        """Read guest RAM. Blocking (a lazy page waits for its page server): worker threads only."""
+        return self._access.read(guest_addr, length)
+
     def guest_progress(self) -> list[int]:
-        """Each vCPU's progress counter (empty without a built-in program)."""
-        return [_U64.unpack(self.memory.read(addr, _U64.size))[0] for addr in self._progress_addrs]
+        """Each vCPU's progress counter (empty without a built-in program).
+
+        Blocking, like :meth:`read_memory`: the daemon uses :meth:`read_progress`.
+        """
+        return self._access.read_u64s(self._progress_addrs)
+
+    async def read_progress(self, timeout_s: float) -> ProgressReading:
+        """The progress counters, read in a worker thread for at most ``timeout_s``.
+
+        A VM in the error state may have lost its page server: its memory is
+        not read then (the last known values are reported, stale).
+        """
+        if self._closed or self.error is not None:
+            return self._probe.cached()
+        return await self._probe.read(timeout_s)
 
     # --- reporting --------------------------------------------------------
 
@@ -309,8 +356,12 @@ class Vm:
             memory_layout=self.memory_layout,
         )
 
-    def describe(self) -> VmDescription:
-        """A snapshot of what the VM is and does."""
+    def describe(self, progress: ProgressReading | None = None) -> VmDescription:
+        """What the VM is and does; ``progress`` from :meth:`read_progress` (else the last known).
+
+        Never touches guest memory: safe on the trio thread.
+        """
+        reading = progress if progress is not None else self._probe.cached()
         return VmDescription(
             vm_id=self.vm_id,
             state=str(self.state),
@@ -318,9 +369,8 @@ class Vm:
             mem_size_mib=self.mem_size_mib,
             track_dirty_pages=self.track_dirty_pages,
             guest_program=self.guest.program if self.guest else None,
-            # A VM in the error state may have lost its page server: reading
-            # its memory could block forever, so report no progress then.
-            guest_progress=[] if self._closed or self.error else self.guest_progress(),
+            guest_progress=reading.values,
+            guest_progress_stale=reading.stale,
             error=self.error,
             last_pair_id=self.last_pair_id,
         )
@@ -333,6 +383,23 @@ class Vm:
         self._page_server = backend
         self._resources.append(backend)
 
+    @property
+    def lazy(self) -> bool:
+        """Whether a page server serves this VM's memory (a Uffd load)."""
+        return self._page_server is not None
+
+    async def populate_lazy(self, stall_s: float) -> None:
+        """Fault in all memory of a lazy VM (no-op otherwise), before a Full save reads it.
+
+        The memory writer may hold the GIL while it scans pages: a missing
+        page there would freeze the daemon until served. See ``guest_access.Populator``.
+
+        Raises:
+            GuestMemoryUnavailable: the page server served nothing for ``stall_s``.
+        """
+        if self._page_server is not None:
+            await self._populator.run(stall_s)
+
     def _page_server_dead_from_thread(self, reason: str) -> None:
         with contextlib.suppress(trio.RunFinishedError):
             self._gate.token.run_sync_soon(self._enter_error, -1, f"page server died: {reason}")
@@ -340,19 +407,43 @@ class Vm:
     # --- teardown (worker thread) -----------------------------------------
 
     def close(self) -> None:
-        """Stop and join the vCPU threads, then release KVM objects and RAM (idempotent)."""
+        """Stop and join the vCPU threads, then release KVM objects and RAM (idempotent).
+
+        Bounded even when a page server stalls: vCPU threads and memory
+        accesses still waiting for a lazy page after ``_JOIN_GRACE_S`` are
+        released by unregistering guest memory from userfaultfd (the pages
+        then read as zeros; the VM is going away). A thread that still does
+        not leave within ``_TEARDOWN_TIMEOUT_S`` keeps the VM's mappings and
+        KVM fds (leaked, logged) instead of crashing the daemon.
+        """
         if self._closed:
             return
         self._closed = True
         for runner in self._runners:
             runner.stop()
-        for runner in self._runners:
-            runner.join()
-        for vcpu in self._vcpus:
-            vcpu.close()
+        stuck = not self._join_all(_JOIN_GRACE_S) or self._access.active > 0
+        if stuck and self._page_server is not None:
+            release_lazy_pages(self._page_server.uffd.fd, self.memory)
+        idle = self._join_all(_TEARDOWN_TIMEOUT_S) and self._access.close(_TEARDOWN_TIMEOUT_S)
         for resource in self._resources:
             resource.close()
+        if not idle:
+            _log.error(
+                "VM %r: a thread is still inside its memory or KVM_RUN after %s s; "
+                "its memory and KVM objects are leaked rather than freed under it",
+                self.vm_id, _TEARDOWN_TIMEOUT_S,
+            )  # fmt: skip
+            return
+        for vcpu in self._vcpus:
+            vcpu.close()
         self._kvm_vm.close()
         self._kvm.close()
         self.memory.close()
+
+    def _join_all(self, timeout_s: float) -> bool:
+        """Join every vCPU thread within ``timeout_s`` in total; True when all exited."""
+        deadline = time.monotonic() + timeout_s
+        for runner in self._runners:
+            runner.join(max(0.0, deadline - time.monotonic()))
+        return not any(runner.alive for runner in self._runners)
 

@@ -83,12 +83,16 @@ class VmDescription:
     mem_size_mib: int
     track_dirty_pages: bool
     guest_program: str | None
-    #: One progress counter per vCPU (built-in guest programs only).
-    guest_progress: list[int]
+    #: One progress counter per vCPU (built-in guest programs only); None
+    #: when no read of guest memory ever completed (a stalled page server).
+    guest_progress: list[int] | None
     #: Non-None when the VM entered the error state (names what happened).
     error: str | None
     #: pair_id of the last checkpoint (the parent of the next Diff), if any.
     last_pair_id: str | None = None
+    #: True when ``guest_progress`` is the last known value, not a read made
+    #: for this answer (the read did not complete in time, or was not tried).
+    guest_progress_stale: bool = False
 
 
 @attrs.frozen

@@ -9,15 +9,29 @@ interleaving; trio cancellation of either rolls back (see ``save.py``,
 
 from __future__ import annotations
 
-from typing import Final
+import builtins
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, TypeVar
 
 import attrs
 import trio
 
 from ..kvm.runner import install_signal_handler
+from ..snapshot.manifest import KIND_FULL
+from ..snapshot.models import VmInfo
 from ._threads import IO_LIMITER_TOKENS, run_blocking
-from .build import build_fresh
-from .errors import Busy, DuplicateVm, UnknownVm, VmFailed, WrongVmState
+from .build import build_fresh, check_config
+from .errors import (
+    Busy,
+    DuplicateVm,
+    GuestMemoryUnavailable,
+    ResourceExhausted,
+    UnknownVm,
+    VmFailed,
+    WrongVmState,
+)
+from .limits import Ledger, Reservation, RuntimeLimits, check_fd_headroom
 from .live import save_live
 from .load import load_snapshot
 from .machine import Vm
@@ -34,11 +48,22 @@ from .models import (
     VmState,
 )
 from .save import SaveRequest, save_stop_and_copy
+from .writer_pool import WriterPool
 
-__all__ = ["Runtime"]
+__all__ = ["DEFAULT_MEMORY_TIMEOUT_S", "Runtime"]
 
 _OP_SAVE: Final = "snapshot save"
 _OP_LOAD: Final = "snapshot load"
+#: How long vm.describe/vm.list and the debug memory methods wait for guest
+#: memory (a lazy VM's page may never be served) before answering without it.
+DEFAULT_MEMORY_TIMEOUT_S: Final = 2.0
+#: A Full save of a lazy VM first faults its memory in; it fails when the page
+#: server serves nothing (not one 16 MiB step) for this long.
+DEFAULT_PAGE_SERVER_STALL_S: Final = 5.0
+#: Page-server handshakes in progress at once (each may wait on a slow peer).
+PEER_THREADS: Final = 16
+
+T = TypeVar("T")
 
 
 @attrs.define(eq=False)
@@ -48,12 +73,39 @@ class Runtime:
     Args:
         quiesce_timeout_s: the quiesce cancel scope (SPEC section 6).
         io_threads: worker threads for blocking I/O and ioctls.
+        limits: how many VMs, vCPUs and MiB of guest RAM it admits (``limits.py``).
+        memory_timeout_s: bound on every wait for guest memory (progress
+            reads, the debug memory methods).
+        page_server_stall_s: a Full save of a lazy VM fails when its page
+            server serves nothing for this long (``Vm.populate_lazy``).
+
+    The trio thread never touches guest memory: reads and writes run in
+    worker threads with the GIL released (``guest_access.py``), bounded by
+    ``memory_timeout_s``.
     """
 
     quiesce_timeout_s: float = DEFAULT_QUIESCE_TIMEOUT_S
     io_threads: int = IO_LIMITER_TOKENS
+    limits: RuntimeLimits = attrs.field(factory=RuntimeLimits)
+    memory_timeout_s: float = DEFAULT_MEMORY_TIMEOUT_S
+    page_server_stall_s: float = DEFAULT_PAGE_SERVER_STALL_S
     _vms: dict[str, Vm] = attrs.field(init=False, factory=dict)
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
+    #: Helper threads of the memory writers of every save (bounded, visible here).
+    writer_pool: WriterPool = attrs.field(init=False)
+    _ledger: Ledger = attrs.field(init=False)
+    #: Threads waiting on a peer (page-server handshakes), apart from the I/O threads.
+    _peer_limiter: trio.CapacityLimiter = attrs.field(
+        init=False, factory=lambda: trio.CapacityLimiter(PEER_THREADS)
+    )
+
+    @writer_pool.default
+    def _make_writer_pool(self) -> WriterPool:
+        return WriterPool(self.io_threads)
+
+    @_ledger.default
+    def _make_ledger(self) -> Ledger:
+        return Ledger(self.limits)
 
     @_limiter.default
     def _make_limiter(self) -> trio.CapacityLimiter:
@@ -82,8 +134,32 @@ class Runtime:
         return sorted(self._vms)
 
     def describe(self, vm_id: str) -> VmDescription:
-        """What the VM is doing now: state, sizes, guest progress, error."""
+        """What the VM is doing now, with the last known guest progress (flagged stale).
+
+        Reads no guest memory; :meth:`describe_current` reads the progress.
+        """
         return self.get(vm_id).describe()
+
+    async def describe_current(self, vm_id: str) -> VmDescription:
+        """Like :meth:`describe`, with the progress read now (bounded by ``memory_timeout_s``)."""
+        vm = self.get(vm_id)
+        return vm.describe(await vm.read_progress(self.memory_timeout_s))
+
+    async def describe_many(self, vm_ids: Sequence[str]) -> builtins.list[VmDescription]:
+        """:meth:`describe_current` of each VM, read concurrently (one bound for all).
+
+        A VM destroyed meanwhile is left out.
+        """
+        out: dict[str, VmDescription] = {}
+
+        async def one(vm_id: str) -> None:
+            with contextlib.suppress(UnknownVm):
+                out[vm_id] = await self.describe_current(vm_id)
+
+        async with trio.open_nursery() as nursery:
+            for vm_id in vm_ids:
+                nursery.start_soon(one, vm_id)
+        return [out[vm_id] for vm_id in vm_ids if vm_id in out]
 
     async def create_vm(
         self,
@@ -104,25 +180,32 @@ class Runtime:
         """
         if vm_id in self._vms:
             raise DuplicateVm(vm_id)
+        check_config(vm_id, vcpu_count, mem_size_mib)
         spec = guest if guest is not None else GuestSpec()
         token = trio.lowlevel.current_trio_token()
-        vm = await run_blocking(
-            lambda: build_fresh(
-                vm_id,
-                vcpu_count,
-                mem_size_mib,
-                track_dirty_pages,
-                spec,
-                token=token,
-                quiesce_timeout_s=self.quiesce_timeout_s,
-                memory_layout=memory_layout,
-            ),
-            self._limiter,
-        )
-        if vm_id in self._vms:  # raced with another create of the same id
-            vm.close()
-            raise DuplicateVm(vm_id)
-        self._vms[vm_id] = vm
+        reservation = self._admit(vm_id, vcpu_count, mem_size_mib)
+        try:
+
+            def build() -> Vm:
+                check_fd_headroom(vm_id, vcpu_count, self.limits.fd_reserve)
+                return build_fresh(
+                    vm_id,
+                    vcpu_count,
+                    mem_size_mib,
+                    track_dirty_pages,
+                    spec,
+                    token=token,
+                    quiesce_timeout_s=self.quiesce_timeout_s,
+                    memory_layout=memory_layout,
+                )
+
+            vm = await _typed_exhaustion(vm_id, run_blocking(build, self._limiter))
+            if vm_id in self._vms:  # raced with another create of the same id
+                await run_blocking(vm.close, self._limiter)
+                raise DuplicateVm(vm_id)
+            self._vms[vm_id] = vm
+        finally:
+            reservation.release()
         return vm
 
     async def destroy(self, vm_id: str) -> None:
@@ -138,10 +221,15 @@ class Runtime:
         await run_blocking(vm.close, self._limiter)
 
     async def aclose(self) -> None:
-        """Destroy every VM (daemon shutdown)."""
-        for vm_id in list(self._vms):
-            vm = self._vms.pop(vm_id)
-            await run_blocking(vm.close, self._limiter)
+        """Destroy every VM (daemon shutdown), several at once.
+
+        Each close is bounded (``Vm.close``); VMs stuck on a page server must not add up.
+        """
+        vms = list(self._vms.values())
+        self._vms.clear()
+        async with trio.open_nursery() as nursery:
+            for vm in vms:
+                nursery.start_soon(run_blocking, vm.close, self._limiter)
 
     # --- lifecycle -------------------------------------------------------
 
@@ -174,13 +262,34 @@ class Runtime:
 
     # --- memory access (device emulation, tests) -------------------------
 
-    def read_memory(self, vm_id: str, guest_addr: int, length: int) -> bytes:
-        """Read guest RAM."""
-        return self.get(vm_id).memory.read(guest_addr, length)
+    async def read_memory(self, vm_id: str, guest_addr: int, length: int) -> bytes:
+        """Read guest RAM (in a worker thread).
 
-    def write_memory(self, vm_id: str, guest_addr: int, data: bytes) -> None:
-        """Write guest RAM as a device would: the pages are marked dirty."""
-        self.get(vm_id).write_memory(guest_addr, data)
+        Raises:
+            GuestAddressError: the range is not inside one region.
+            GuestMemoryUnavailable: the memory did not answer within ``memory_timeout_s``.
+        """
+        vm = self.get(vm_id)
+        return await self._in_memory(vm, lambda: vm.read_memory(guest_addr, length))
+
+    async def write_memory(self, vm_id: str, guest_addr: int, data: bytes) -> None:
+        """Write guest RAM as a device would (in a worker thread): the pages are marked dirty.
+
+        Raises:
+            GuestAddressError, GuestMemoryUnavailable: as :meth:`read_memory`.
+        """
+        vm = self.get(vm_id)
+        await self._in_memory(vm, lambda: vm.write_memory(guest_addr, data))
+
+    async def _in_memory(self, vm: Vm, fn: Callable[[], T]) -> T:
+        # One access per VM at a time (its limiter), abandoned (not killed)
+        # when it does not finish in time: a stuck one holds that VM's token
+        # until the page is served or the VM is destroyed.
+        with trio.move_on_after(self.memory_timeout_s):
+            return await trio.to_thread.run_sync(
+                fn, limiter=vm.memory_limiter, abandon_on_cancel=True
+            )
+        raise GuestMemoryUnavailable(vm.vm_id, self.memory_timeout_s)
 
     # --- snapshots -------------------------------------------------------
 
@@ -222,12 +331,15 @@ class Runtime:
         self._not_busy(vm)
         vm.busy = _OP_SAVE
         try:
+            if request.kind == KIND_FULL:
+                await vm.populate_lazy(self.page_server_stall_s)
             if live:
                 return await save_live(
-                    vm, request, limiter=self._limiter, progress=progress
-                )
+                    vm, request, limiter=self._limiter, progress=progress,
+                    threads=self.writer_pool,
+                )  # fmt: skip
             return await save_stop_and_copy(
-                vm, request, limiter=self._limiter, progress=progress
+                vm, request, limiter=self._limiter, progress=progress, threads=self.writer_pool
             )
         finally:
             vm.busy = None
@@ -256,30 +368,57 @@ class Runtime:
         placeholder = existing
         if placeholder is not None:
             placeholder.busy = _OP_LOAD
-        try:
-            vm = await load_snapshot(
-                vm_id,
-                snapshot_path,
-                mem_backend,
-                track_dirty_pages=track_dirty_pages,
-                resume_vm=resume_vm,
-                quiesce_timeout_s=self.quiesce_timeout_s,
-                limiter=self._limiter,
-                progress=progress,
+        reservations: list[Reservation] = []
+
+        async def admit(info: VmInfo) -> None:
+            # The placeholder is replaced: it does not count against the new VM.
+            reservations.append(
+                self._admit(vm_id, info.vcpu_count, info.mem_size_mib, skip=placeholder)
             )
-        finally:
+            await run_blocking(
+                lambda: check_fd_headroom(vm_id, info.vcpu_count, self.limits.fd_reserve),
+                self._limiter,
+            )
+
+        try:
+            try:
+                vm = await _typed_exhaustion(
+                    vm_id,
+                    load_snapshot(
+                        vm_id,
+                        snapshot_path,
+                        mem_backend,
+                        track_dirty_pages=track_dirty_pages,
+                        resume_vm=resume_vm,
+                        quiesce_timeout_s=self.quiesce_timeout_s,
+                        limiter=self._limiter,
+                        progress=progress,
+                        admit=admit,
+                        peer_limiter=self._peer_limiter,
+                    ),
+                )
+            finally:
+                if placeholder is not None:
+                    placeholder.busy = None
             if placeholder is not None:
-                placeholder.busy = None
-        if placeholder is not None:
-            self._vms.pop(vm_id, None)
-            await run_blocking(placeholder.close, self._limiter)
-        if vm_id in self._vms:  # raced with a create of the same id
-            await run_blocking(vm.close, self._limiter)
-            raise DuplicateVm(vm_id)
-        self._vms[vm_id] = vm
+                self._vms.pop(vm_id, None)
+                await run_blocking(placeholder.close, self._limiter)
+            if vm_id in self._vms:  # raced with a create of the same id
+                await run_blocking(vm.close, self._limiter)
+                raise DuplicateVm(vm_id)
+            self._vms[vm_id] = vm
+        finally:
+            for reservation in reservations:
+                reservation.release()
         return vm
 
     # --- helpers ---------------------------------------------------------
+
+    def _admit(
+        self, vm_id: str, vcpus: int, mem_mib: int, *, skip: Vm | None = None
+    ) -> Reservation:
+        existing = ((vm.vcpu_count, vm.mem_size_mib) for vm in self._vms.values() if vm is not skip)
+        return self._ledger.admit(vm_id, vcpus, mem_mib, existing)
 
     def _healthy(self, vm_id: str, op: str) -> Vm:
         vm = self.get(vm_id)
@@ -293,3 +432,16 @@ class Runtime:
             raise Busy(vm.vm_id, vm.busy)
 
 
+
+
+async def _typed_exhaustion(vm_id: str, work: Awaitable[T]) -> T:
+    """Await ``work``; an EMFILE/ENFILE/ENOMEM in its error becomes ``ResourceExhausted``."""
+    try:
+        return await work
+    except ResourceExhausted:
+        raise
+    except Exception as error:
+        exhausted = ResourceExhausted.from_error(vm_id, error)
+        if exhausted is None:
+            raise
+        raise exhausted from error

@@ -37,7 +37,7 @@ from ..snapshot.commit import PairTransaction
 from ..snapshot.envelope import encode_state
 from ..snapshot.errors import Capture
 from ..snapshot.manifest import KIND_DIFF, KIND_FULL, MemoryManifest
-from ..snapshot.memwriter import build_manifest, set_pair_xattr, write_memory
+from ..snapshot.memwriter import WriterThreads, build_manifest, set_pair_xattr, write_memory
 from ..snapshot.models import X86MicrovmState
 from ..snapshot.paths import validate_path
 from ._threads import run_blocking, run_cancellable
@@ -144,6 +144,7 @@ def commit_pair(
     parent_pair_id: str | None,
     cancel: threading.Event,
     progress: ByteProgress | None,
+    threads: WriterThreads | None = None,
 ) -> tuple[MemoryManifest, int]:
     """Write the memory file and the state file and commit them as one pair.
 
@@ -158,6 +159,7 @@ def commit_pair(
             runs_per_region=runs,
             progress=progress,
             cancel=cancel,
+            threads=threads,
         )
         manifest = build_manifest(
             result,
@@ -209,8 +211,12 @@ async def save_stop_and_copy(
     *,
     limiter: trio.CapacityLimiter,
     progress: Progress | None,
+    threads: WriterThreads | None = None,
 ) -> SaveResult:
-    """Save ``vm`` with its vCPUs paused for the whole write (see the module doc)."""
+    """Save ``vm`` with its vCPUs paused for the whole write (see the module doc).
+
+    ``threads``: where the memory writer's helper threads come from (the runtime's pool).
+    """
     started = time.perf_counter()
     was_running = vm.state is VmState.RUNNING
     pause_started = time.perf_counter()
@@ -235,6 +241,7 @@ async def save_stop_and_copy(
                 parent_pair_id=parent,
                 cancel=cancel,
                 progress=callback,
+                threads=threads,
             ),
             limiter,
         )

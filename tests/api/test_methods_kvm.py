@@ -29,8 +29,9 @@ _MIB = 1024 * 1024
 
 def _fill(server: Server, vm_id: str) -> None:
     block = os.urandom(_CHUNK)
+    vm = server.api.runtime.get(vm_id)  # in a worker thread: the blocking write is fine
     for offset in range(0, FILL_SIZE, _CHUNK):
-        server.api.runtime.write_memory(vm_id, FILL_BASE + offset, block)
+        vm.write_memory(FILL_BASE + offset, block)
 
 
 async def _create(client: RpcClient, vm_id: str, *, dirty: bool = True, mib: int = 64,

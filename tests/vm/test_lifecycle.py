@@ -55,11 +55,12 @@ async def test_lifecycle_runs_pauses_resumes_and_destroys(runtime: Runtime) -> N
     running = await wait_progress_beyond(vm, [0, 0])
 
     await runtime.pause("life")
-    paused = runtime.describe("life")
+    paused = await runtime.describe_current("life")
     assert paused.state == "Paused"
     assert all(p >= r for p, r in zip(paused.guest_progress, running, strict=True))
     # Parked vCPUs do not count: two readings while paused are equal.
-    assert runtime.describe("life").guest_progress == paused.guest_progress
+    assert (await runtime.describe_current("life")).guest_progress == paused.guest_progress
+    assert not paused.guest_progress_stale
     with pytest.raises(WrongVmState, match="while it is Paused"):
         await runtime.pause("life")
 
@@ -196,7 +197,7 @@ async def test_vcpu_exit_error_puts_the_vm_in_the_error_state(runtime: Runtime) 
     # way an exit the runner cannot continue from).
     from squibd.kvm.guest import CODE_ADDR
 
-    runtime.write_memory("crash", CODE_ADDR, b"\xf4" * 16)
+    await runtime.write_memory("crash", CODE_ADDR, b"\xf4" * 16)
     await runtime.start("crash")
     with trio.fail_after(60):
         await vm.wait_failed()

@@ -62,7 +62,7 @@ async def test_live_diff_after_full_rebases_to_memory_at_the_pause(
     await runtime.save("ldiff", "Full", str(tmp_path / "f.snap"), str(tmp_path / "f.mem"))
     await wait_progress_beyond(vm, vm.guest_progress())
     marker = 100 * 1024 * 1024  # outside the working set: a device write during the save
-    runtime.write_memory("ldiff", marker, b"device write")
+    await runtime.write_memory("ldiff", marker, b"device write")
     result = await runtime.save("ldiff", "Diff", str(tmp_path / "d.snap"),
                                 str(tmp_path / "d.mem"), live=True, resume=False)  # fmt: skip
     assert result.live and result.parent_pair_id is not None
@@ -184,7 +184,8 @@ async def test_live_save_failing_with_enospc_keeps_running_and_keeps_the_dirty_s
     await runtime.save("lfull", "Full", str(tmp_path / "f.snap"), str(tmp_path / "f.mem"))
     marker = 100 * 1024 * 1024
     # A device write larger than the tmpfs: ENOSPC whatever the guest dirtied meanwhile.
-    runtime.write_memory("lfull", marker, b"before the failed live save".ljust(OVER_TMPFS, b"x"))
+    payload = b"before the failed live save".ljust(OVER_TMPFS, b"x")
+    await runtime.write_memory("lfull", marker, payload)
     with pytest.raises(MemoryIo, match=r"No space left on device \(os error 28\)"):
         await runtime.save("lfull", "Diff", str(small_tmpfs / "d.snap"),
                            str(small_tmpfs / "d.mem"), live=True)  # fmt: skip
@@ -209,11 +210,11 @@ async def test_live_save_of_a_guest_split_around_the_mmio_gap(
     assert len(vm.memory.regions) == 2
     high = vm.memory.regions[1]
     marker_addr = high.guest_addr + 12345 * 4096
-    runtime.write_memory("split", marker_addr, b"above the gap")
+    await runtime.write_memory("split", marker_addr, b"above the gap")
     await runtime.start("split")
     await wait_progress_beyond(vm, [0])
     await runtime.save("split", "Full", str(tmp_path / "f.snap"), str(tmp_path / "f.mem"))
-    runtime.write_memory("split", marker_addr + 4096, b"dirty above the gap")
+    await runtime.write_memory("split", marker_addr + 4096, b"dirty above the gap")
     await wait_progress_beyond(vm, vm.guest_progress())
     await runtime.save("split", "Diff", str(tmp_path / "d.snap"), str(tmp_path / "d.mem"),
                        live=True, resume=False)  # fmt: skip
@@ -230,6 +231,6 @@ async def test_live_save_of_a_guest_split_around_the_mmio_gap(
     restored = await runtime.load("split2", str(tmp_path / "r.snap"),
                                   MemBackend("File", str(tmp_path / "r.mem")),
                                   resume_vm=True)  # fmt: skip
-    assert runtime.read_memory("split2", marker_addr, 13) == b"above the gap"
-    assert runtime.read_memory("split2", marker_addr + 4096, 19) == b"dirty above the gap"
+    assert await runtime.read_memory("split2", marker_addr, 13) == b"above the gap"
+    assert await runtime.read_memory("split2", marker_addr + 4096, 19) == b"dirty above the gap"
     await wait_progress_beyond(restored, saved)

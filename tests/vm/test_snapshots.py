@@ -107,7 +107,7 @@ async def test_dirty_log_is_exact_between_checkpoints(runtime: Runtime, tmp_path
     await runtime.resume("dirty")
     await wait_progress_beyond(vm, [vm.guest_progress()[0] + 2 * len(working_set)])
     marker = 40 * MIB  # a page the guest never writes: squibd writes it as a device
-    runtime.write_memory("dirty", marker + 8, b"device")
+    await runtime.write_memory("dirty", marker + 8, b"device")
     diff = await runtime.save("dirty", "Diff", str(tmp_path / "d1.snap"),
                               str(tmp_path / "d1.mem"), resume=False)  # fmt: skip
     expected = {PROGRESS_BASE // PAGE, marker // PAGE, *working_set}
@@ -191,7 +191,8 @@ async def test_save_failing_mid_write_resumes_and_keeps_the_dirty_set(
     await runtime.save("enospc", "Full", str(tmp_path / "f.snap"), str(tmp_path / "f.mem"))
     marker = 40 * MIB
     # A device write larger than the 4 MiB tmpfs: ENOSPC whatever the guest dirtied meanwhile.
-    runtime.write_memory("enospc", marker, b"written before the failed save".ljust(5 * MIB, b"x"))
+    payload = b"written before the failed save".ljust(5 * MIB, b"x")
+    await runtime.write_memory("enospc", marker, payload)
     await wait_progress_beyond(vm, vm.guest_progress())
 
     with pytest.raises(MemoryIo, match=r"No space left on device \(os error 28\)"):
