@@ -144,10 +144,6 @@ def _firecracker_source(state_path: str, memory_path: str, log: logging.Logger) 
 
 def _open(args: argparse.Namespace, log: logging.Logger) -> tuple[MemorySource, PageServer]:
     if args.firecracker_snapshot is not None:
-        if not args.memory_file:
-            raise SystemExit("squibd --page-server: --firecracker-snapshot needs --memory-file")
-        if args.diff_snapshot:
-            raise SystemExit("squibd --page-server: --diff-snapshot needs --snapshot")
         raw = _firecracker_source(args.firecracker_snapshot, args.memory_file, log)
         return raw, PageServer(
             raw, None, fault_granule=args.fault_granule, stream=not args.no_stream,
@@ -196,6 +192,10 @@ def main(argv: list[str]) -> int:
     )
     if args.diff_memory_file and len(args.diff_memory_file) != len(args.diff_snapshot):
         parser.error("give one --diff-memory-file per --diff-snapshot, or none")
+    if args.firecracker_snapshot is not None and not args.memory_file:
+        parser.error("--firecracker-snapshot needs --memory-file")
+    if args.firecracker_snapshot is not None and args.diff_snapshot:
+        parser.error("--diff-snapshot needs --snapshot (a squibd chain)")
     if args.max_vms < 1 or args.handshake_timeout <= 0:
         parser.error("--max-vms and --handshake-timeout must be positive")
     log = logging.getLogger("squibd.uffd")
