@@ -74,9 +74,21 @@ _POLL_FOREVER: Final = -1
 DEFAULT_SERVER_HANDSHAKE_TIMEOUT_S: Final = 10.0
 #: Without a pidfd of a VMM that closed its socket, how often (ms) its liveness is probed.
 _PROBE_INTERVAL_MS: Final = 2000
+#: What /proc/self/fd/N links to for a userfaultfd (fs/userfaultfd.c: anon inode name).
+_UFFD_LINK: Final = "anon_inode:[userfaultfd]"
 #: struct ucred { pid_t pid; uid_t uid; gid_t gid; } (linux/socket.h)
 _UCRED: Final = struct.Struct("iII")
 _log = logging.getLogger("squibd.uffd")
+
+
+def _check_is_userfaultfd(fd: int) -> None:
+    """Refuse another kind of descriptor (a file, a pipe) passed as the userfaultfd."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return  # no /proc: the first ioctl will tell
+    if target != _UFFD_LINK:
+        raise HandshakeInvalid(f"the descriptor sent is not a userfaultfd ({target})")
 
 
 def _peer_pidfd(sock: socket.socket) -> tuple[int, int]:
@@ -173,6 +185,7 @@ class PageServer:
         uffd = Userfaultfd.adopt(handshake.uffd)
         pidfd = -1
         try:
+            _check_is_userfaultfd(handshake.uffd)
             os.set_blocking(handshake.uffd, False)
             self._check_layout(handshake.regions)
             pid, pidfd = _peer_pidfd(sock)

@@ -275,3 +275,26 @@ def test_a_vmm_that_keeps_its_socket_and_dies_is_released_too(
         assert vmms[0].read(2047) == page_pattern(2047)[:8]
         vmms[0].proc.send_signal(signal.SIGKILL)
         assert proc.wait(FAILSAFE_S) == 0
+
+
+def test_a_descriptor_that_is_not_a_userfaultfd_is_refused(tmp_path: Path) -> None:
+    import array
+    import json
+
+    snap, sock = _pair(tmp_path), tmp_path / "ps.sock"
+    body = json.dumps([{"base_host_virt_addr": 1 << 30, "size": r.size, "offset": r.file_offset,
+                        "page_size": PAGE, "squibd_status": 1} for r in REGIONS]).encode()
+    with page_server(snap, sock) as proc, socket.socket(socket.AF_UNIX) as vmm, open(
+        snap, "rb"
+    ) as not_uffd:
+        vmm.connect(str(sock))
+        vmm.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                              array.array("i", [not_uffd.fileno()]))])
+        vmm.settimeout(FAILSAFE_S)
+        replies = b""
+        while b'"error"' not in replies:
+            chunk = vmm.recv(4096)
+            assert chunk, replies
+            replies += chunk
+        assert b"not a userfaultfd" in replies
+        assert proc.wait(FAILSAFE_S) == 1
