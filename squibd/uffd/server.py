@@ -181,14 +181,19 @@ class PageServer:
 
     # --- connection setup -----------------------------------------------------
     def _accept(self, sock: socket.socket) -> _Connection:
-        handshake = receive_handshake(sock, timeout=self.handshake_timeout)
+        # The peer's pidfd first: a VMM that exits right after its handshake is still seen.
+        pid, pidfd = _peer_pidfd(sock)
+        try:
+            handshake = receive_handshake(sock, timeout=self.handshake_timeout)
+        except BaseException:
+            if pidfd >= 0:
+                os.close(pidfd)
+            raise
         uffd = Userfaultfd.adopt(handshake.uffd)
-        pidfd = -1
         try:
             _check_is_userfaultfd(handshake.uffd)
             os.set_blocking(handshake.uffd, False)
             self._check_layout(handshake.regions)
-            pid, pidfd = _peer_pidfd(sock)
             sock.setblocking(False)
         except BaseException:
             uffd.close()

@@ -17,10 +17,12 @@ def page_server(snapshot: Path, sock: Path, *extra: str) -> Iterator[subprocess.
 
 
 @contextlib.contextmanager
-def page_server_argv(*argv: str) -> Iterator[subprocess.Popen[str]]:
-    """``squibd --page-server ARGV``: wait for its ``listening`` line, kill it on exit."""
+def page_server_argv(*argv: str, prefix: tuple[str, ...] = ()) -> Iterator[subprocess.Popen[str]]:
+    """``squibd --page-server ARGV``: wait for its ``listening`` line, kill it on exit.
+
+    ``prefix`` runs it under another command (e.g. ``unshare ...``)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "squibd.cli.daemon", "--page-server", *argv],
+        [*prefix, sys.executable, "-m", "squibd.cli.daemon", "--page-server", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

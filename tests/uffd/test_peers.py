@@ -298,3 +298,28 @@ def test_a_descriptor_that_is_not_a_userfaultfd_is_refused(tmp_path: Path) -> No
             replies += chunk
         assert b"not a userfaultfd" in replies
         assert proc.wait(FAILSAFE_S) == 1
+
+
+#: The page server in its own pid namespace: SO_PEERCRED cannot name a VMM outside it.
+OWN_PID_NAMESPACE = ("unshare", "--pid", "--fork", "--mount-proc", "--kill-child")
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="raw x86_64 syscall number")
+@pytest.mark.skipif(os.geteuid() != 0, reason="unshare --pid needs root")
+def test_a_vmm_it_cannot_see_the_process_of_is_released_by_probing(
+    tmp_path: Path, vmms: list[ChildVmm]
+) -> None:
+    """No pidfd can be had (the VMM is outside the server's pid namespace): once the VMM
+    closed its socket, a served page is probed; ESRCH after its death ends the service."""
+    from ._procs import page_server_argv
+
+    snap, sock = _pair(tmp_path), tmp_path / "ps.sock"
+    argv = ("--snapshot", str(snap), "--socket", str(sock), "--no-stream")
+    with page_server_argv(*argv, prefix=OWN_PID_NAMESPACE) as proc:
+        vmms.append(ChildVmm(sock, close_socket=True))
+        assert vmms[0].read(1023) == page_pattern(1023)[:8]
+        assert "serving VMM pid unknown" in read_stderr_until(proc, "serving VMM pid")[-1]
+        vmms[0].proc.send_signal(signal.SIGKILL)
+        lines = read_stderr_until(proc, "done with VMM pid")
+        assert "its address space is gone" in lines[-1]
+        assert proc.wait(FAILSAFE_S) == 0
