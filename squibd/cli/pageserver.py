@@ -56,7 +56,7 @@ _BACKLOG: Final = 16
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="squibd --page-server",
-        description="Serve a snapshot's guest memory to one VM through userfaultfd "
+        description="Serve a snapshot's guest memory to VMs through userfaultfd "
         "(Firecracker-compatible handshake).",
     )
     parser.add_argument("--page-server", action="store_true", required=True, help="this mode")

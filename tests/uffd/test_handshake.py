@@ -238,3 +238,16 @@ def test_squibd_page_server_serves_a_plain_vmm(
         for m in maps:
             m.close()
         os.close(uffd)
+
+
+def test_the_status_request_is_read_from_the_handshake() -> None:
+    from squibd.uffd.handshake import decode_handshake
+
+    regions = [RegionMapping(4096, 8192, 0, 4096)]
+    assert decode_handshake(encode_regions(regions, want_status=True)) == (tuple(regions), True)
+    assert decode_handshake(encode_regions(regions)) == (tuple(regions), False)
+
+
+def test_a_deeply_nested_handshake_is_invalid_not_a_crash() -> None:
+    with pytest.raises(HandshakeInvalid):
+        decode_regions(b"[" * 100_000 + b"]" * 100_000)
