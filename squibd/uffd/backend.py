@@ -122,6 +122,15 @@ def _outq(sock: socket.socket) -> int:
     return value
 
 
+def _said_before_closing(sock: socket.socket) -> str | None:
+    """The error line a server queued before it closed on us, if any."""
+    try:
+        data = sock.recv(_STATUS_READ_BYTES, socket.MSG_DONTWAIT)
+    except OSError:
+        return None
+    return _parse_status(data)[1]
+
+
 def _parse_status(data: bytes) -> tuple[bool, str | None, str | None]:
     """(ready seen, error message, pair id) from a squibd page server's status lines."""
     ready, error, pair_id = False, None, None
@@ -205,8 +214,12 @@ class UffdBackend:
                     backend_path, f"it took no handshake within {handshake_timeout:g} s"
                 ) from exc
             except OSError as exc:
+                said = _said_before_closing(sock)  # e.g. refused: it serves enough VMs
                 raise HandshakeFailed(
-                    backend_path, f"it closed the socket ({exc.strerror or exc})"
+                    backend_path,
+                    f"the page server refused: {said}"
+                    if said
+                    else f"it closed the socket ({exc.strerror or exc})",
                 ) from exc
             first = cls._await_taken(backend_path, sock, handshake_timeout)
             if first is not None:  # a squibd page server: it will say ready or why not

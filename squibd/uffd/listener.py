@@ -16,6 +16,7 @@ served is gone, so a one-shot page server exits after its VM.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -87,6 +88,7 @@ class ServeLoop:
         poller.register(self._stop_r, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         served_any = False
+        accepting = True
         try:
             while True:
                 events = dict(poller.poll())
@@ -95,9 +97,22 @@ class ServeLoop:
                 if self._wake_r in events:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
-                if self.listener.fileno() in events:
-                    served_any |= self._accept_one()
-                if served_any and not self.keep_serving and self.active == 0:
+                    if not accepting:  # a VMM left: its descriptors are free again
+                        accepting = True
+                        poller.modify(self.listener, select.POLLIN)
+                if accepting and self.listener.fileno() in events:
+                    try:
+                        served_any |= self._accept_one()
+                    except OSError as exc:
+                        if exc.errno not in (errno.EMFILE, errno.ENFILE) or self.active == 0:
+                            raise
+                        # Out of descriptors: leave new VMMs queued until one leaves.
+                        _log.warning("cannot accept a VMM (%s); waiting for one to leave",
+                                     exc.strerror)
+                        accepting = False
+                        poller.modify(self.listener, 0)
+                idle = served_any and not self.keep_serving and self.active == 0
+                if idle and not self._pending():
                     break
         finally:
             self.stop()  # every connection thread leaves its loop
@@ -108,6 +123,11 @@ class ServeLoop:
             for fd in (self._stop_r, self._stop_w, self._wake_r, self._wake_w):
                 os.close(fd)
         return self.finished
+
+    def _pending(self) -> bool:
+        """True when a VMM waits in the listener's queue (it is served before exiting)."""
+        readable, _, _ = select.select([self.listener], [], [], 0)
+        return bool(readable)
 
     def _accept_one(self) -> bool:
         try:
@@ -126,7 +146,15 @@ class ServeLoop:
                 return False
             thread = threading.Thread(target=self._serve, args=(conn,), name="page-server-vmm")
             self._threads.add(thread)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as exc:  # no more threads: refuse this VMM, serve the others
+            with self._lock:
+                self._threads.discard(thread)
+            _log.warning("refusing a VMM: %s", exc)
+            send_status(conn, encode_status(error=f"the page server cannot serve more VMs ({exc})"))
+            conn.close()
+            return False
         return True
 
     def _serve(self, conn: socket.socket) -> None:

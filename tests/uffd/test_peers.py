@@ -323,3 +323,47 @@ def test_a_vmm_it_cannot_see_the_process_of_is_released_by_probing(
         lines = read_stderr_until(proc, "done with VMM pid")
         assert "its address space is gone" in lines[-1]
         assert proc.wait(FAILSAFE_S) == 0
+
+
+#: Descriptors one served VMM costs the page server: its socket, its userfaultfd, its pidfd.
+FDS_PER_VMM = 3
+
+
+def _limit_fds_to_one_more_vmm(pid: int) -> None:
+    """Lower the server's RLIMIT_NOFILE so that exactly one more VMM's descriptors fit."""
+    import resource
+
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    limit, free = 0, 0
+    while free < FDS_PER_VMM:
+        if limit not in used:
+            free += 1
+        limit += 1
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, limit))
+
+
+def test_out_of_descriptors_the_next_vmm_waits_for_one_to_leave(tmp_path: Path) -> None:
+    snap, sock = _pair(tmp_path), tmp_path / "ps.sock"
+    with page_server(snap, sock, "--no-stream") as proc, GuestMemory.anonymous(
+        REGIONS
+    ) as first, GuestMemory.anonymous(REGIONS) as second:
+        _limit_fds_to_one_more_vmm(proc.pid)
+        one = UffdBackend.connect(str(sock), first)
+        connected: list[UffdBackend] = []
+        waiting = threading.Thread(target=lambda: connected.append(
+            UffdBackend.connect(str(sock), second, handshake_timeout=FAILSAFE_S)))
+        try:
+            waiting.start()
+            read_stderr_until(proc, "waiting for one to leave")
+            assert _read(first, 700) == page_pattern(700)  # still served meanwhile
+            assert connected == []
+            one.close()  # frees its descriptors: the queued VMM is taken
+            waiting.join(FAILSAFE_S)
+            assert len(connected) == 1
+            assert _read(second, 1024) == page_pattern(1024)
+        finally:
+            one.close()
+            waiting.join(FAILSAFE_S)
+            for backend in connected:
+                backend.close()
+        assert proc.wait(FAILSAFE_S) == 0
