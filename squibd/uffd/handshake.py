@@ -16,7 +16,10 @@ page server then writes JSON lines back:
 1. ``{"page_server": "squibd"}`` (the *hello*) while the handshake is still
    unread in its socket (it peeks at it first), so once the VMM sees its
    handshake consumed (``SIOCOUTQ`` = 0) the hello is already queued: the VMM
-   knows at once, without a timeout, whether the server will answer;
+   knows at once, without a timeout, whether the server will answer (this
+   holds while the handshake is one socket buffer, i.e. below about 200
+   regions; a longer one is answered after it is read, and the VMM may then
+   take the server for a silent one: it only loses the early error report);
 2. ``{"ready": true, "pair_id": ...}`` once it has taken the handshake and
    prefetched (``pair_id`` names the newest snapshot served, so the VMM can
    refuse a server serving another snapshot), or ``{"error": "..."}`` right
