@@ -367,3 +367,13 @@ def test_out_of_descriptors_the_next_vmm_waits_for_one_to_leave(tmp_path: Path) 
             for backend in connected:
                 backend.close()
         assert proc.wait(FAILSAFE_S) == 0
+
+
+def test_every_exported_uffd_error_names_its_kind() -> None:
+    import squibd.uffd as uffd
+
+    errors = [getattr(uffd, name) for name in uffd.__all__
+              if isinstance(getattr(uffd, name), type)
+              and issubclass(getattr(uffd, name), uffd.UffdError)]
+    assert len(errors) >= 7
+    assert all(error.kind == error.__name__ for error in errors)
