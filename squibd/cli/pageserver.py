@@ -1,15 +1,23 @@
-"""``squibd --page-server``: serve a snapshot's memory to one VM through userfaultfd.
+"""``squibd --page-server``: serve a snapshot's memory to VMs through userfaultfd.
 
 Usage::
 
     squibd --page-server --snapshot FULL.snap [--memory-file FULL.mem]
            [--diff-snapshot D1.snap ...] [--diff-memory-file D1.mem ...]
            --socket PATH [--no-stream] [--fault-granule BYTES]
+           [--max-vms N] [--handshake-timeout S] [--keep-serving]
+    squibd --page-server --firecracker-snapshot F.snap --memory-file F.mem --socket PATH ...
 
 A memory file defaults to its state file's path with ``.snap`` replaced by
-``.mem``. Once listening, the server prints ``listening PATH`` on stdout
-(a line to wait for), serves one VM until it closes the connection, and
-exits 0; a corrupt chunk or a refused handshake exits 1; usage errors exit 2.
+``.mem``. With ``--firecracker-snapshot`` the pair is Firecracker's: only its
+state file's header is read (to check it is one), the memory layout comes
+from each VMM's handshake, and nothing can be digest-checked (logged once).
+
+Once listening, the server prints ``listening PATH`` on stdout (a line to
+wait for) and serves every VMM that connects, several at once (up to
+``--max-vms``; more are refused at once). It exits when the last VMM it served
+is gone (unless ``--keep-serving``) or on SIGTERM/SIGINT: 0, or 1 when a
+corrupt chunk or a refused handshake stopped serving a VMM; usage errors exit 2.
 """
 
 from __future__ import annotations
@@ -18,17 +26,21 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import socket
 import stat
 import sys
+import threading
 from typing import Final
 
+from squibd.snapshot.describe import FORMAT_FIRECRACKER, describe_snapshot
 from squibd.snapshot.envelope import read_state_file
 from squibd.snapshot.errors import SnapshotError
-from squibd.uffd.errors import ChunkCorrupt, UffdError
+from squibd.uffd.errors import ChunkCorrupt, SnapshotMismatch, UffdError
+from squibd.uffd.listener import DEFAULT_MAX_VMS, ServeLoop
 from squibd.uffd.prefetch import prefetch_offsets
-from squibd.uffd.server import PageServer
-from squibd.uffd.source import PageSource
+from squibd.uffd.server import DEFAULT_SERVER_HANDSHAKE_TIMEOUT_S, PageServer
+from squibd.uffd.source import MemorySource, PageSource, RawMemorySource
 
 __all__ = ["main"]
 
@@ -37,16 +49,23 @@ _MEMORY_SUFFIX: Final = ".mem"
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
+#: Connections the kernel queues before the accept loop takes them (it takes them at once).
+_BACKLOG: Final = 16
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="squibd --page-server",
-        description="Serve a snapshot's guest memory to one VM through userfaultfd "
+        description="Serve a snapshot's guest memory to VMs through userfaultfd "
         "(Firecracker-compatible handshake).",
     )
     parser.add_argument("--page-server", action="store_true", required=True, help="this mode")
-    parser.add_argument("--snapshot", required=True, help="the Full state file")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--snapshot", help="the Full state file")
+    which.add_argument(
+        "--firecracker-snapshot", metavar="PATH",
+        help="a state file Firecracker made (needs --memory-file; no digest checks)",
+    )
     parser.add_argument("--memory-file", help="its memory file (default: .snap -> .mem)")
     parser.add_argument(
         "--diff-snapshot", action="extend", nargs="+", default=[], metavar="PATH",
@@ -62,6 +81,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--fault-granule", type=int, default=0, help="bytes installed per fault (default: a page)"
+    )
+    parser.add_argument(
+        "--max-vms", type=int, default=DEFAULT_MAX_VMS,
+        help=f"VMs served at once; more are refused (default {DEFAULT_MAX_VMS})",
+    )
+    parser.add_argument(
+        "--handshake-timeout", type=float, default=DEFAULT_SERVER_HANDSHAKE_TIMEOUT_S,
+        help="seconds a connected VMM has to send its handshake "
+        f"(default {DEFAULT_SERVER_HANDSHAKE_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--keep-serving", action="store_true",
+        help="keep accepting VMs after the last one is gone (until SIGTERM)",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return parser
@@ -82,35 +114,50 @@ def _bind(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.bind(path)
-        sock.listen(1)
+        sock.listen(_BACKLOG)
     except BaseException:
         sock.close()
         raise
     return sock
 
 
-def main(argv: list[str]) -> int:
-    """Run the page server with ``argv`` (including ``--page-server``); returns the exit code."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr, format="page-server: %(message)s"
-    )
-    if args.diff_memory_file and len(args.diff_memory_file) != len(args.diff_snapshot):
-        _parser().error("give one --diff-memory-file per --diff-snapshot, or none")
-    log = logging.getLogger("squibd.uffd")
-    try:
-        states = [read_state_file(args.snapshot)]
-        memories = [_memory_path(args.snapshot, args.memory_file)]
-        for index, diff in enumerate(args.diff_snapshot):
-            states.append(read_state_file(diff))
-            given = args.diff_memory_file[index] if args.diff_memory_file else None
-            memories.append(_memory_path(diff, given))
-        source = PageSource.open(
-            [(mem, state.memory) for mem, state in zip(memories, states, strict=True)]
+def _firecracker_source(state_path: str, memory_path: str, log: logging.Logger) -> RawMemorySource:
+    """Check that ``state_path`` is a Firecracker state file; map its raw memory file."""
+    description = describe_snapshot(state_path)
+    if description.format != FORMAT_FIRECRACKER:
+        detail = "; ".join(e.message for e in description.errors) or "it is a squibd snapshot"
+        raise SnapshotMismatch(
+            f"{state_path!r} is not a Firecracker state file ({detail}); "
+            "give a squibd snapshot with --snapshot"
         )
-    except (SnapshotError, UffdError, OSError) as exc:
-        print(f"squibd --page-server: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    if description.crc_ok is False:
+        raise SnapshotMismatch(f"{state_path!r} fails its CRC-64: the pair is damaged")
+    source = RawMemorySource.open(memory_path, page_size=os.sysconf("SC_PAGE_SIZE"))
+    log.warning(
+        "serving Firecracker snapshot %s (state file version %s) with memory file %s: it has "
+        "no squibd manifest, so no page is digest-checked; the memory layout comes from "
+        "each VMM's handshake",
+        state_path, description.version, memory_path,
+    )
+    return source
+
+
+def _open(args: argparse.Namespace, log: logging.Logger) -> tuple[MemorySource, PageServer]:
+    if args.firecracker_snapshot is not None:
+        raw = _firecracker_source(args.firecracker_snapshot, args.memory_file, log)
+        return raw, PageServer(
+            raw, None, fault_granule=args.fault_granule, stream=not args.no_stream,
+            handshake_timeout=args.handshake_timeout,
+        )
+    states = [read_state_file(args.snapshot)]
+    memories = [_memory_path(args.snapshot, args.memory_file)]
+    for index, diff in enumerate(args.diff_snapshot):
+        states.append(read_state_file(diff))
+        given = args.diff_memory_file[index] if args.diff_memory_file else None
+        memories.append(_memory_path(diff, given))
+    source = PageSource.open(
+        [(mem, state.memory) for mem, state in zip(memories, states, strict=True)]
+    )
     try:
         newest = states[-1]
         try:
@@ -122,20 +169,51 @@ def main(argv: list[str]) -> int:
             # this error, so the load fails before any vCPU runs.
             log.error("%s", exc)
             prefetch = [exc.offset - exc.offset % source.page_size]
-        server = PageServer(
+        return source, PageServer(
             source,
             newest.memory.regions,
             prefetch=prefetch,
             fault_granule=args.fault_granule,
             stream=not args.no_stream,
             pair_id=newest.memory.pair_id,
+            handshake_timeout=args.handshake_timeout,
         )
+    except BaseException:
+        source.close()
+        raise
+
+
+def main(argv: list[str]) -> int:
+    """Run the page server with ``argv`` (including ``--page-server``); returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="page-server: %(message)s"
+    )
+    if args.diff_memory_file and len(args.diff_memory_file) != len(args.diff_snapshot):
+        parser.error("give one --diff-memory-file per --diff-snapshot, or none")
+    if args.firecracker_snapshot is not None and not args.memory_file:
+        parser.error("--firecracker-snapshot needs --memory-file")
+    if args.firecracker_snapshot is not None and args.diff_snapshot:
+        parser.error("--diff-snapshot needs --snapshot (a squibd chain)")
+    if args.max_vms < 1 or args.handshake_timeout <= 0:
+        parser.error("--max-vms and --handshake-timeout must be positive")
+    log = logging.getLogger("squibd.uffd")
+    try:
+        source, server = _open(args, log)
+    except (SnapshotError, UffdError, OSError, ValueError) as exc:
+        print(f"squibd --page-server: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
         listener = _bind(args.socket)
         try:
+            loop = ServeLoop(server, listener, max_vms=args.max_vms,
+                             keep_serving=args.keep_serving)
+            if threading.current_thread() is threading.main_thread():
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(signum, lambda _signum, _frame: loop.stop())
             print(f"listening {args.socket}", flush=True)
-            conn, _ = listener.accept()
-            with conn:
-                stats = server.serve(conn)
+            finished = loop.run()
         finally:
             listener.close()
             with contextlib.suppress(OSError):
@@ -145,4 +223,4 @@ def main(argv: list[str]) -> int:
         return EXIT_FAILED
     finally:
         source.close()
-    return EXIT_FAILED if stats.error else EXIT_OK
+    return EXIT_FAILED if any(stats.error for stats in finished) else EXIT_OK

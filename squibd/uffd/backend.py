@@ -2,9 +2,18 @@
 
 ``UffdBackend.connect(backend_path, memory)`` creates a userfaultfd,
 registers every (empty, anonymous) guest memory region for missing faults,
-connects to the page server and sends the Firecracker handshake. It raises a
-clear ``UffdError`` before any vCPU runs when the server is absent, refuses,
-closes the socket or reports an error.
+connects to the page server and sends the Firecracker handshake, asking for
+squibd's status lines (see ``handshake``). It raises a clear ``UffdError``
+before any vCPU runs when the server is absent, refuses, closes the socket,
+reports an error, or does not answer in time.
+
+Which kind of server answers is known without waiting: once the server has
+consumed the handshake (``SIOCOUTQ`` of our socket drops to 0), a squibd
+page server's hello is already in our receive queue. Without a hello the
+server is Firecracker-style (it never answers) and the load goes on at once;
+with one, ``connect`` waits (bounded) for the ready or error line. Every wait
+is bounded: connecting, sending, the server taking the handshake (a server
+busy with another VM that never accepts us) and the ready line.
 
 After the vCPUs start, ``start_monitor(on_dead)`` watches the socket from a
 thread; when the page server's end closes, ``on_dead(reason)`` is called
@@ -17,11 +26,15 @@ never restored. Close the backend only after the vCPUs are stopped.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import select
 import socket
+import struct
+import termios
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
@@ -31,14 +44,28 @@ from .errors import HandshakeFailed, PageServerUnavailable
 from .handshake import MAX_SOCKET_PATH_BYTES, RegionMapping, send_handshake
 from .userfaultfd import Userfaultfd
 
-__all__ = ["DEFAULT_READY_TIMEOUT_S", "GuestMemoryLike", "HostRegion", "UffdBackend"]
+__all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT_S",
+    "DEFAULT_READY_TIMEOUT_S",
+    "GuestMemoryLike",
+    "HostRegion",
+    "UffdBackend",
+]
 
-#: How long ``connect`` waits for a squibd page server's ``{"ready": true}``.
-#: Firecracker-style servers never answer; after this the load goes on and the
-#: monitor still catches a server that closes later.
-DEFAULT_READY_TIMEOUT_S: Final = 1.0
-_MS_PER_S: Final = 1000
+#: How long ``connect`` waits, after a squibd page server said hello, for its
+#: ``{"ready": true}`` (it checks the layout and prefetches a few pages first).
+#: Firecracker-style servers say no hello and are never waited for.
+DEFAULT_READY_TIMEOUT_S: Final = 30.0
+#: How long ``connect`` waits for the server to accept the connection and take
+#: the handshake (a single-VM server busy with another VM never does).
+DEFAULT_HANDSHAKE_TIMEOUT_S: Final = 10.0
 _STATUS_READ_BYTES: Final = 65536
+#: Polling steps while waiting for the server to take the handshake: there is no
+#: event for "the peer read our data", so SIOCOUTQ is sampled, starting fine
+#: (a server that is there takes it within microseconds) and backing off.
+_TAKE_POLL_FIRST_S: Final = 0.00005
+_TAKE_POLL_MAX_S: Final = 0.005
+_INT: Final = struct.Struct("i")
 
 
 class HostRegion(Protocol):
@@ -59,12 +86,23 @@ class GuestMemoryLike(Protocol):
     def regions(self) -> Sequence[HostRegion]: ...
 
 
-def _connect(path: str) -> socket.socket:
+def _connect(path: str, timeout: float) -> socket.socket:
     if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
         raise PageServerUnavailable(path, f"the path is longer than {MAX_SOCKET_PATH_BYTES} bytes")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
     try:
         sock.connect(path)
+    except BlockingIOError as exc:  # EAGAIN: a Unix listener's backlog is full
+        sock.close()
+        raise PageServerUnavailable(
+            path, "its queue of connections is full (it is busy with other VMs)"
+        ) from exc
+    except TimeoutError as exc:
+        sock.close()
+        raise PageServerUnavailable(
+            path, f"it did not accept the connection within {timeout:g} s"
+        ) from exc
     except FileNotFoundError as exc:
         sock.close()
         raise PageServerUnavailable(path, "no socket exists at that path") from exc
@@ -77,13 +115,29 @@ def _connect(path: str) -> socket.socket:
     return sock
 
 
+def _outq(sock: socket.socket) -> int:
+    """Bytes we sent that the peer has not read yet (SIOCOUTQ, an alias of TIOCOUTQ)."""
+    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(_INT.size))
+    value: int = _INT.unpack(raw)[0]
+    return value
+
+
+def _said_before_closing(sock: socket.socket) -> str | None:
+    """The error line a server queued before it closed on us, if any."""
+    try:
+        data = sock.recv(_STATUS_READ_BYTES, socket.MSG_DONTWAIT)
+    except OSError:
+        return None
+    return _parse_status(data)[1]
+
+
 def _parse_status(data: bytes) -> tuple[bool, str | None, str | None]:
     """(ready seen, error message, pair id) from a squibd page server's status lines."""
     ready, error, pair_id = False, None, None
     for line in data.splitlines():
         try:
             message = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             continue
         if isinstance(message, dict):
             if message.get("ready") is True:
@@ -117,6 +171,7 @@ class UffdBackend:
         memory: GuestMemoryLike,
         *,
         ready_timeout: float = DEFAULT_READY_TIMEOUT_S,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
         expected_pair_id: str | None = None,
     ) -> UffdBackend:
         """Register ``memory`` with a new userfaultfd and hand it to the page server.
@@ -124,21 +179,26 @@ class UffdBackend:
         Args:
             backend_path: the page server's Unix socket (at most 107 bytes).
             memory: empty anonymous guest memory (nothing may have touched it).
-            ready_timeout: seconds to wait for a squibd page server's ready line.
+            ready_timeout: seconds to wait for a squibd page server's ready line
+                once it said hello (Firecracker-style servers are not waited for).
+            handshake_timeout: seconds for the server to accept the connection and
+                take the handshake.
             expected_pair_id: the loaded state file's ``memory.pair_id``; a squibd page
                 server announcing another pair is refused (Firecracker-style servers
                 announce nothing and are trusted).
 
         Raises:
             UffdUnsupported: no userfaultfd on this host.
-            PageServerUnavailable: no socket, or the connection is refused.
-            HandshakeFailed: the server closed the socket or reported an error.
+            PageServerUnavailable: no socket, the connection is refused, or the
+                server's queue is full or it does not accept in time.
+            HandshakeFailed: the server closed the socket, reported an error, or
+                did not take the handshake or report ready in time.
         """
         page_size = os.sysconf("SC_PAGE_SIZE")
         regions = tuple(
             RegionMapping(r.host_addr, r.size, r.file_offset, page_size) for r in memory.regions
         )
-        sock = _connect(backend_path)
+        sock = _connect(backend_path, handshake_timeout)
         try:
             uffd = Userfaultfd.create()
         except BaseException:
@@ -148,12 +208,23 @@ class UffdBackend:
             for region in regions:
                 uffd.register(region.base_host_virt_addr, region.size)
             try:
-                send_handshake(sock, regions, uffd.fd)
-            except OSError as exc:
+                send_handshake(sock, regions, uffd.fd, want_status=True)
+            except TimeoutError as exc:
                 raise HandshakeFailed(
-                    backend_path, f"it closed the socket ({exc.strerror or exc})"
+                    backend_path, f"it took no handshake within {handshake_timeout:g} s"
                 ) from exc
-            cls._await_ready(backend_path, sock, ready_timeout, expected_pair_id)
+            except OSError as exc:
+                said = _said_before_closing(sock)  # e.g. refused: it serves enough VMs
+                raise HandshakeFailed(
+                    backend_path,
+                    f"the page server refused: {said}"
+                    if said
+                    else f"it closed the socket ({exc.strerror or exc})",
+                ) from exc
+            first = cls._await_taken(backend_path, sock, handshake_timeout)
+            if first is not None:  # a squibd page server: it will say ready or why not
+                cls._await_ready(backend_path, sock, first, ready_timeout, expected_pair_id)
+            sock.settimeout(None)
         except BaseException:
             uffd.close()
             sock.close()
@@ -162,26 +233,72 @@ class UffdBackend:
         return cls(backend_path, uffd, sock, regions, wake_r=wake_r, wake_w=wake_w)
 
     @staticmethod
-    def _await_ready(
-        path: str, sock: socket.socket, timeout: float, expected_pair_id: str | None
-    ) -> None:
+    def _await_taken(path: str, sock: socket.socket, timeout: float) -> bytes | None:
+        """Wait until the server consumed the handshake; the squibd hello (and what
+        followed it) if it said one, None for a Firecracker-style server."""
+        deadline = time.monotonic() + timeout
+        step = _TAKE_POLL_FIRST_S
         poller = select.poll()
         poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
-        if not poller.poll(int(timeout * _MS_PER_S)):
-            return  # a Firecracker-style server: it never answers
+        while True:
+            taken = _outq(sock) == 0
+            # Checked after SIOCOUTQ: a squibd server queues its hello before it takes
+            # the handshake, so "taken and nothing to read" means no hello will come.
+            if poller.poll(0):
+                return UffdBackend._read_status(path, sock)
+            if taken:
+                return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HandshakeFailed(
+                    path,
+                    f"it did not take the handshake within {timeout:g} s (a page server "
+                    "that serves one VM at a time may be busy with another)",
+                )
+            select.select([sock], [], [], min(step, remaining))
+            step = min(step * 2, _TAKE_POLL_MAX_S)
+
+    @staticmethod
+    def _read_status(path: str, sock: socket.socket) -> bytes:
         try:
-            data = sock.recv(_STATUS_READ_BYTES)
+            data = sock.recv(_STATUS_READ_BYTES, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return b"\n"  # readable a moment ago; nothing now: treat as no line yet
         except ConnectionResetError:
             data = b""  # it closed without reading everything we sent
         except OSError as exc:
             raise HandshakeFailed(path, f"the connection failed ({exc.strerror or exc})") from exc
-        ready, error, pair_id = _parse_status(data)
-        if error is not None:
-            raise HandshakeFailed(path, f"the page server refused: {error}")
         if not data:
             raise HandshakeFailed(path, "it closed the socket during the handshake")
-        if not ready:
-            raise HandshakeFailed(path, f"unexpected reply {data[:80]!r}")
+        _ready, error, _pair = _parse_status(data)
+        if error is not None:
+            raise HandshakeFailed(path, f"the page server refused: {error}")
+        return data
+
+    @staticmethod
+    def _await_ready(
+        path: str,
+        sock: socket.socket,
+        received: bytes,
+        timeout: float,
+        expected_pair_id: str | None,
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        data = received
+        while True:
+            ready, error, pair_id = _parse_status(data)
+            if error is not None:
+                raise HandshakeFailed(path, f"the page server refused: {error}")
+            if ready:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not poller.poll(max(1, int(remaining * 1000))):
+                raise HandshakeFailed(
+                    path, f"the squibd page server did not report ready within {timeout:g} s"
+                )
+            data += UffdBackend._read_status(path, sock)
         if expected_pair_id is not None and pair_id is not None and pair_id != expected_pair_id:
             raise HandshakeFailed(
                 path,

@@ -9,6 +9,8 @@ server: it never feeds memory it cannot vouch for.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 __all__ = [
     "ChunkCorrupt",
     "HandshakeFailed",
@@ -22,6 +24,13 @@ __all__ = [
 
 class UffdError(Exception):
     """Base of every lazy-restore error."""
+
+    #: The wire ``data.kind`` of this error (its class name), for the API's error mapping.
+    kind: ClassVar[str] = "UffdError"
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.kind = cls.__name__
 
 
 class UffdUnsupported(UffdError):

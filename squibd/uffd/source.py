@@ -1,6 +1,15 @@
-"""Where each page of guest memory comes from: a Full memory file and its Diffs.
+"""Where each page of guest memory comes from: the page server's memory sources.
 
-Theory of operation: a chain is a Full memory file followed by zero or more
+``MemorySource`` is the interface the page server serves from (a
+store-backed source plugs in here): a page size, a size, which *layer*
+holds each page (``HOLE``: zeros), the address of verified bytes of a layer,
+and ``read`` for the prefetcher. Two sources are built in:
+
+- ``PageSource``: a squibd Full memory file and its Diffs, digest-checked;
+- ``RawMemorySource``: a raw memory file without a manifest (Firecracker's),
+  served as is (no digests exist to check).
+
+``PageSource``: a chain is a Full memory file followed by zero or more
 Diffs, in checkpoint order. The newest layer whose manifest extents cover a
 page holds that page's content; a page no layer wrote is zero (a hole). The
 chain is served as is, without rebasing: ``layer_of_page`` records, per host
@@ -15,10 +24,13 @@ mismatch, naming the file and offset); a block is checked once.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
+import stat
+import threading
 from collections.abc import Iterator, Sequence
-from typing import Final
+from typing import Final, Protocol
 
 import attrs
 import numpy as np
@@ -30,7 +42,7 @@ from squibd.snapshot.pairing import PAIR_XATTR
 
 from .errors import ChunkCorrupt, SnapshotMismatch
 
-__all__ = ["HOLE", "PAIR_XATTR", "MemoryLayer", "PageSource"]
+__all__ = ["HOLE", "PAIR_XATTR", "MemoryLayer", "MemorySource", "PageSource", "RawMemorySource"]
 
 #: ``layer_of_page`` value of a page no layer wrote: served as zeros.
 HOLE: Final = -1
@@ -46,6 +58,70 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.munmap.restype = ctypes.c_int
 #: ``MAP_FAILED`` is ``(void *) -1``.
 _MAP_FAILED: Final = ctypes.c_void_p(-1).value
+
+
+class MemorySource(Protocol):
+    """What the page server serves from. Every method may be called from several
+    threads at once (one per VMM served)."""
+
+    @property
+    def page_size(self) -> int:
+        """Bytes per page (the host page size the memory was saved with)."""
+        ...
+
+    @property
+    def size(self) -> int:
+        """Bytes of guest memory, in memory-file order."""
+        ...
+
+    @property
+    def layer_of_page(self) -> npt.NDArray[np.int8]:
+        """Per page: ``HOLE`` (serve zeros) or the layer to pass to ``source_address``."""
+        ...
+
+    @property
+    def verified(self) -> bool:
+        """True when bytes are checked against digests before they are handed out."""
+        ...
+
+    def source_address(self, layer: int, offset: int, length: int) -> int:
+        """Address in this process of the (verified) bytes ``[offset, offset+length)`` of
+        ``layer``, valid until ``close``.
+
+        Raises:
+            ChunkCorrupt: the bytes fail their digest.
+        """
+        ...
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest memory bytes at a memory-file offset (verified, holes as zeros)."""
+        ...
+
+    def close(self) -> None:
+        """Release the source (after every connection is done with it)."""
+        ...
+
+
+def _open_regular(path: str) -> int:
+    """Open ``path`` read-only without blocking (a FIFO would) and check it is a file.
+
+    Raises:
+        SnapshotMismatch: it is not a regular file.
+        OSError: it cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SnapshotMismatch(f"memory file {path!r} is not a regular file")
+    return fd
+
+
+def _map_readonly(path: str, fd: int, size: int) -> int:
+    base = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
+    if base is None or base == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap of {path!r}: {os.strerror(err)}")
+    return int(base)
 
 
 def _check_pair(path: str, fd: int, manifest: MemoryManifest) -> None:
@@ -75,6 +151,8 @@ class MemoryLayer:
     #: chunk-aligned block index -> [(offset, length, digest index)] of that block.
     _chunks: dict[int, list[tuple[int, int, int]]]
     _verified: set[int] = attrs.Factory(set)
+    #: Serialises digest checks, so connections never check the same block twice.
+    _lock: threading.Lock = attrs.Factory(threading.Lock)
 
     @classmethod
     def open(cls, path: str, manifest: MemoryManifest) -> MemoryLayer:
@@ -84,13 +162,10 @@ class MemoryLayer:
             SnapshotMismatch: the file does not belong to the manifest.
             OSError: the file cannot be opened or mapped.
         """
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = _open_regular(path)
         try:
             _check_pair(path, fd, manifest)
-            base = _libc.mmap(None, manifest.file_size, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
-            if base is None or base == _MAP_FAILED:
-                err = ctypes.get_errno()
-                raise OSError(err, f"mmap of {path!r}: {os.strerror(err)}")
+            base = _map_readonly(path, fd, manifest.file_size)
         finally:
             os.close(fd)
         chunks: dict[int, list[tuple[int, int, int]]] = {}
@@ -120,7 +195,9 @@ class MemoryLayer:
         chunk_size = self.manifest.chunk_size
         for block in range(offset // chunk_size, (offset + length - 1) // chunk_size + 1):
             if block not in self._verified:
-                self._verify_block(block)
+                with self._lock:
+                    if block not in self._verified:
+                        self._verify_block(block)
 
     def _verify_block(self, block: int) -> None:
         function = digest_function(self.manifest.digest_algorithm)
@@ -145,6 +222,7 @@ class PageSource:
     layers: tuple[MemoryLayer, ...]
     page_size: int
     layer_of_page: npt.NDArray[np.int8]
+    verified: bool = True
 
     @classmethod
     def open(cls, chain: Sequence[tuple[str, MemoryManifest]]) -> PageSource:
@@ -235,3 +313,78 @@ class PageSource:
         """Unmap every layer."""
         for layer in self.layers:
             layer.close()
+
+
+@attrs.define(eq=False)
+class RawMemorySource:
+    """A raw memory file without a manifest (a Firecracker-made pair): one layer,
+    every page served as the file holds it; holes of a sparse file are zero pages.
+    Nothing can be verified (``verified`` is False)."""
+
+    path: str
+    page_size: int
+    layer_of_page: npt.NDArray[np.int8]
+    base: int
+    verified: bool = False
+
+    @classmethod
+    def open(cls, path: str, *, page_size: int) -> RawMemorySource:
+        """Map ``path`` read-only; its size must be a non-zero multiple of ``page_size``.
+
+        Raises:
+            SnapshotMismatch: the file is empty or not a whole number of pages.
+            OSError: the file cannot be opened or mapped.
+        """
+        fd = _open_regular(path)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0 or size % page_size:
+                raise SnapshotMismatch(
+                    f"memory file {path!r} is {size} bytes: not a whole number of "
+                    f"{page_size}-byte pages"
+                )
+            layer_of_page = _data_pages(fd, size, page_size)
+            base = _map_readonly(path, fd, size)
+        finally:
+            os.close(fd)
+        return cls(path, page_size, layer_of_page, base)
+
+    @property
+    def size(self) -> int:
+        """Bytes of guest memory (the memory file's size)."""
+        return len(self.layer_of_page) * self.page_size
+
+    def source_address(self, layer: int, offset: int, length: int) -> int:
+        """Address of bytes ``[offset, offset+length)`` of the file (nothing to verify)."""
+        del layer, length
+        return self.base + offset
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes of the file at ``offset`` (holes read as zeros)."""
+        return ctypes.string_at(self.base + offset, length)
+
+    def close(self) -> None:
+        """Unmap the file (idempotent)."""
+        if self.base:
+            _libc.munmap(self.base, self.size)
+            self.base = 0
+
+
+def _data_pages(fd: int, size: int, page_size: int) -> npt.NDArray[np.int8]:
+    """0 for pages holding data, ``HOLE`` for pages of the file's holes (SEEK_DATA)."""
+    pages = np.full(size // page_size, HOLE, dtype=np.int8)
+    offset = 0
+    while offset < size:
+        try:
+            data = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break  # no data after offset
+            if exc.errno == errno.EINVAL:  # no SEEK_DATA on this filesystem: all data
+                pages[:] = 0
+                break
+            raise
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        pages[data // page_size : (hole + page_size - 1) // page_size] = 0
+        offset = hole
+    return pages

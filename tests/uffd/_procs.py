@@ -11,10 +11,18 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def page_server(snapshot: Path, sock: Path, *extra: str) -> Iterator[subprocess.Popen[str]]:
-    """Start the page server, wait for its ``listening`` line, stop it on exit."""
+    """Start the page server for ``snapshot``, wait for its ``listening`` line, stop it on exit."""
+    with page_server_argv("--snapshot", str(snapshot), "--socket", str(sock), *extra) as proc:
+        yield proc
+
+
+@contextlib.contextmanager
+def page_server_argv(*argv: str, prefix: tuple[str, ...] = ()) -> Iterator[subprocess.Popen[str]]:
+    """``squibd --page-server ARGV``: wait for its ``listening`` line, kill it on exit.
+
+    ``prefix`` runs it under another command (e.g. ``unshare ...``)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "squibd.cli.daemon", "--page-server",
-         "--snapshot", str(snapshot), "--socket", str(sock), *extra],
+        [*prefix, sys.executable, "-m", "squibd.cli.daemon", "--page-server", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -42,3 +50,14 @@ def read_stderr_until(proc: subprocess.Popen[str], needle: str) -> list[str]:
         if needle in line:
             break
     return lines
+
+
+def userfaultfds_of(pid: int) -> int:
+    """How many userfaultfds process ``pid`` holds open (from /proc/PID/fd)."""
+    count = 0
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for entry in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            if "userfaultfd" in entry.readlink().name:
+                count += 1
+    return count

@@ -109,7 +109,8 @@ def test_handshake_has_firecrackers_fields_and_serves_faults(tmp_path: Path) -> 
         assert server.served == 2
     assert server.fd_count == 1
     assert [sorted(r) for r in server.regions] == [
-        sorted(["base_host_virt_addr", "size", "offset", "page_size", "page_size_kib"])
+        sorted(["base_host_virt_addr", "size", "offset", "page_size", "page_size_kib",
+                "squibd_status"])  # the squibd extension: Firecracker-style servers ignore it
     ] * len(REGIONS)
     for sent, region, mapped in zip(server.regions, REGIONS, memory.regions, strict=True):
         assert sent["size"] == region.size
@@ -173,9 +174,16 @@ RAW_MODE_MISSING = 1
 
 
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="raw x86_64 syscall number")
-@pytest.mark.parametrize("old_style", [False, True], ids=["page_size", "page_size_kib-only"])
-def test_squibd_page_server_serves_a_plain_vmm(tmp_path: Path, old_style: bool) -> None:
-    """A VMM written here with raw syscalls (as Firecracker does it) gets its memory served."""
+@pytest.mark.parametrize(
+    ("old_style", "close_early"),
+    [(False, False), (True, False), (False, True)],
+    ids=["page_size", "page_size_kib-only", "socket-closed-after-handshake"],
+)
+def test_squibd_page_server_serves_a_plain_vmm(
+    tmp_path: Path, old_style: bool, close_early: bool
+) -> None:
+    """A VMM written here with raw syscalls (as Firecracker does it) gets its memory served,
+    also when it closes its socket right after the handshake (Firecracker v1.7-v1.11)."""
     import mmap
 
     from ._pairs import page_pattern, vcpu_state, write_memory, write_state
@@ -203,19 +211,43 @@ def test_squibd_page_server_serves_a_plain_vmm(tmp_path: Path, old_style: bool) 
             if not old_style:
                 entry["page_size"] = PAGE
             body.append(entry)
+        got: list[bytes] = []
+
+        def read_pages() -> None:
+            buf = ctypes.create_string_buffer(PAGE)
+            for address in (bases[0] + PAGE, bases[1], bases[0] + 2 * PAGE):
+                ctypes.memmove(buf, address, PAGE)  # GIL released while faulting
+                got.append(buf.raw)
+
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as vmm:
             vmm.connect(str(tmp_path / "ps.sock"))
             vmm.sendmsg([json.dumps(body).encode()],
                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [uffd]))])
-            buf = ctypes.create_string_buffer(PAGE)
-            ctypes.memmove(buf, bases[0] + PAGE, PAGE)  # GIL released while faulting
-            assert buf.raw == page_pattern(1)
-            ctypes.memmove(buf, bases[1], PAGE)
-            assert buf.raw == page_pattern(1024)
-            ctypes.memmove(buf, bases[0] + 2 * PAGE, PAGE)
-            assert buf.raw == bytes(PAGE)
-        assert proc.wait(FAILSAFE_S) == 0  # the VMM closed the socket: the server is done
+            if close_early:
+                vmm.close()
+            reader = threading.Thread(target=read_pages, daemon=True)
+            reader.start()
+            reader.join(FAILSAFE_S)  # a failsafe: the pages come at once when served
+            assert not reader.is_alive(), "the page server stopped serving the VMM"
+        assert got == [page_pattern(1), page_pattern(1024), bytes(PAGE)]
+        # This VMM (the test process) is alive and did not ask for status lines: its
+        # socket closing does not end the service; its process exiting would.
+        assert proc.poll() is None
+        proc.kill()
         del anchors
         for m in maps:
             m.close()
         os.close(uffd)
+
+
+def test_the_status_request_is_read_from_the_handshake() -> None:
+    from squibd.uffd.handshake import decode_handshake
+
+    regions = [RegionMapping(4096, 8192, 0, 4096)]
+    assert decode_handshake(encode_regions(regions, want_status=True)) == (tuple(regions), True)
+    assert decode_handshake(encode_regions(regions)) == (tuple(regions), False)
+
+
+def test_a_deeply_nested_handshake_is_invalid_not_a_crash() -> None:
+    with pytest.raises(HandshakeInvalid):
+        decode_regions(b"[" * 100_000 + b"]" * 100_000)

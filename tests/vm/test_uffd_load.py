@@ -12,6 +12,7 @@ import trio
 
 from squibd.uffd.errors import UffdError
 from squibd.vm.errors import VmFailed
+from squibd.vm.machine import Vm
 from squibd.vm.models import GuestSpec, MemBackend
 from squibd.vm.runtime import Runtime
 
@@ -116,6 +117,50 @@ def test_uffd_load_refuses_a_page_server_serving_another_pair(
 
     try:
         trio.run(load_mismatched)
+    finally:
+        server.kill()
+        server.wait()
+
+
+async def _served_progress_beyond(vm: Vm, floor: list[int]) -> list[int]:
+    """Like wait_progress_beyond, reading guest memory off the trio thread (a page nobody
+    serves blocks that thread: the wait then fails instead of hanging)."""
+    with trio.fail_after(PROGRESS_TIMEOUT_S):
+        while True:
+            progress = await trio.to_thread.run_sync(vm.guest_progress, abandon_on_cancel=True)
+            if all(now > before for now, before in zip(progress, floor, strict=True)):
+                return progress
+            await vm.wait_heartbeats(1)
+
+
+def test_one_page_server_serves_two_lazy_loads_at_once(
+    saved_pair: tuple[Path, Path, list[int]], tmp_path: Path
+) -> None:
+    """Issue 10: a second lazy load from one page server used to queue behind the first
+    forever (its vCPUs blocked on faults nobody served)."""
+    snap, _, saved = saved_pair
+    socket_path = tmp_path / "ps.sock"
+    server = _start_page_server(snap, socket_path)
+
+    async def run() -> None:
+        rt = Runtime()
+        try:
+            backend = MemBackend("Uffd", str(socket_path))
+            first = await rt.load("first", str(snap), backend, resume_vm=True)
+            second = await rt.load("second", str(snap), backend, resume_vm=True)
+            await _served_progress_beyond(second, saved)
+            await _served_progress_beyond(first, saved)
+            await rt.destroy("second")
+            now = await _served_progress_beyond(first, saved)
+            await _served_progress_beyond(first, now)  # still served after the other left
+            assert rt.describe("first").error is None
+            await rt.destroy("first")
+        finally:
+            await rt.aclose()
+
+    try:
+        trio.run(run)
+        assert server.wait(PROGRESS_TIMEOUT_S) == 0  # both VMs gone: the server exits
     finally:
         server.kill()
         server.wait()
