@@ -17,8 +17,8 @@ The mapping is decided per class (:func:`wire_mapping`), first rule wins:
 4. :class:`NotAllowed` -> -32005;
 5. registered bases: lazy-restore errors (``UffdError``: page server
    unavailable, handshake failed ...) -> -32001, since they fail a load;
-   guest-address and layout errors, bad vCPU counts and guest programs ->
-   -32602; the other KVM errors -> -32003 (this host cannot do it now);
+   wire type/value errors, guest-address and layout errors, bad vCPU counts
+   and guest programs -> -32602; the other KVM errors -> -32003 (this host cannot do it now);
 6. ``OSError`` by errno: out of fds, memory, buffers or space (EMFILE,
    ENFILE, ENOMEM, ENOBUFS, EAGAIN, ENOSPC, EDQUOT) -> -32004 kind
    ``ResourceExhausted``; EACCES/EPERM -> -32005 kind ``PermissionDenied``;
@@ -144,7 +144,12 @@ def _kind(cls: type[BaseException]) -> str:
 @functools.cache
 def _registered_bases() -> tuple[tuple[type[BaseException], int], ...]:
     # Rule 5, most specific first. Imported lazily: the runtime parts are optional here.
-    bases: list[tuple[type[BaseException], int]] = []
+    from .wire import FieldValueError, WireTypeError
+
+    bases: list[tuple[type[BaseException], int]] = [
+        (FieldValueError, INVALID_PARAMS),
+        (WireTypeError, INVALID_PARAMS),
+    ]
     try:
         from squibd.vm.memory import GuestAddressError, MemoryLayoutError
 
