@@ -18,9 +18,9 @@ from .wire import FieldValueError, WireTypeError, wire_field
 __all__ = [
     "GUEST_PARAMETERS",
     "MAX_MEMORY_ACCESS",
+    "MAX_VCPUS",
     "MAX_WRITE_MEMORY",
     "MAX_WRITE_MEMORY_BASE64",
-    "MAX_VCPUS",
     "VM_ID_PATTERN",
     "DestroyResult",
     "EmptyParams",

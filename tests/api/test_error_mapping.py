@@ -7,6 +7,7 @@ import importlib
 import inspect
 import json
 import pkgutil
+
 import pytest
 
 import squibd
