@@ -21,8 +21,12 @@ from hypothesis import strategies as st
 
 from ._daemon import Daemon, exchange
 
-_SETTINGS = settings(max_examples=150, deadline=None, database=None,
-                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+_SETTINGS = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 # Cheap methods only (nothing here may create a VM or write a file), plus nonsense.
 _METHODS = st.sampled_from([
@@ -66,6 +70,11 @@ def _dumps(value: Any, ascii_only: bool) -> bytes:
     return text.encode("utf-8", "surrogatepass")  # a lone surrogate becomes invalid UTF-8
 
 
+_ODD_NUMBERS = [b"9" * 4300, b"9" * 4301, b"1e999", b"-1e999", b"1e-999", b"NaN", b"Infinity",
+                b"0x10", b"01"]  # fmt: skip
+_SEPARATORS = st.sampled_from([b"\n", b"\r\n", b"\n\n\n", b" \n", b"\n" * 2000])
+
+
 @st.composite
 def _line(draw: st.DrawFn) -> bytes:
     kind = draw(st.sampled_from(["message", "batch", "nested", "number", "raw", "encoded"]))
@@ -80,8 +89,7 @@ def _line(draw: st.DrawFn) -> bytes:
         inner = _dumps(draw(_message()), True)
         line = opener * depth + inner + closer * draw(st.sampled_from([0, depth, depth + 1]))
     elif kind == "number":
-        digits = draw(st.sampled_from([b"9" * 4300, b"9" * 4301, b"1e999", b"-1e999",
-                                       b"1e-999", b"NaN", b"Infinity", b"0x10", b"01"]))  # fmt: skip
+        digits = draw(st.sampled_from(_ODD_NUMBERS))
         line = b'{"jsonrpc":"2.0","id":' + digits + b',"method":"daemon.status"}'
     elif kind == "raw":
         line = draw(st.binary(max_size=64))
@@ -122,8 +130,7 @@ def _check_answers(answers: list[Any]) -> None:
 @_SETTINGS
 @given(
     lines=st.lists(_line(), min_size=1, max_size=6),
-    separators=st.lists(st.sampled_from([b"\n", b"\r\n", b"\n\n\n", b" \n", b"\n" * 2000]),
-                        min_size=6, max_size=6),  # fmt: skip
+    separators=st.lists(_SEPARATORS, min_size=6, max_size=6),
     chunks=st.none() | st.lists(st.integers(1, 4096), max_size=8),
 )
 def test_fuzzed_lines_never_take_the_daemon_down(
