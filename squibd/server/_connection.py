@@ -333,9 +333,11 @@ class ClientConnection:
             return
         params = message.params if isinstance(message.params, dict) else {}
         target = params.get("id")
-        entry = self._scopes.get(target) if isinstance(target, int | str) else None
+        valid = isinstance(target, int | str) and not isinstance(target, bool)  # True is not 1
+        entry = self._scopes.get(target) if valid else None  # type: ignore[arg-type]
         if entry is None:
-            log.info("%s: $/cancelRequest for %r, which is not running", self.peer, target)
+            # DEBUG: notifications get no answer, so nothing paces a client sending them.
+            log.debug("%s: $/cancelRequest for %.64r, which is not running", self.peer, target)
             return
         scope, cancellable = entry
         if cancellable:
