@@ -329,7 +329,7 @@ class ClientConnection:
 
     def _notification(self, message: Notification) -> None:
         if message.method != CANCEL_METHOD:
-            log.debug("ignoring notification %s from %s", message.method, self.peer)
+            log.debug("ignoring notification %.64r from %s", message.method, self.peer)
             return
         params = message.params if isinstance(message.params, dict) else {}
         target = params.get("id")

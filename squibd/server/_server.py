@@ -267,16 +267,16 @@ class Server:
         log.log(
             level,
             "peer=%s method=%s id=%s duration_ms=%.1f outcome=%s",
-            peer, method, _log_id(request_id), elapsed_ms, outcome,
+            peer, _clip(method), _clip(str(request_id)), elapsed_ms, outcome,
         )  # fmt: skip
 
 
-#: A request id longer than this is cut in the log (a peer chooses it).
+#: A method name or request id longer than this is cut in the log (a peer chooses them).
 _LOG_ID_MAX: Final = 64
 
 
-def _log_id(request_id: object) -> str:
-    text = str(request_id)
+def _clip(text: str) -> str:
+    # A method name or id is the peer's choice: a 1 MiB one must not become 1 MiB of log.
     if len(text) > _LOG_ID_MAX:
-        return f"{text[:_LOG_ID_MAX]}...({len(text)} chars)"
+        return f"{text[:_LOG_ID_MAX]!r}...({len(text)} chars)"
     return text
