@@ -27,7 +27,7 @@ from squibd.vm.models import VmDescription
 from .context import ApiContext, CallInfo
 from .errors import not_allowed
 from .models import (
-    MAX_MEMORY_ACCESS,
+    MAX_WRITE_MEMORY,
     DestroyResult,
     EmptyParams,
     ReadMemoryParams,
@@ -312,9 +312,9 @@ async def vm_write_memory(
         data = base64.b64decode(params.data_base64, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise RpcError.invalid_params(f"params.data_base64: not valid base64 ({exc})") from exc
-    if len(data) > MAX_MEMORY_ACCESS:
+    if len(data) > MAX_WRITE_MEMORY:
         raise RpcError.invalid_params(
-            f"params.data_base64: decodes to {len(data)} bytes, more than {MAX_MEMORY_ACCESS}"
+            f"params.data_base64: decodes to {len(data)} bytes, more than {MAX_WRITE_MEMORY}"
         )
     await api.runtime.write_memory(params.vm_id, params.guest_addr, data)
     return WriteMemoryResult(bytes_written=len(data))

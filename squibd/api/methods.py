@@ -30,7 +30,14 @@ from .context import ApiContext, CallInfo
 from .errors import internal_error, map_exception, not_allowed
 from .wire import structure_params, unstructure_result
 
-__all__ = ["METHODS", "MethodSpec", "UnexpectedHandlerError", "dispatch", "lookup"]
+__all__ = [
+    "METHODS",
+    "READ_ONLY_METHODS",
+    "MethodSpec",
+    "UnexpectedHandlerError",
+    "dispatch",
+    "lookup",
+]
 
 Handler = Callable[[ApiContext, CallInfo, Any], Awaitable[Any]]
 
@@ -51,6 +58,8 @@ class MethodSpec:
         inline: no I/O and no waiting: the server answers it on the connection's
             reader task instead of starting a task (cheap status queries).
         errors: application error codes it may answer.
+        read_only: cheap and changes nothing: the server logs its calls at DEBUG
+            level (a client polling it must not flood the log), the others at INFO.
     """
 
     name: str
@@ -62,6 +71,7 @@ class MethodSpec:
     debug_only: bool = False
     inline: bool = False
     errors: tuple[int, ...] = ()
+    read_only: bool = False
 
 
 def _spec(*args: Any, **kwargs: Any) -> tuple[str, MethodSpec]:
@@ -108,6 +118,11 @@ METHODS: Final[dict[str, MethodSpec]] = dict(
               errors=(UNKNOWN_VM, NOT_ALLOWED)),
     ]
 )  # fmt: skip
+
+#: The cheap read-only methods (issue 10: logged at DEBUG level, one line per request).
+READ_ONLY_METHODS: Final = ("daemon.status", "vm.describe", "vm.list", "snapshot.describe")
+for _name in READ_ONLY_METHODS:
+    METHODS[_name] = attrs.evolve(METHODS[_name], read_only=True)
 
 
 class UnexpectedHandlerError(Exception):

@@ -21,6 +21,8 @@ from squibd.rpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
+    MAX_BATCH,
+    MAX_NESTING,
     METHOD_NOT_FOUND,
     NOT_ALLOWED,
     PARSE_ERROR,
@@ -177,7 +179,9 @@ def build_document() -> dict[str, Any]:
             "version": squibd.__version__,
             "description": (
                 "JSON-RPC 2.0 over a Unix stream socket, one JSON text per line "
-                "(UTF-8, newline-terminated, at most 1 MiB by default); batches allowed. "
+                "(UTF-8, newline-terminated, at most 1 MiB by default); batches of at most "
+                f"{MAX_BATCH} messages allowed; arrays and objects nest at most {MAX_NESTING} "
+                "deep; numbers are finite; strings hold no lone surrogate. "
                 "Application errors carry data {kind, fault_message}."
             ),
         },

@@ -3,7 +3,7 @@
 Bytes in, events out: no trio, no sockets. See :class:`RpcConnection`.
 """
 
-from ._connection import Role, RpcConnection
+from ._connection import DEFAULT_MAX_ANSWER_LINE, Role, RpcConnection
 from ._errors import (
     BUSY,
     CANCELLED,
@@ -25,6 +25,8 @@ from ._errors import (
 from ._framing import DEFAULT_MAX_LINE, END, LINE_TOO_LONG, NEED_DATA, LineSplitter, Signal
 from ._messages import (
     JSONRPC_VERSION,
+    MAX_BATCH,
+    MAX_NESTING,
     Batch,
     ErrorResponse,
     Event,
@@ -42,6 +44,7 @@ from ._messages import (
 __all__ = [
     "BUSY",
     "CANCELLED",
+    "DEFAULT_MAX_ANSWER_LINE",
     "DEFAULT_MAX_LINE",
     "END",
     "INTERNAL_ERROR",
@@ -49,6 +52,8 @@ __all__ = [
     "INVALID_REQUEST",
     "JSONRPC_VERSION",
     "LINE_TOO_LONG",
+    "MAX_BATCH",
+    "MAX_NESTING",
     "METHOD_NOT_FOUND",
     "NEED_DATA",
     "NOT_ALLOWED",

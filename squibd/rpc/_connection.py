@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
 from ._errors import INVALID_REQUEST, ErrorObject, LocalProtocolError, RemoteProtocolError
 from ._framing import DEFAULT_MAX_LINE, LINE_TOO_LONG, LineSplitter, Signal
@@ -41,7 +41,11 @@ from ._messages import (
     parse_line,
 )
 
-__all__ = ["Role", "RpcConnection"]
+__all__ = ["DEFAULT_MAX_ANSWER_LINE", "Role", "RpcConnection"]
+
+#: The client's default line cap: the longest answer squibd sends (a 1 MiB
+#: ``vm.read_memory`` is about 1.4 MB of base64) with room to spare.
+DEFAULT_MAX_ANSWER_LINE: Final = 4 * DEFAULT_MAX_LINE
 
 
 class Role(enum.Enum):
@@ -56,11 +60,16 @@ class RpcConnection:
 
     Args:
         role: server (answers requests) or client (sends them).
-        max_line: the line cap of the framing (SPEC section 9: 1 MiB).
+        max_line: the line cap of the framing. Default: SPEC section 9's 1 MiB
+            for the server; :data:`DEFAULT_MAX_ANSWER_LINE` for the client, whose
+            answers may be longer than the requests (``vm.read_memory`` returns
+            1 MiB as base64).
     """
 
-    def __init__(self, role: Role, *, max_line: int = DEFAULT_MAX_LINE) -> None:
+    def __init__(self, role: Role, *, max_line: int | None = None) -> None:
         self.role = role
+        if max_line is None:
+            max_line = DEFAULT_MAX_LINE if role is Role.SERVER else DEFAULT_MAX_ANSWER_LINE
         self._splitter = LineSplitter(max_line)
         self._in_flight: set[RequestId] = set()
         self._ids = itertools.count(1)
@@ -90,20 +99,21 @@ class RpcConnection:
         Raises:
             RemoteProtocolError: (client role) a response to an unknown id.
         """
-        line = self._splitter.next_line()
-        if line is LINE_TOO_LONG:
-            return Invalid(
-                None,
-                ErrorObject(
-                    INVALID_REQUEST,
-                    f"Invalid Request: line exceeds {self.max_line} bytes",
-                    {"limit": self.max_line},
-                ),
-            )
-        if isinstance(line, Signal):
-            return line
-        if not line.strip():
-            return self.next_event()
+        while True:  # blank lines are skipped in a loop: a peer controls how many arrive
+            line = self._splitter.next_line()
+            if line is LINE_TOO_LONG:
+                return Invalid(
+                    None,
+                    ErrorObject(
+                        INVALID_REQUEST,
+                        f"Invalid Request: line exceeds {self.max_line} bytes",
+                        {"limit": self.max_line},
+                    ),
+                )
+            if isinstance(line, Signal):
+                return line
+            if line.strip():
+                break
         event = parse_line(line)
         if isinstance(event, Batch):
             return Batch(tuple(self._track(item) for item in event.items))

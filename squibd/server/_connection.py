@@ -15,7 +15,16 @@ Limits keep one client from hurting the others:
 * a connection with nothing in flight that sends nothing for
   ``idle_timeout_s`` is closed;
 * a client that stops reading its answers for ``WRITE_TIMEOUT_S`` is
-  disconnected instead of blocking the call that answers it.
+  disconnected instead of blocking the call that answers it;
+* at most ``SEND_BUDGET`` bytes of answers may wait to be sent: past that
+  the reader stops reading until the client has read some (a client that
+  floods batches of cheap calls and never reads holds the daemon's memory
+  to the budget, not to what it sent).
+
+Nothing a peer sends may take the daemon down: every call and every
+connection has an error boundary. An unexpected exception is logged with its
+traceback and an incident id, the request is answered -32603 (naming the
+incident, never a Python class), and at worst this one connection is closed.
 
 A stalled half line only ever blocks this connection's own reader.
 
@@ -23,11 +32,17 @@ Long calls (``MethodSpec.long_running``) may carry ``progress_token``:
 ``$/progress`` notifications are coalesced by a :class:`_ProgressPump`
 (the latest value wins) and always precede the call's answer.
 ``$/cancelRequest {id}`` cancels such a call's cancel scope; the runtime
-rolls back and the call answers -32800.
+rolls back and the call answers -32800. The cancel scope is registered when
+the request is read, so a cancel in the same read or the same batch as its
+request finds it.
+
+Each request is logged in one line: at DEBUG level for the cheap read-only
+methods (``MethodSpec.read_only``), at INFO for the others.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -63,6 +78,7 @@ from squibd.rpc import (
     RpcConnection,
     RpcError,
     application_error,
+    encode,
 )
 
 from ._peercred import PeerCredentials
@@ -70,7 +86,7 @@ from ._peercred import PeerCredentials
 if TYPE_CHECKING:
     from ._server import Server
 
-__all__ = ["WRITE_TIMEOUT_S", "ClientConnection"]
+__all__ = ["SEND_BUDGET", "WRITE_TIMEOUT_S", "ClientConnection"]
 
 log = logging.getLogger("squibd.server")
 
@@ -78,6 +94,13 @@ log = logging.getLogger("squibd.server")
 RECEIVE_SIZE: Final = 64 * 1024
 #: A client that does not read its answers for this long is disconnected.
 WRITE_TIMEOUT_S: Final = 30.0
+#: Bytes of answers a connection may have waiting to be sent before its reader pauses.
+SEND_BUDGET: Final = 1024 * 1024
+#: The last resort when even an error answer cannot be encoded (it names no id).
+_UNENCODABLE: Final = (
+    b'{"jsonrpc":"2.0","id":null,"error":{"code":-32603,'
+    b'"message":"Internal error: an answer could not be encoded"}}\n'
+)
 _MS_PER_S: Final = 1000.0
 CANCEL_METHOD: Final = "$/cancelRequest"
 PROGRESS_METHOD: Final = "$/progress"
@@ -132,6 +155,8 @@ class ClientConnection:
     _active: int = attrs.field(init=False, default=0)
     _drained: trio.Event = attrs.field(init=False, factory=trio.Event)
     _broken: bool = attrs.field(init=False, default=False)
+    _unsent: int = attrs.field(init=False, default=0)
+    _room: trio.Event = attrs.field(init=False, factory=trio.Event)
 
     def __attrs_post_init__(self) -> None:
         config = self.server.config.server
@@ -146,9 +171,64 @@ class ClientConnection:
 
     # -- writing ------------------------------------------------------------
 
+    @property
+    def unsent(self) -> int:
+        """Bytes of answers handed to :meth:`send` and not yet written."""
+        return self._unsent
+
     async def send(self, data: bytes) -> None:
-        """Write ``data``; a gone or stuck client is dropped, never an error for the caller."""
-        if self._broken or not data:
+        """Write ``data``; a gone or stuck client is dropped, never an error for the caller.
+
+        The bytes count against :data:`SEND_BUDGET` until written or dropped.
+        """
+        if not data:
+            return
+        self._reserve(len(data))
+        try:
+            await self._write(data)
+        finally:
+            self._release(len(data))
+
+    def send_soon(self, data: bytes, then: Callable[[], None]) -> None:
+        """Send ``data`` from a task of its own; ``then()`` runs once it is written or dropped.
+
+        The bytes count against the budget from this call on, so a reader that
+        queues answers this way stops reading as soon as the budget is spent.
+        """
+        self._reserve(len(data))
+
+        async def task() -> None:
+            try:
+                await self._write(data)
+            finally:
+                self._release(len(data))
+                then()
+
+        self.server.start_task(task)
+
+    def _reserve(self, size: int) -> None:
+        self._unsent += size
+
+    def _release(self, size: int) -> None:
+        self._unsent -= size
+        if self._unsent <= SEND_BUDGET:
+            self._room.set()
+
+    async def _wait_for_room(self) -> None:
+        # Backpressure: read nothing more while too many answers wait to be sent.
+        while self._unsent > SEND_BUDGET and not self._broken:
+            self._room = trio.Event()
+            await self._room.wait()
+
+    def abort(self) -> None:
+        """Drop the client now (after an unexpected failure on this connection)."""
+        self._broken = True
+        self._room.set()
+        with contextlib.suppress(Exception):
+            self.stream.socket.close()
+
+    async def _write(self, data: bytes) -> None:
+        if self._broken:
             return
         try:
             # Uncontended: take the lock without a scheduling round (send_all checkpoints).
@@ -181,6 +261,9 @@ class ClientConnection:
     async def _read_loop(self) -> None:
         idle = self.server.config.server.idle_timeout_s
         while True:
+            await self._wait_for_room()
+            if self._broken:
+                return
             event = self.rpc.next_event()
             if event is END:
                 return
@@ -226,8 +309,12 @@ class ClientConnection:
         if spec is not None and spec.inline:
             return await self._answer_inline(message)
         await self.slots.acquire()
+        # Registered now, not when the call task starts: a $/cancelRequest read right
+        # after this request (same read, same batch) must find it.
+        scope = trio.CancelScope()
+        self._scopes[message.id] = (scope, spec is not None and spec.long_running)
         self._call_started()
-        self.server.start_call(self._call, message, batch)
+        self.server.start_call(self._call, message, batch, scope)
         return None
 
     async def _start_batch(self, batch: Batch) -> None:
@@ -242,13 +329,15 @@ class ClientConnection:
 
     def _notification(self, message: Notification) -> None:
         if message.method != CANCEL_METHOD:
-            log.debug("ignoring notification %s from %s", message.method, self.peer)
+            log.debug("ignoring notification %.64r from %s", message.method, self.peer)
             return
         params = message.params if isinstance(message.params, dict) else {}
         target = params.get("id")
-        entry = self._scopes.get(target) if isinstance(target, int | str) else None
+        valid = isinstance(target, int | str) and not isinstance(target, bool)  # True is not 1
+        entry = self._scopes.get(target) if valid else None  # type: ignore[arg-type]
         if entry is None:
-            log.info("%s: $/cancelRequest for %r, which is not running", self.peer, target)
+            # DEBUG: notifications get no answer, so nothing paces a client sending them.
+            log.debug("%s: $/cancelRequest for %.64r, which is not running", self.peer, target)
             return
         scope, cancellable = entry
         if cancellable:
@@ -257,23 +346,30 @@ class ClientConnection:
 
     # -- calls (run in the server's call nursery) ------------------------------
 
-    async def _call(self, request: Request, batch: _BatchCollector | None) -> None:
+    async def _call(
+        self, request: Request, batch: _BatchCollector | None, scope: trio.CancelScope
+    ) -> None:
         try:
-            answer = await self._answer(request)
+            try:
+                answer = await self._answer(request, scope)
+            except Exception as exc:  # the call's error boundary: a bug answers -32603
+                answer = ErrorResponse(request.id, self._unexpected(request, exc))
             if batch is not None:
                 batch.deliver(answer)
             else:
                 await self.send(self._frame(answer))
+        except Exception as exc:  # answering failed: this connection cannot be trusted
+            log.error("%s: answering %s failed; closing the connection", self.peer,
+                      request.method, exc_info=exc)  # fmt: skip
+            self.abort()
         finally:
             self.slots.release()
             self._call_done()
 
-    async def _answer(self, request: Request) -> Response | ErrorResponse:
+    async def _answer(self, request: Request, scope: trio.CancelScope) -> Response | ErrorResponse:
         started = time.monotonic()
         spec = METHODS.get(request.method)
         long_running = spec is not None and spec.long_running
-        scope = trio.CancelScope()
-        self._scopes[request.id] = (scope, long_running)
         answer: Response | ErrorResponse
         failure: ErrorObject | None = None
         try:
@@ -282,18 +378,22 @@ class ClientConnection:
                 raw = request.params.get("progress_token")
                 if isinstance(raw, int | str) and not isinstance(raw, bool):
                     token = raw
-            with scope:
-                result = await self._dispatch(request, token)
-            if scope.cancelled_caught:
+            if scope.cancel_called:  # cancelled before it started: nothing to roll back
                 failure = cancelled_error(request.id).error
                 answer = ErrorResponse(request.id, failure)
             else:
-                answer = Response(request.id, result)
+                with scope:
+                    result = await self._dispatch(request, token)
+                if scope.cancelled_caught:
+                    failure = cancelled_error(request.id).error
+                    answer = ErrorResponse(request.id, failure)
+                else:
+                    answer = Response(request.id, result)
         except (RpcError, UnexpectedHandlerError) as exc:
             failure = self._failure(request, exc)
             answer = ErrorResponse(request.id, failure)
         finally:
-            del self._scopes[request.id]
+            self._scopes.pop(request.id, None)
         self._log_request(request, started, failure)
         return answer
 
@@ -309,28 +409,57 @@ class ClientConnection:
         except (RpcError, UnexpectedHandlerError) as exc:
             failure = self._failure(request, exc)
             answer = ErrorResponse(request.id, failure)
+        except Exception as exc:  # the call's error boundary
+            failure = self._unexpected(request, exc)
+            answer = ErrorResponse(request.id, failure)
         self._log_request(request, started, failure)
         return answer
+
+    def _unexpected(self, request: Request, exc: Exception) -> ErrorObject:
+        error = internal_error(exc).error
+        log.error("%s %s failed unexpectedly (%s)", self.peer, request.method, error.message,
+                  exc_info=exc)  # fmt: skip
+        return error
 
     def _failure(self, request: Request, exc: RpcError | UnexpectedHandlerError) -> ErrorObject:
         # The error object answering a failed call; a handler bug is logged with its traceback.
         if isinstance(exc, UnexpectedHandlerError):
-            log.error("%s %s failed unexpectedly", self.peer, request.method, exc_info=exc)
+            log.error("%s %s failed unexpectedly (%s)", self.peer, request.method,
+                      exc.rpc_error.error.message, exc_info=exc)  # fmt: skip
             return exc.rpc_error.error
         return exc.error
 
     def _log_request(self, request: Request, started: float, failure: ErrorObject | None) -> None:
         elapsed = (time.monotonic() - started) * _MS_PER_S
-        self.server.log_request(self.peer, request.method, request.id, elapsed, failure)
+        spec = METHODS.get(request.method)
+        level = logging.DEBUG if spec is not None and spec.read_only else logging.INFO
+        self.server.log_request(
+            self.peer, request.method, request.id, elapsed, failure, level=level
+        )
+
+    def _encodable(self, answer: Response | ErrorResponse) -> Response | ErrorResponse:
+        """``answer``, or -32603 in its place when JSON cannot carry it (a bug, logged)."""
+        try:
+            encode(answer.to_json())
+        except (ValueError, TypeError) as exc:
+            error = internal_error(exc).error
+            log.error("answer to %r is not JSON-encodable (%s)", answer.id, error.message,
+                      exc_info=exc)  # fmt: skip
+            return ErrorResponse(answer.id, error)
+        return answer
 
     def _frame(self, answer: Response | ErrorResponse) -> bytes:
         """Encode an answer; a result JSON cannot carry becomes -32603 (a bug, logged)."""
         try:
-            return self.rpc.send_response(answer)
-        except (ValueError, TypeError) as exc:
-            log.error("answer to %r is not JSON-encodable", answer.id, exc_info=exc)
-            fallback = ErrorResponse(answer.id, internal_error(exc).error)
-            return self.rpc.send_response(fallback)
+            return self.rpc.send_response(self._encodable(answer))
+        except (ValueError, TypeError):  # not even the error: settle the id, answer id null
+            with contextlib.suppress(Exception):
+                self.rpc.send_response(ErrorResponse(answer.id, internal_error().error))
+            return _UNENCODABLE
+
+    def frame_batch(self, answers: list[Response | ErrorResponse]) -> bytes:
+        """Encode a batch's answers as one line (each unencodable one becomes -32603)."""
+        return self.rpc.send_batch([self._encodable(answer) for answer in answers])
 
     def cancel_calls(self) -> None:
         """Cancel every running call of this connection (daemon stop after the grace period)."""
@@ -388,11 +517,9 @@ class _BatchCollector:
     def _maybe_send(self) -> None:
         if self._sealed and self._pending == 0:
             self._sealed = False  # send once
-            data = self._connection.rpc.send_batch(self._answers)
-            self._connection.server.start_task(self._send, data)
-
-    async def _send(self, data: bytes) -> None:
-        try:
-            await self._connection.send(data)
-        finally:
-            self._connection._call_done()
+            connection = self._connection
+            data = connection.frame_batch(self._answers)
+            if data:
+                connection.send_soon(data, connection._call_done)
+            else:
+                connection._call_done()

@@ -182,14 +182,18 @@ class Server:
             while True:
                 try:
                     stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    log.error("accept failed (%s); backing off", os.strerror(exc.errno))
-                    await trio.sleep(_ACCEPT_BACKOFF_S)
-                    continue
                 except trio.ClosedResourceError:
                     return
+                except OSError as exc:
+                    # Out of fds (EMFILE/ENFILE) or memory, or any other accept failure:
+                    # the daemon and its VMs live on; new clients wait a moment.
+                    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                    if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                        log.error("accept failed (%s); backing off", reason)
+                    else:
+                        log.exception("accept failed unexpectedly (%s); backing off", reason)
+                    await trio.sleep(_ACCEPT_BACKOFF_S)
+                    continue
                 conns.start_soon(self._serve_connection, stream)
 
     async def _refuse(self, stream: trio.SocketStream, error: ErrorObject) -> None:
@@ -233,6 +237,10 @@ class Server:
         self._connections.add(conn)
         try:
             await conn.run()
+        except Exception:  # the connection's error boundary: close it, keep the daemon
+            log.exception("connection of %s failed unexpectedly; closing it", peer)
+            conn.abort()
+            await trio.aclose_forcefully(stream)
         finally:
             self._connections.discard(conn)
             self._connection_count -= 1
@@ -265,10 +273,29 @@ class Server:
         request_id: object,
         elapsed_ms: float,
         error: ErrorObject | None,
+        *,
+        level: int = logging.INFO,
     ) -> None:
-        """The one log line of a request: peer, method, id, duration, outcome."""
+        """The one log line of a request: peer, method, id, duration, outcome.
+
+        ``level``: DEBUG for the cheap read-only methods, INFO for the rest.
+        """
+        if not log.isEnabledFor(level):
+            return
         outcome = "ok" if error is None else f"error {error.code} {error.kind or ''}".rstrip()
-        log.info(
+        log.log(
+            level,
             "peer=%s method=%s id=%s duration_ms=%.1f outcome=%s",
-            peer, method, request_id, elapsed_ms, outcome,
+            peer, _clip(method), _clip(str(request_id)), elapsed_ms, outcome,
         )  # fmt: skip
+
+
+#: A method name or request id longer than this is cut in the log (a peer chooses them).
+_LOG_ID_MAX: Final = 64
+
+
+def _clip(text: str) -> str:
+    # A method name or id is the peer's choice: a 1 MiB one must not become 1 MiB of log.
+    if len(text) > _LOG_ID_MAX:
+        return f"{text[:_LOG_ID_MAX]!r}...({len(text)} chars)"
+    return text
