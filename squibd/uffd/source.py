@@ -27,6 +27,7 @@ import numpy.typing as npt
 from squibd.snapshot.digest import digest_function
 from squibd.snapshot.manifest import KIND_FULL, MemoryManifest, iter_chunks
 from squibd.snapshot.pairing import PAIR_XATTR
+from squibd.snapshot.paths import open_client_file
 
 from .errors import ChunkCorrupt, SnapshotMismatch
 
@@ -82,9 +83,10 @@ class MemoryLayer:
 
         Raises:
             SnapshotMismatch: the file does not belong to the manifest.
+            InvalidPath: the path is a symlink, FIFO, directory, ... (not a regular file).
             OSError: the file cannot be opened or mapped.
         """
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_client_file(path, "memory file")  # no symlink, FIFO, directory, ...
         try:
             _check_pair(path, fd, manifest)
             base = _libc.mmap(None, manifest.file_size, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
