@@ -92,7 +92,8 @@ def _ensure_private_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        reason = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+        is_link = exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(path)
+        reason = "it is a symbolic link" if is_link else exc.strerror
         raise StateDirError(f"cannot open state directory {path}: {reason}", exc.errno) from exc
     try:
         info = os.fstat(fd)
