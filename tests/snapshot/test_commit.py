@@ -267,12 +267,12 @@ def test_a_destination_that_becomes_a_directory_mid_save_keeps_the_old_pair(
 ) -> None:
     snap, mem = pair
     write_old_pair(snap, mem)
-    with pytest.raises(InvalidPath, match="snapshot_path exists and is a directory"):
-        with PairTransaction(snap, mem) as tx:
-            os.pwrite(tx.mem_fd, NEW_MEM, 0)
-            os.unlink(snap)
-            os.mkdir(snap)
-            tx.commit(NEW_STATE)
+    tx = PairTransaction(snap, mem)
+    with pytest.raises(InvalidPath, match="snapshot_path exists and is a directory"), tx:
+        os.pwrite(tx.mem_fd, NEW_MEM, 0)
+        os.unlink(snap)
+        os.mkdir(snap)
+        tx.commit(NEW_STATE)
     assert Path(mem).read_bytes() == OLD_MEM  # the memory file was not renamed over
     assert leftovers(os.path.dirname(snap)) == []
 
@@ -474,7 +474,7 @@ def test_a_forged_journal_in_the_state_dir_is_quarantined(
 ) -> None:
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
-    journal, mem_tmp = plant_committed_journal(state, tmp_path, victim, key=b"k" * 32,
+    journal, _ = plant_committed_journal(state, tmp_path, victim, key=b"k" * 32,
                                                temp_uid=os.geteuid())  # fmt: skip
     with caplog.at_level(logging.INFO, logger="squibd.recovery"):
         assert recover_all(state) == {journal.name: RecoveryOutcome.QUARANTINED}
