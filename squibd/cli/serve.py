@@ -33,6 +33,7 @@ from squibd.server import (
     systemd_sockets,
 )
 from squibd.snapshot.errors import SnapshotError
+from squibd.snapshot.paths import set_daemon_roots
 
 __all__ = ["build_parser", "main"]
 
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_FAILURE
         owned.append(path)
         log.info("listening on %s", path)
+    set_daemon_roots(config.snapshot.allowed_roots)
     if not _recover(config):
         for sock in sockets:
             sock.close()

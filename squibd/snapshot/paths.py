@@ -10,7 +10,8 @@ broke, e.g. ``invalid snapshot path: snapshot_path must be absolute``.
 Beyond SPEC 10 (issue 10):
 
 - a base name that uses squibd's reserved temp or journal markers is refused,
-  as is any path inside squibd's private state directory;
+  as is a path in squibd's state directory itself or in its ``journal`` and
+  ``quarantine`` folders (the key and the journals);
 - :func:`open_client_file` is the one way a client-named file is opened for
   reading: one path resolution that never follows a final symlink (``O_PATH |
   O_NOFOLLOW``), ``fstat`` on that fd (a regular file, else InvalidPath naming
@@ -21,7 +22,8 @@ Beyond SPEC 10 (issue 10):
 - :func:`open_dest_dir` opens a destination's parent directory once and
   checks where that directory really is; the pair commit then works relative
   to the directory fd, so swapping a parent for a symlink mid-save changes
-  nothing;
+  nothing; both check the daemon's roots (:func:`set_daemon_roots`) even
+  when the caller passes none;
 - :func:`check_destination` refuses an existing destination that is not a
   regular file (directory, FIFO, symlink, ...), before anything is written.
 """
@@ -48,6 +50,7 @@ __all__ = [
     "is_within",
     "open_client_file",
     "open_dest_dir",
+    "set_daemon_roots",
     "validate_path",
 ]
 
@@ -120,13 +123,41 @@ def validate_path(
     return path
 
 
-def _check_location(real_dir: str, what: str, allowed_roots: Sequence[str] | None) -> None:
-    """``real_dir`` (already resolved) must be inside a root and outside the state dir."""
-    if is_within(real_dir, os.path.realpath(state_dir_path())):
+_daemon_roots: tuple[str, ...] | None = None
+
+
+def set_daemon_roots(roots: Sequence[str] | None) -> None:
+    """The daemon's ``allowed_roots``, enforced by every open of this module.
+
+    :func:`open_client_file` and :func:`open_dest_dir` called without
+    ``allowed_roots`` check the file's real location against these roots
+    (plus the state directory, for squibd's own files there), so the check
+    holds at the very open even where a caller does not pass the roots.
+    ``None`` (the default, and offline tools) means no roots.
+    """
+    global _daemon_roots
+    _daemon_roots = None if roots is None else tuple(roots)
+
+
+def _protected_dirs() -> tuple[str, tuple[str, ...]]:
+    """The state directory, and its folders no client path may enter."""
+    state = os.path.realpath(state_dir_path())
+    return state, (os.path.join(state, "journal"), os.path.join(state, "quarantine"))
+
+
+def _check_location(
+    real_dir: str, what: str, allowed_roots: Sequence[str] | None, *, at_open: bool = False
+) -> None:
+    """``real_dir`` (resolved) must lie inside a root and outside squibd's journals and key."""
+    state, protected = _protected_dirs()
+    if real_dir == state or any(is_within(real_dir, folder) for folder in protected):
         raise InvalidPath(f"{what} is inside squibd's private state directory")
-    if allowed_roots is not None:
-        roots = [os.path.realpath(root) for root in allowed_roots]
-        if not any(is_within(real_dir, root) for root in roots):
+    roots: Sequence[str] | None = allowed_roots
+    if roots is None and at_open and _daemon_roots is not None:
+        roots = (*_daemon_roots, state)
+    if roots is not None:
+        resolved = [os.path.realpath(root) for root in roots]
+        if not any(is_within(real_dir, root) for root in resolved):
             raise InvalidPath(f"{what} is outside the allowed roots")
 
 
@@ -178,7 +209,7 @@ def open_client_file(
         info = os.fstat(path_fd)
         if not stat.S_ISREG(info.st_mode):
             raise InvalidPath(f"{what} is {file_kind(info.st_mode)}, not a regular file")
-        _check_location(os.path.dirname(_fd_path(path_fd)), what, allowed_roots)
+        _check_location(os.path.dirname(_fd_path(path_fd)), what, allowed_roots, at_open=True)
         fd = os.open(f"/proc/self/fd/{path_fd}", _READ_FLAGS)
     finally:
         os.close(path_fd)
@@ -211,7 +242,7 @@ def open_dest_dir(
         raise
     try:
         real = _fd_path(fd)
-        _check_location(real, what, allowed_roots)
+        _check_location(real, what, allowed_roots, at_open=True)
     except BaseException:
         os.close(fd)
         raise

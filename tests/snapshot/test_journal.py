@@ -121,3 +121,17 @@ def test_a_save_waits_for_a_recovery_only_for_a_bounded_time() -> None:
         release_paths(keys)
     assert reserve_paths(keys, for_save=True, timeout_s=0.05)
     release_paths(keys)
+
+
+def test_state_dir_in_the_config_and_on_the_command_line(tmp_path: Path) -> None:
+    from squibd.cli.serve import _apply_overrides, build_parser
+    from squibd.config import DaemonConfig, parse_config
+
+    assert DaemonConfig().server.state_dir == default_state_dir()
+    config = parse_config({"server": {"state_dir": str(tmp_path / "s")}})
+    assert config.server.state_dir == str(tmp_path / "s")
+    args = build_parser().parse_args(["--state-dir", "relative/state"])
+    overridden = _apply_overrides(config, args)
+    assert overridden.server.state_dir == os.path.abspath("relative/state")
+    with pytest.raises(Exception, match="state_dir must be a non-empty path"):
+        parse_config({"server": {"state_dir": ""}})

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from squibd.snapshot.commit import PairTransaction
 from squibd.snapshot.errors import InvalidPath
 from squibd.snapshot.paths import (
     JOURNAL_MARKER,
@@ -18,6 +19,7 @@ from squibd.snapshot.paths import (
     check_destination,
     open_client_file,
     open_dest_dir,
+    set_daemon_roots,
     validate_path,
 )
 from squibd.snapshot.statedir import StateDir, configure_state_dir
@@ -172,3 +174,33 @@ def test_check_destination_refuses_non_regular_files(root: Path, kind: str) -> N
 def test_a_destination_in_a_missing_directory_is_invalid(root: Path) -> None:
     with pytest.raises(InvalidPath, match="in a directory that does not exist"):
         open_dest_dir(str(root / "missing" / "x.snap"))
+
+
+@pytest.fixture
+def daemon_roots(root: Path) -> Iterator[None]:
+    set_daemon_roots([str(root)])
+    try:
+        yield
+    finally:
+        set_daemon_roots(None)
+
+
+@pytest.mark.usefixtures("daemon_roots")
+def test_daemon_roots_hold_at_the_open_even_without_roots_from_the_caller(
+    root: Path, tmp_path: Path, state: StateDir
+) -> None:
+    """A parent swapped for a symlink after the handler's check is still caught at the open."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.snap").write_bytes(b"data")
+    (root / "swapped").symlink_to(outside)
+    with pytest.raises(InvalidPath, match="outside the allowed roots"):
+        open_client_file(str(root / "swapped" / "x.snap"))
+    with pytest.raises(InvalidPath, match="outside the allowed roots"):
+        PairTransaction(str(root / "swapped" / "y.snap"), str(root / "y.mem"))
+    assert sorted(os.listdir(outside)) == ["x.snap"]
+    own = Path(state.path) / "saves"  # squibd's own files in its state dir stay reachable
+    own.mkdir()
+    with PairTransaction(str(own / "a.snap"), str(own / "a.mem")) as tx:
+        tx.commit(b"state")
+    os.close(open_client_file(str(own / "a.snap")))
