@@ -10,8 +10,8 @@ broke, e.g. ``invalid snapshot path: snapshot_path must be absolute``.
 Beyond SPEC 10 (issue 10):
 
 - a base name that uses squibd's reserved temp or journal markers is refused,
-  as is a path in squibd's state directory itself or in its ``journal`` and
-  ``quarantine`` folders (the key and the journals);
+  as is squibd's journal key and anything in the state directory's
+  ``journal`` and ``quarantine`` folders;
 - :func:`open_client_file` is the one way a client-named file is opened for
   reading: one path resolution that never follows a final symlink (``O_PATH |
   O_NOFOLLOW``), ``fstat`` on that fd (a regular file, else InvalidPath naming
@@ -119,7 +119,7 @@ def validate_path(
     if not socket and any(marker in name for marker in RESERVED_MARKERS):
         raise InvalidPath(f"{what} uses a file name reserved for squibd's temp and journal files")
     if not socket or allowed_roots is not None:
-        _check_location(os.path.realpath(os.path.dirname(path)), what, allowed_roots)
+        _check_location(os.path.realpath(os.path.dirname(path)), what, allowed_roots, name=name)
     return path
 
 
@@ -139,19 +139,35 @@ def set_daemon_roots(roots: Sequence[str] | None) -> None:
     _daemon_roots = None if roots is None else tuple(roots)
 
 
-def _protected_dirs() -> tuple[str, tuple[str, ...]]:
-    """The state directory, and its folders no client path may enter."""
+#: Entries of the state directory no client path may name (the key, its temps, the folders).
+_PROTECTED_NAMES: Final = ("journal.key", "journal", "quarantine")
+
+
+def _protected(real_dir: str, name: str | None) -> bool:
+    """True for the state directory's key and anything in its journal or quarantine folders."""
     state = os.path.realpath(state_dir_path())
-    return state, (os.path.join(state, "journal"), os.path.join(state, "quarantine"))
+    if any(is_within(real_dir, os.path.join(state, folder)) for folder in _PROTECTED_NAMES[1:]):
+        return True
+    if real_dir != state:
+        return False
+    return name is None or name in _PROTECTED_NAMES or name.startswith(".journal.key")
 
 
 def _check_location(
-    real_dir: str, what: str, allowed_roots: Sequence[str] | None, *, at_open: bool = False
+    real_dir: str,
+    what: str,
+    allowed_roots: Sequence[str] | None,
+    *,
+    at_open: bool = False,
+    name: str | None = None,
 ) -> None:
-    """``real_dir`` (resolved) must lie inside a root and outside squibd's journals and key."""
-    state, protected = _protected_dirs()
-    if real_dir == state or any(is_within(real_dir, folder) for folder in protected):
+    """``real_dir`` (resolved) must lie inside a root and away from squibd's journals and key.
+
+    ``name`` is the base name in ``real_dir`` (None: the directory itself is meant).
+    """
+    if _protected(real_dir, name):
         raise InvalidPath(f"{what} is inside squibd's private state directory")
+    state = os.path.realpath(state_dir_path())
     roots: Sequence[str] | None = allowed_roots
     if roots is None and at_open and _daemon_roots is not None:
         roots = (*_daemon_roots, state)
@@ -209,7 +225,9 @@ def open_client_file(
         info = os.fstat(path_fd)
         if not stat.S_ISREG(info.st_mode):
             raise InvalidPath(f"{what} is {file_kind(info.st_mode)}, not a regular file")
-        _check_location(os.path.dirname(_fd_path(path_fd)), what, allowed_roots, at_open=True)
+        real_path = _fd_path(path_fd)
+        _check_location(os.path.dirname(real_path), what, allowed_roots, at_open=True,
+                        name=os.path.basename(real_path))  # fmt: skip
         fd = os.open(f"/proc/self/fd/{path_fd}", _READ_FLAGS)
     finally:
         os.close(path_fd)
@@ -242,7 +260,7 @@ def open_dest_dir(
         raise
     try:
         real = _fd_path(fd)
-        _check_location(real, what, allowed_roots, at_open=True)
+        _check_location(real, what, allowed_roots, at_open=True, name=os.path.basename(path))
     except BaseException:
         os.close(fd)
         raise

@@ -145,10 +145,14 @@ def test_reserved_names_are_refused(root: Path, marker: str) -> None:
         validate_path(str(root / f".x.snap{marker}mem.00ff"))
 
 
-def test_paths_inside_the_state_directory_are_refused(state: StateDir) -> None:
-    for path in (os.path.join(state.path, "x.snap"), os.path.join(state.journal_dir, "x")):
+def test_the_journal_key_and_the_journal_folders_are_refused(state: StateDir) -> None:
+    for path in (os.path.join(state.path, "journal.key"), os.path.join(state.journal_dir, "x"),
+                 os.path.join(state.quarantine_dir, "x"), os.path.join(state.path, "journal")):
         with pytest.raises(InvalidPath, match="inside squibd's private state directory"):
             validate_path(path)
+    with pytest.raises(InvalidPath, match="inside squibd's private state directory"):
+        os.close(open_client_file(os.path.join(state.path, "journal.key")))
+    validate_path(os.path.join(state.path, "on-shutdown.snap"))  # squibd's own saves may go here
 
 
 @pytest.mark.parametrize("kind", ["dir", "fifo", "symlink"])
