@@ -550,3 +550,22 @@ def test_concurrent_describes_of_fifos_leave_no_thread_stuck(env: Env) -> None:
     daemon.stop()
     assert answers == ["InvalidPath"] * 8
 
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_the_page_server_refuses_a_fifo_or_symlink_memory_file(env: Env, kind: str) -> None:
+    snap, mem = env.root / "p.snap", env.root / "p.mem"
+    write_state_pair(snap, mem)
+    os.rename(mem, env.outside / "p.mem")
+    if kind == "fifo":
+        os.mkfifo(mem)
+    else:
+        mem.symlink_to(env.outside / "p.mem")
+    result = subprocess.run(
+        daemon_command("--page-server", "--snapshot", str(snap), "--memory-file", str(mem),
+                       "--socket", str(env.base / "ps.sock")),
+        cwd=REPO, capture_output=True, text=True, timeout=GUARD_S, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    expected = "is a FIFO" if kind == "fifo" else "is a symbolic link"
+    assert f"invalid snapshot path: memory file {expected}, not a regular file" in result.stderr
