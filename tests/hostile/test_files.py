@@ -14,6 +14,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -26,6 +27,7 @@ import pytest
 
 from squibd.demo_format import sample_manifest, sample_x86_state
 from squibd.snapshot.envelope import encode_state
+from squibd.snapshot.statedir import StateDir
 from tests.server.helpers import REPO, daemon_command
 
 #: A hang guard for every socket read (never a timing assertion).
@@ -253,30 +255,25 @@ def test_fifos_never_block_the_daemon(env: Env) -> None:
         daemon.stop()
 
 
-@pytest.mark.parametrize("kind", ["directory", "socket", "device"])
-def test_directories_sockets_and_devices_are_refused_as_inputs(env: Env, kind: str) -> None:
-    target = env.root / "x.snap"
-    holder = None
-    if kind == "directory":
-        target.mkdir()
-    elif kind == "socket":
-        holder = socket.socket(socket.AF_UNIX)
-        holder.bind(str(target))
-    else:
-        os.mknod(target, 0o600 | 0o020000, os.makedev(1, 5))  # a /dev/zero twin
+def test_directories_sockets_and_devices_are_refused_as_inputs(env: Env) -> None:
+    (env.root / "directory.snap").mkdir()
+    os.mknod(env.root / "device.snap", 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # /dev/zero twin
+    holder = socket.socket(socket.AF_UNIX)
+    holder.bind(str(env.root / "socket.snap"))
     daemon = env.start()
     client = Client(daemon.sock)
     try:
-        load = client.error("snapshot.load", {
-            "vm_id": "v", "snapshot_path": str(target),
-            "mem_file_path": str(env.root / "x.mem")})  # fmt: skip
-        assert kind_of(load) == "InvalidPath", load
-        assert f"is a {kind if kind != 'device' else 'character device'}" in load["message"]
+        for kind, what in (("directory", "a directory"), ("socket", "a socket"),
+                           ("device", "a character device")):  # fmt: skip
+            load = client.error("snapshot.load", {
+                "vm_id": "v", "snapshot_path": str(env.root / f"{kind}.snap"),
+                "mem_file_path": str(env.root / "x.mem")})  # fmt: skip
+            assert kind_of(load) == "InvalidPath", load
+            assert f"snapshot_path is {what}, not a regular file" in load["message"]
     finally:
         client.close()
         daemon.stop()
-        if holder is not None:
-            holder.close()
+        holder.close()
 
 
 # --- forged journals and the state directory ---------------------------------------------
@@ -290,8 +287,7 @@ def test_forged_journals_are_ignored_or_quarantined_and_the_daemon_starts(env: E
     in_root = env.root / ".x.snap.squibd-journal.00ff"
     in_root.write_text(json.dumps({"journal": 1, "txid": "00ff", "snapshot_path": "x",
                                    "mem_file_path": str(victim), "mem_tmp": str(temp)}) + "\n")
-    daemon = env.start()  # creates the state directory
-    daemon.stop()
+    StateDir.open(str(env.state))  # as the daemon would create it (same uid)
     forged = env.state / "journal" / f"{'ab' * 16}.00ff.journal"
     forged.write_text(in_root.read_text() + '{"commit": "00ff"}\tdeadbeef\n')
     daemon = env.start()
@@ -352,34 +348,30 @@ def save_error(client: Client, snap: Path, mem: Path) -> dict[str, Any]:
 
 
 @pytest.mark.kvm
-@pytest.mark.parametrize("kind", ["directory", "fifo", "symlink"])
-def test_a_bad_destination_is_refused_before_anything_is_written(env: Env, kind: str) -> None:
+def test_a_bad_destination_is_refused_before_anything_is_written(env: Env) -> None:
     snap, mem = env.root / "a.snap", env.root / "a.mem"
+    (env.root / "directory.snap").mkdir()
+    os.mkfifo(env.root / "fifo.snap")
+    (env.root / "symlink.snap").symlink_to(env.outside / "created-outside")
     daemon = env.start()
     client = Client(daemon.sock)
     try:
         create_vm(client)
         save(client, snap, mem)
-        old_mem = mem.read_bytes()
-        bad = env.root / "b.snap"
-        if kind == "directory":
-            bad.mkdir()
-        elif kind == "fifo":
-            os.mkfifo(bad)
-        else:
-            bad.symlink_to(env.outside / "created-outside")
-        # The memory file is the old pair's: it must not be renamed over before the refusal.
-        error = save_error(client, bad, mem)
-        assert kind_of(error) == "InvalidPath", error
-        assert "snapshot_path exists and is a" in error["message"]
-        assert mem.read_bytes() == old_mem
-        assert temps_and_journals(env) == []
+        old = pair_bytes(snap, mem)
+        for kind, what in (("directory", "a directory"), ("fifo", "a FIFO"),
+                           ("symlink", "a symbolic link")):  # fmt: skip
+            # The memory file is the old pair's: it must not be renamed over before the refusal.
+            error = save_error(client, env.root / f"{kind}.snap", mem)
+            assert kind_of(error) == "InvalidPath", error
+            assert f"snapshot_path exists and is {what}, not a regular file" in error["message"]
+            assert pair_bytes(snap, mem) == old
+            assert temps_and_journals(env) == []
         assert not (env.outside / "created-outside").exists()
         assert client.call("daemon.status", {})
     finally:
         client.close()
         daemon.stop()
-    assert env.start() is not None  # and the next start is clean
 
 
 @pytest.mark.kvm
