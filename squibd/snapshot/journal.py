@@ -49,7 +49,7 @@ import attrs
 
 from .errors import Io
 from .paths import JOURNAL_MARKER, TEMP_MARKER
-from .statedir import StateDir, current_state_dir
+from .statedir import StateDir, StateDirError, current_state_dir
 
 __all__ = [
     "JOURNAL_MARKER",
@@ -490,11 +490,19 @@ def recover_snapshot(snapshot_path: str, state: StateDir | None = None) -> None:
     """Finish or undo an interrupted save of this state file before it is read.
 
     Like :func:`recover_pair` knowing only the state file; ``read_state_file``
-    calls it so that every load recovers.
+    calls it so that every load recovers. A process whose state directory
+    cannot be opened (an offline tool run by a user without one) has no
+    journals to recover and skips this.
 
     Raises:
         Io: the journal folder cannot be read or a journal cannot be removed.
     """
+    if state is None:
+        try:
+            state = current_state_dir()
+        except StateDirError as exc:
+            log.debug("no recovery before reading %s: %s", snapshot_path, exc)
+            return
     with _reserved((canonical_path(snapshot_path),)) as got:
         if got:
             recover_reserved(snapshot_path, state)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from squibd.snapshot.envelope import encode_state
+from squibd.snapshot.errors import Io
 from squibd.snapshot.journal import (
     JournalPlan,
     _parse_records,
@@ -135,3 +137,21 @@ def test_state_dir_in_the_config_and_on_the_command_line(tmp_path: Path) -> None
     assert overridden.server.state_dir == os.path.abspath("relative/state")
     with pytest.raises(Exception, match="state_dir must be a non-empty path"):
         parse_config({"server": {"state_dir": ""}})
+
+
+def test_a_reader_without_a_usable_state_dir_still_reads_state_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An offline reader whose state dir cannot exist has no journals: reads go on."""
+    from squibd.demo_format import sample_manifest, sample_x86_state
+    from squibd.snapshot import statedir
+    from squibd.snapshot.envelope import read_state_file
+    from squibd.snapshot.journal import recover_all
+
+    snap = tmp_path / "a.snap"
+    snap.write_bytes(encode_state(sample_x86_state(1, 1, manifest=sample_manifest(1))))
+    monkeypatch.setattr(statedir, "_configured", "/proc/no-state-dir-here")  # mkdir fails there
+    monkeypatch.setattr(statedir, "_opened", None)
+    assert read_state_file(snap).memory.pair_id == sample_manifest(1).pair_id
+    with pytest.raises(Io, match="os error"):
+        recover_all()  # the daemon, though, refuses to run without it
