@@ -16,6 +16,7 @@ and issue 5. Example (all keys)::
     shutdown_grace_s = 30
     debug_api = false
     log_level = "info"
+    state_dir = "/var/lib/squibd/state"  # journals + their key; created 0700
 
     [snapshot]
     allowed_roots = ["/var/lib/squibd"]
@@ -39,6 +40,7 @@ import cattrs
 from cattrs.v import format_exception
 
 from squibd.rpc import DEFAULT_MAX_LINE
+from squibd.snapshot.statedir import default_state_dir
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT_S",
@@ -97,6 +99,12 @@ def _mode(value: Any) -> int:
     return value
 
 
+def _absolute_dir(value: Any) -> str:
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ValueError(f"state_dir must be a non-empty path, got {value!r}")
+    return os.path.abspath(value)
+
+
 @attrs.frozen
 class ServerConfig:
     """``[server]``: the socket, who may connect, limits, logging."""
@@ -113,6 +121,10 @@ class ServerConfig:
     shutdown_grace_s: float = attrs.field(default=DEFAULT_SHUTDOWN_GRACE_S, validator=_positive)
     debug_api: bool = False
     log_level: str = attrs.field(default="info", validator=attrs.validators.in_(_LOG_LEVELS))
+    #: squibd's private state directory (commit journals and their HMAC key), as an
+    #: absolute path: ``/var/lib/squibd/state`` for root, else ``$XDG_STATE_HOME/squibd``
+    #: (``~/.local/state/squibd``). ``squibd --state-dir`` overrides it.
+    state_dir: str = attrs.field(factory=default_state_dir, converter=_absolute_dir)
 
     def effective_allowed_uids(self) -> frozenset[int]:
         """The allow list: configured uids, else the daemon's own uid and root."""

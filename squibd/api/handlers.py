@@ -250,7 +250,9 @@ async def snapshot_describe(
     if params.mem_file_path is not None:
         mem = _path(api, params.mem_file_path, "mem_file_path")
     description = await trio.to_thread.run_sync(
-        lambda: describe_snapshot(snap, memory_file=mem, verify=params.verify)
+        lambda: describe_snapshot(
+            snap, memory_file=mem, verify=params.verify, allowed_roots=api.allowed_roots
+        )
     )
     return description.to_json()
 
@@ -284,7 +286,7 @@ async def snapshot_rebase(
             elif cancel.is_set() and not committed.is_set():
                 raise _RebaseCancelled
 
-        rebase(base, [diff], out, out_mem, step_hook=step)
+        rebase(base, [diff], out, out_mem, step_hook=step, allowed_roots=api.allowed_roots)
 
     started = time.monotonic()
     # Cancelled before the commit step: the transaction aborts and Cancelled

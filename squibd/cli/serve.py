@@ -10,6 +10,7 @@ errors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
@@ -32,6 +33,7 @@ from squibd.server import (
     systemd_sockets,
 )
 from squibd.snapshot.errors import SnapshotError
+from squibd.snapshot.paths import set_daemon_roots
 
 __all__ = ["build_parser", "main"]
 
@@ -60,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="expose vm.read_memory and vm.write_memory")  # fmt: skip
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                         help="log verbosity (default: info)")  # fmt: skip
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="private state directory for commit journals (created 0700; "
+                        "default: /var/lib/squibd/state for root, else "
+                        "$XDG_STATE_HOME/squibd)")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"squibd {__version__}")
     return parser
 
@@ -72,6 +78,8 @@ def _apply_overrides(config: DaemonConfig, args: argparse.Namespace) -> DaemonCo
         server = attrs.evolve(server, debug_api=True)
     if args.log_level is not None:
         server = attrs.evolve(server, log_level=args.log_level)
+    if getattr(args, "state_dir", None) is not None:
+        server = attrs.evolve(server, state_dir=args.state_dir)
     return attrs.evolve(config, server=server)
 
 
@@ -80,17 +88,28 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
 
 
-def _recover(config: DaemonConfig) -> None:
-    roots = config.snapshot.allowed_roots or ()
-    if not roots:
-        return
+def _recover(config: DaemonConfig) -> bool:
+    """Open the state directory and recover every journal in it; False if it is unusable.
+
+    A journal that cannot be completed is quarantined and logged; the daemon
+    starts anyway. Only an unusable state directory stops it.
+    """
+    from squibd.snapshot.journal import recover_all
+    from squibd.snapshot.statedir import StateDirError, configure_state_dir
+
     try:
-        from squibd.snapshot.commit import recover_directory
-    except ImportError:  # the commit module is not part of this build
-        return
-    for root in roots:
-        if os.path.isdir(root):
-            recover_directory(root)
+        state = configure_state_dir(config.server.state_dir)
+        assert state is not None
+        outcomes = recover_all(state)
+    except StateDirError as exc:
+        print(f"squibd: {exc}", file=sys.stderr)
+        return False
+    except SnapshotError as exc:  # Io: the journal folder itself is unreadable
+        print(f"squibd: recovery failed in {config.server.state_dir}: {exc}", file=sys.stderr)
+        return False
+    log.info("state directory %s: %d journal(s) recovered", state.path,
+             sum(outcome != "busy" for outcome in outcomes.values()))  # fmt: skip
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +144,14 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_FAILURE
         owned.append(path)
         log.info("listening on %s", path)
-    _recover(config)
+    set_daemon_roots(config.snapshot.allowed_roots)
+    if not _recover(config):
+        for sock in sockets:
+            sock.close()
+        for path in owned:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return EXIT_FAILURE
     api = ApiContext(
         debug_api=config.server.debug_api,
         allowed_roots=config.snapshot.allowed_roots,

@@ -14,6 +14,7 @@ import errno
 import importlib
 import os
 import struct
+from collections.abc import Sequence
 from typing import Any, Final
 
 import attrs
@@ -35,6 +36,7 @@ from .errors import CrcMismatch, MagicMismatch, MemoryIo, SnapshotError, TooShor
 from .manifest import MemoryManifest
 from .models import MicrovmState
 from .pairing import PAIR_XATTR
+from .paths import open_client_file
 
 __all__ = [
     "FORMAT_FIRECRACKER",
@@ -159,15 +161,23 @@ def default_memory_path(snapshot_path: str) -> str:
     return (stem if stem is not None else snapshot_path) + _MEM_SUFFIX
 
 
-def _memory_report(path: str, manifest: MemoryManifest) -> MemoryFileReport:
-    try:
-        size = os.stat(path).st_size
+def _memory_report(
+    path: str, manifest: MemoryManifest, allowed_roots: Sequence[str] | None = None
+) -> MemoryFileReport:
+    try:  # never follows a final symlink nor opens a FIFO (raises InvalidPath)
+        fd = open_client_file(path, "mem_file_path", allowed_roots)
     except FileNotFoundError:
         return MemoryFileReport(path=path, exists=False)
+    except OSError as error:
+        raise MemoryIo(error) from error
     try:
-        pair: str | None = os.getxattr(path, PAIR_XATTR).decode("utf-8", "replace")
-    except OSError:
-        pair = None  # absent, or a filesystem without user xattrs
+        size = os.fstat(fd).st_size
+        try:
+            pair: str | None = os.getxattr(fd, PAIR_XATTR).decode("utf-8", "replace")
+        except OSError:
+            pair = None  # absent, or a filesystem without user xattrs
+    finally:
+        os.close(fd)
     return MemoryFileReport(
         path=path, exists=True, size=size, size_ok=size == manifest.file_size,
         pair_xattr=pair, pair_ok=None if pair is None else pair == manifest.pair_id,
@@ -195,7 +205,11 @@ def _run_verify(state: MicrovmState, memory_path: str, mode: str) -> ErrorReport
 
 
 def describe_snapshot(
-    path: str, *, memory_file: str | None = None, verify: str = "none"
+    path: str,
+    *,
+    memory_file: str | None = None,
+    verify: str = "none",
+    allowed_roots: Sequence[str] | None = None,
 ) -> Description:
     """Describe the state file at ``path`` and its memory file.
 
@@ -204,6 +218,7 @@ def describe_snapshot(
         memory_file: the memory file (default: :func:`default_memory_path`).
         verify: ``none``, ``size`` or ``full``; checked by
             ``squibd.snapshot.verify.verify`` when not ``none``.
+        allowed_roots: if given, both files must really lie inside one of them.
     """
     errors: list[ErrorReport] = []
     notes: list[str] = []
@@ -213,7 +228,7 @@ def describe_snapshot(
         return Description(**fields, errors=tuple(errors), notes=tuple(notes))
 
     try:
-        data = read_state_bytes(path)
+        data = read_state_bytes(path, allowed_roots=allowed_roots)
     except SnapshotError as error:
         errors.append(ErrorReport.of(error))
         return done()
@@ -265,7 +280,11 @@ def describe_snapshot(
     except SnapshotError as error:
         errors.append(ErrorReport.of(error))
     memory_path = memory_file or default_memory_path(path)
-    report = _memory_report(memory_path, state.memory)
+    try:
+        report = _memory_report(memory_path, state.memory, allowed_roots)
+    except SnapshotError as error:
+        errors.append(ErrorReport.of(error))
+        return done()
     fields["memory_file"] = report
     if report.exists and not report.matches:
         errors.append(ErrorReport("MemoryIo", str(MemoryIo(errno.EINVAL)),

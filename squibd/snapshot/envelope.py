@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import struct
+from collections.abc import Sequence
 from typing import Final
 
 import attrs
@@ -39,6 +40,7 @@ from .errors import (
 )
 from .journal import recover_snapshot
 from .models import Aarch64MicrovmState, MicrovmState, X86MicrovmState
+from .paths import open_client_file, validate_path
 
 __all__ = [
     "ARCH_BY_MAGIC",
@@ -222,15 +224,21 @@ def decode_state(data: bytes | memoryview, *, check_crc: bool = True) -> Microvm
     return state
 
 
-def read_state_bytes(path: str | os.PathLike[str]) -> bytes:
+def read_state_bytes(
+    path: str | os.PathLike[str], *, allowed_roots: Sequence[str] | None = None
+) -> bytes:
     """Read a state file, refusing it before reading more than limit + 1 bytes.
 
+    The file is opened with :func:`~squibd.snapshot.paths.open_client_file`:
+    a final symlink, a directory, a FIFO, a socket or a device is refused.
+
     Raises:
+        InvalidPath: not a regular file, or outside ``allowed_roots``.
         SizeLimitExceeded: the file is larger than ``STATE_SIZE_LIMIT``.
         Io: the file cannot be opened or read.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_client_file(os.fspath(path), "snapshot_path", allowed_roots)
     except OSError as exc:
         raise Io(exc) from exc
     try:
@@ -256,17 +264,24 @@ def read_state_bytes(path: str | os.PathLike[str]) -> bytes:
     return data
 
 
-def read_state_file(path: str | os.PathLike[str], *, recover: bool = True) -> MicrovmState:
+def read_state_file(
+    path: str | os.PathLike[str],
+    *,
+    recover: bool = True,
+    allowed_roots: Sequence[str] | None = None,
+) -> MicrovmState:
     """Read and fully load a state file (size limit first, then :func:`decode_state`).
 
     Args:
         path: the state file.
         recover: first finish or undo an interrupted save of this path
             (SPEC section 5: recovery runs at the next load of a path).
+        allowed_roots: if given, the file must really lie inside one of them.
 
     Raises:
-        Io, SizeLimitExceeded, and every error of :func:`decode_state`.
+        InvalidPath, Io, SizeLimitExceeded, and every error of :func:`decode_state`.
     """
     if recover:
+        validate_path(os.fspath(path))  # no recovery on behalf of a reserved name
         recover_snapshot(os.fspath(path))
-    return decode_state(read_state_bytes(path))
+    return decode_state(read_state_bytes(path, allowed_roots=allowed_roots))

@@ -41,6 +41,7 @@ from .manifest import DEFAULT_CHUNK_SIZE, KIND_DIFF, KIND_FULL, Extent, MemoryMa
 from .memerrors import MemoryInputInvalid, MemoryPairMismatch
 from .memwriter import merge_extents, set_pair_xattr
 from .models import MicrovmState
+from .paths import open_client_file
 from .verify import verify_fd
 
 __all__ = ["MEM_SUFFIX", "SNAP_SUFFIX", "memory_path_for", "rebase"]
@@ -144,6 +145,7 @@ def rebase(
     verify_mode: str = "size",
     staging_dir: str | None = None,
     step_hook: StepHook | None = None,
+    allowed_roots: Sequence[str] | None = None,
 ) -> MemoryManifest:
     """Merge ``diff_snaps`` (in order) onto the Full ``base_snap`` into a new Full pair.
 
@@ -155,6 +157,7 @@ def rebase(
         verify_mode: how inputs are checked first: ``size`` (default) or ``full``.
         staging_dir: passed to the pair transaction.
         step_hook: test-only, passed to the pair transaction.
+        allowed_roots: if given, every input and output must lie inside one.
 
     Returns:
         The manifest of the committed output.
@@ -173,17 +176,17 @@ def rebase(
     mems = [base_mem or memory_path_for(base_snap)]
     mems += [mem or memory_path_for(snap) for snap, mem in zip(diff_snaps, mems_given, strict=True)]
     out_mem_path = out_mem or memory_path_for(out_snap)
-    states = [read_state_file(snap) for snap in snaps]
+    states = [read_state_file(snap, allowed_roots=allowed_roots) for snap in snaps]
     _check_chain(states)
     fds: list[int] = []
     try:
         for mem, state in zip(mems, states, strict=True):
             try:
-                fds.append(os.open(mem, os.O_RDONLY | os.O_CLOEXEC))
+                fds.append(open_client_file(mem, "mem_file_path", allowed_roots))
             except OSError as error:
                 raise MemoryIo(error) from error
             verify_fd(fds[-1], state.memory, verify_mode)
-        return _merge(states, fds, out_snap, out_mem_path, staging_dir, step_hook)
+        return _merge(states, fds, out_snap, out_mem_path, staging_dir, step_hook, allowed_roots)
     finally:
         for fd in fds:
             os.close(fd)
@@ -196,10 +199,12 @@ def _merge(
     out_mem: str,
     staging_dir: str | None,
     step_hook: StepHook | None,
+    allowed_roots: Sequence[str] | None = None,
 ) -> MemoryManifest:
     last = states[-1]
     size = last.memory.file_size
-    with PairTransaction(out_snap, out_mem, staging_dir=staging_dir, step_hook=step_hook) as txn:
+    with PairTransaction(out_snap, out_mem, staging_dir=staging_dir, step_hook=step_hook,
+                         allowed_roots=allowed_roots) as txn:  # fmt: skip
         try:
             os.ftruncate(txn.mem_fd, size)
             for state, fd in zip(states, fds, strict=True):

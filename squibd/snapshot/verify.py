@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
 from typing import Final, Protocol
 
 from .digest import digest_function
@@ -28,6 +29,7 @@ from .manifest import DIGEST_SIZES, Extent, MemoryManifest, iter_chunks
 from .memerrors import MemoryDigestMismatch, MemoryInputInvalid, MemoryPairMismatch
 from .memplan import memfd_extents
 from .memwriter import read_pair_xattr
+from .paths import open_client_file
 
 __all__ = [
     "VERIFY_MODES",
@@ -134,22 +136,30 @@ def verify_fd(fd: int, manifest: MemoryManifest, mode: str) -> None:
         raise MemoryIo(error) from error
 
 
-def verify(state: _HasManifest | MemoryManifest, memory_path: str, mode: str) -> None:
+def verify(
+    state: _HasManifest | MemoryManifest,
+    memory_path: str,
+    mode: str,
+    *,
+    allowed_roots: Sequence[str] | None = None,
+) -> None:
     """Check ``memory_path`` against the manifest of ``state`` (see the module doc).
 
     Args:
         state: a decoded state (anything with ``.memory``) or a manifest.
         memory_path: the memory file.
         mode: ``"none"``, ``"size"`` or ``"full"``.
+        allowed_roots: if given, the memory file must really lie inside one.
 
     Raises:
+        InvalidPath: not a regular file (symlink, FIFO, ...) or outside the roots.
         MemoryPairMismatch, MemoryDigestMismatch, MemoryInputInvalid, MemoryIo.
     """
     if mode == "none":
         return
     manifest = _manifest_of(state)
     try:
-        fd = os.open(memory_path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_client_file(memory_path, "mem_file_path", allowed_roots)
     except OSError as error:
         raise MemoryIo(error) from error
     try:

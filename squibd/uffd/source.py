@@ -27,7 +27,6 @@ import ctypes
 import errno
 import mmap
 import os
-import stat
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Final, Protocol
@@ -39,6 +38,7 @@ import numpy.typing as npt
 from squibd.snapshot.digest import digest_function
 from squibd.snapshot.manifest import KIND_FULL, MemoryManifest, iter_chunks
 from squibd.snapshot.pairing import PAIR_XATTR
+from squibd.snapshot.paths import open_client_file
 
 from .errors import ChunkCorrupt, SnapshotMismatch
 
@@ -102,20 +102,6 @@ class MemorySource(Protocol):
         ...
 
 
-def _open_regular(path: str) -> int:
-    """Open ``path`` read-only without blocking (a FIFO would) and check it is a file.
-
-    Raises:
-        SnapshotMismatch: it is not a regular file.
-        OSError: it cannot be opened.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise SnapshotMismatch(f"memory file {path!r} is not a regular file")
-    return fd
-
-
 def _map_readonly(path: str, fd: int, size: int) -> int:
     base = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
     if base is None or base == _MAP_FAILED:
@@ -160,9 +146,10 @@ class MemoryLayer:
 
         Raises:
             SnapshotMismatch: the file does not belong to the manifest.
+            InvalidPath: the path is a symlink, FIFO, directory, ... (not a regular file).
             OSError: the file cannot be opened or mapped.
         """
-        fd = _open_regular(path)
+        fd = open_client_file(path, "memory file")  # no symlink, FIFO, directory, ...
         try:
             _check_pair(path, fd, manifest)
             base = _map_readonly(path, fd, manifest.file_size)
@@ -335,7 +322,7 @@ class RawMemorySource:
             SnapshotMismatch: the file is empty or not a whole number of pages.
             OSError: the file cannot be opened or mapped.
         """
-        fd = _open_regular(path)
+        fd = open_client_file(path, "memory file")  # no symlink, FIFO, directory, ...
         try:
             size = os.fstat(fd).st_size
             if size == 0 or size % page_size:

@@ -22,6 +22,7 @@ pages from the first instruction.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -29,11 +30,11 @@ import trio
 
 from ..kvm.errors import KvmError
 from ..snapshot.envelope import read_state_file
-from ..snapshot.errors import Capture
+from ..snapshot.errors import Capture, MemoryIo
 from ..snapshot.manifest import KIND_FULL
 from ..snapshot.models import VmInfo, X86MicrovmState
-from ..snapshot.paths import validate_path
-from ..snapshot.verify import verify
+from ..snapshot.paths import open_client_file, validate_path
+from ..snapshot.verify import verify_fd
 from ..uffd import UffdBackend
 from ._threads import run_blocking
 from .build import build_restored
@@ -60,8 +61,17 @@ def _map_file(vm_id: str, state: X86MicrovmState, mem_path: str) -> GuestMemory:
             "the snapshot is a Diff; rebase it onto its Full parent "
             "(squibd --rebase-snapshot) and load the result",
         )
-    verify(state, mem_path, "size")
-    return GuestMemory.from_file(mem_path, state.memory.regions)
+    # One safe open (no final symlink, a regular file); checks and mapping use
+    # that very inode (/proc/self/fd reopens it, never the client's path).
+    try:
+        fd = open_client_file(mem_path, "mem_file_path")
+    except OSError as error:
+        raise MemoryIo(error) from error
+    try:
+        verify_fd(fd, state.memory, "size")
+        return GuestMemory.from_file(f"/proc/self/fd/{fd}", state.memory.regions)
+    finally:
+        os.close(fd)
 
 
 def _check_recorded_layout(vm_id: str, state: X86MicrovmState) -> None:

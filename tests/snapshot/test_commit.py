@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import shutil
@@ -36,14 +37,18 @@ from squibd.snapshot.errors import (
     MemoryIo,
 )
 from squibd.snapshot.journal import (
+    TEMP_MARKER,
     JournalPlan,
+    RecoveryOutcome,
     canonical_path,
     commit_record,
-    journal_path_for,
+    journal_name,
+    recover_all,
     release_paths,
     reserve_paths,
     temp_path_for,
 )
+from squibd.snapshot.statedir import StateDir, configure_state_dir
 
 OLD_MEM = b"old memory page " * 512
 NEW_MEM = b"NEW" * 5000
@@ -53,9 +58,25 @@ NEW_STATE = encode_state(sample_x86_state(2, 1, manifest=sample_manifest(1, pair
 COMMIT_POINT = COMMIT_STEPS.index("committed")
 
 
+@pytest.fixture(autouse=True)
+def state(tmp_path: Path) -> Iterator[StateDir]:
+    """A private state directory for this test (forked children inherit it)."""
+    opened = configure_state_dir(str(tmp_path / "state"))
+    assert opened is not None
+    try:
+        yield opened
+    finally:
+        configure_state_dir(None)
+
+
 @pytest.fixture
 def pair(tmp_path: Path) -> tuple[str, str]:
-    return str(tmp_path / "vm.snap"), str(tmp_path / "vm.mem")
+    (tmp_path / "d").mkdir()
+    return str(tmp_path / "d" / "vm.snap"), str(tmp_path / "d" / "vm.mem")
+
+
+def journals(state: StateDir) -> list[str]:
+    return sorted(os.listdir(state.journal_dir))
 
 
 def write_old_pair(snap: str, mem: str) -> None:
@@ -77,12 +98,13 @@ def pair_bytes(snap: str, mem: str) -> tuple[bytes | None, bytes | None]:
 
 
 def leftovers(*directories: str) -> list[str]:
+    """squibd's temp files in ``directories`` and journals in the state directory."""
+    from squibd.snapshot.statedir import current_state_dir
+
     return sorted(
-        name
-        for directory in directories
-        for name in os.listdir(directory)
-        if ".squibd-" in name
-    )
+        [name for directory in directories for name in os.listdir(directory)
+         if ".squibd-" in name] + os.listdir(current_state_dir().journal_dir)
+    )  # fmt: skip
 
 
 def test_save_puts_the_new_pair_in_place_with_no_temps(pair: tuple[str, str]) -> None:
@@ -162,7 +184,8 @@ def test_same_file_through_a_symlinked_directory_is_refused(tmp_path: Path) -> N
     assert os.listdir(tmp_path / "real") == []
 
 
-def test_planted_symlink_at_a_temp_path_is_never_followed(pair: tuple[str, str]) -> None:
+def test_planted_symlink_at_a_temp_path_is_never_followed(pair: tuple[str, str],
+                                                          state: StateDir) -> None:  # fmt: skip
     snap, mem = pair
     directory = os.path.dirname(snap)
     victim = Path(directory) / "victim"
@@ -170,8 +193,8 @@ def test_planted_symlink_at_a_temp_path_is_never_followed(pair: tuple[str, str])
 
     def plant(step: str) -> None:
         if step == "journal_created":  # txid known, temps not yet created
-            (journal,) = [n for n in os.listdir(directory) if JOURNAL_MARKER in n]
-            txid = journal.rsplit(".", 1)[1]
+            (journal,) = journals(state)
+            txid = journal.split(".")[1]
             os.symlink(victim, os.path.join(directory, f".vm.snap.squibd-tmp-state.{txid}"))
 
     with pytest.raises(Io, match=r"File exists \(os error 17\)"):
@@ -181,7 +204,9 @@ def test_planted_symlink_at_a_temp_path_is_never_followed(pair: tuple[str, str])
     assert os.path.islink(os.path.join(directory, planted))
 
 
-def test_planted_symlink_at_the_memory_temp_is_a_memory_io_error(pair: tuple[str, str]) -> None:
+def test_planted_symlink_at_the_memory_temp_is_a_memory_io_error(
+    pair: tuple[str, str], state: StateDir
+) -> None:
     snap, mem = pair
     directory = os.path.dirname(snap)
     victim = Path(directory) / "victim"
@@ -189,8 +214,8 @@ def test_planted_symlink_at_the_memory_temp_is_a_memory_io_error(pair: tuple[str
 
     def plant(step: str) -> None:
         if step == "journal_prepared":
-            (journal,) = [n for n in os.listdir(directory) if JOURNAL_MARKER in n]
-            txid = journal.rsplit(".", 1)[1]
+            (journal,) = journals(state)
+            txid = journal.split(".")[1]
             os.symlink(victim, os.path.join(directory, f".vm.mem.squibd-tmp-mem.{txid}"))
 
     with pytest.raises(MemoryIo, match="os error 17"):
@@ -199,14 +224,17 @@ def test_planted_symlink_at_the_memory_temp_is_a_memory_io_error(pair: tuple[str
     assert len(leftovers(directory)) == 1  # only the planted link; the state temp was removed
 
 
-def test_a_symlink_at_the_destination_is_replaced_not_followed(pair: tuple[str, str]) -> None:
+def test_a_symlink_at_the_destination_is_refused_before_any_write(pair: tuple[str, str]) -> None:
     snap, mem = pair
     victim = Path(os.path.dirname(snap)) / "victim"
     victim.write_bytes(b"precious")
     os.symlink(victim, snap)
-    save(snap, mem)
-    assert not os.path.islink(snap)
+    with pytest.raises(InvalidPath, match="snapshot_path exists and is a symbolic link"):
+        save(snap, mem)
+    assert os.path.islink(snap)
     assert victim.read_bytes() == b"precious"
+    assert not os.path.exists(mem)
+    assert leftovers(os.path.dirname(snap)) == []
 
 
 def test_a_second_save_of_the_same_paths_is_busy(pair: tuple[str, str]) -> None:
@@ -218,15 +246,52 @@ def test_a_second_save_of_the_same_paths_is_busy(pair: tuple[str, str]) -> None:
     save(snap, mem)  # free again afterwards
 
 
-def test_failed_rename_rolls_back_to_the_old_pair(pair: tuple[str, str]) -> None:
+@pytest.mark.parametrize("which", ["snap", "mem"])
+def test_a_directory_destination_is_refused_before_any_write(pair: tuple[str, str],
+                                                             which: str) -> None:  # fmt: skip
     snap, mem = pair
-    Path(snap).write_bytes(OLD_STATE)
-    os.mkdir(mem)  # rename(file, directory) fails for real with EISDIR
-    with pytest.raises(AtomicCommitFailed, match=r"Is a directory \(os error 21\)"):
+    write_old_pair(snap, mem)
+    target = snap if which == "snap" else mem
+    os.unlink(target)
+    os.mkdir(target)
+    with pytest.raises(InvalidPath, match="exists and is a directory"):
         save(snap, mem)
-    assert Path(snap).read_bytes() == OLD_STATE
-    assert os.path.isdir(mem)
+    assert os.path.isdir(target)
+    other = mem if which == "snap" else snap
+    assert Path(other).read_bytes() == (OLD_MEM if which == "snap" else OLD_STATE)
     assert leftovers(os.path.dirname(snap)) == []
+
+
+def test_a_destination_that_becomes_a_directory_mid_save_keeps_the_old_pair(
+    pair: tuple[str, str],
+) -> None:
+    snap, mem = pair
+    write_old_pair(snap, mem)
+    tx = PairTransaction(snap, mem)
+    with pytest.raises(InvalidPath, match="snapshot_path exists and is a directory"), tx:
+        os.pwrite(tx.mem_fd, NEW_MEM, 0)
+        os.unlink(snap)
+        os.mkdir(snap)
+        tx.commit(NEW_STATE)
+    assert Path(mem).read_bytes() == OLD_MEM  # the memory file was not renamed over
+    assert leftovers(os.path.dirname(snap)) == []
+
+
+def test_a_commit_record_that_cannot_be_written_rolls_back(pair: tuple[str, str]) -> None:
+    snap, mem = pair
+    write_old_pair(snap, mem)
+
+    def close_journal(step: str) -> None:
+        if step == "temps_durable":  # the commit record's write then fails for real (EBADF)
+            os.close(tx._journal_fd)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), tx._journal_fd)
+
+    tx = PairTransaction(snap, mem, step_hook=close_journal)
+    with pytest.raises(AtomicCommitFailed, match=r"os error 9\)"), tx:
+        os.pwrite(tx.mem_fd, NEW_MEM, 0)
+        tx.commit(NEW_STATE)
+    assert pair_bytes(snap, mem) == (OLD_STATE, OLD_MEM)
+    assert [n for n in os.listdir(os.path.dirname(snap)) if ".squibd-" in n] == []
 
 
 @pytest.fixture
@@ -347,14 +412,15 @@ def test_recover_directory_at_daemon_start(tmp_path: Path) -> None:
     assert leftovers(str(tmp_path)) == []
 
 
-def test_recovery_in_another_process_leaves_a_live_save_alone(pair: tuple[str, str]) -> None:
+def test_recovery_in_another_process_leaves_a_live_save_alone(pair: tuple[str, str],
+                                                             state: StateDir) -> None:
     snap, mem = pair
     write_old_pair(snap, mem)
     with PairTransaction(snap, mem) as tx:
         os.pwrite(tx.mem_fd, NEW_MEM, 0)
-        code = "import sys; from squibd.snapshot.commit import recover_directory as r; " \
-            "r(sys.argv[1])"
-        result = subprocess.run([sys.executable, "-c", code, os.path.dirname(snap)],
+        code = "import sys; from squibd.snapshot.journal import recover_all; " \
+            "from squibd.snapshot.statedir import StateDir; recover_all(StateDir.open(sys.argv[1]))"
+        result = subprocess.run([sys.executable, "-c", code, state.path],
                                 capture_output=True, text=True, check=False)  # fmt: skip
         assert result.returncode == 0, result.stderr
         assert os.path.exists(tx.mem_tmp_path) and os.path.exists(tx.state_tmp_path)
@@ -370,68 +436,177 @@ def test_recovery_in_another_process_leaves_a_live_save_alone(pair: tuple[str, s
 NOBODY_UID = 65534
 
 
-def plant_committed_journal(directory: Path, victim: Path, *, journal_uid: int,
+def plant_committed_journal(state: StateDir, directory: Path, victim: Path, *, key: bytes,
                             temp_uid: int, txid: str = "00ff") -> tuple[Path, Path]:  # fmt: skip
-    """A committed journal whose memory temp would be renamed over ``victim``."""
+    """A committed journal, signed with ``key``, whose memory temp would replace ``victim``."""
     snap = directory / "x.snap"
     state_tmp = Path(temp_path_for(str(snap), "state", txid))
     mem_tmp = Path(temp_path_for(str(victim), "mem", txid))
     mem_tmp.write_bytes(b"attacker")
     os.chown(mem_tmp, temp_uid, temp_uid)
-    plan = JournalPlan(txid, str(snap), str(victim), str(state_tmp), str(mem_tmp))
-    journal = Path(journal_path_for(str(snap), txid))
-    journal.write_bytes(plan.to_record() + commit_record(txid))
-    os.chown(journal, journal_uid, journal_uid)
+    info = os.stat(directory)
+    plan = JournalPlan(txid, str(snap), str(victim), str(state_tmp), str(mem_tmp),
+                       ((str(directory), info.st_dev, info.st_ino),))  # fmt: skip
+    mem_info = os.stat(mem_tmp)
+    journal = Path(state.journal_dir) / journal_name(str(snap), txid)
+    journal.write_bytes(plan.to_record(key) + commit_record(
+        key, txid, [(mem_info.st_dev, mem_info.st_ino), (0, 0)]))
     return journal, mem_tmp
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files as another user")
-def test_recovery_never_renames_another_users_temp(tmp_path: Path) -> None:
+def test_a_journal_planted_beside_the_snapshots_is_never_acted_on(tmp_path: Path,
+                                                                  state: StateDir) -> None:
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
-    _, mem_tmp = plant_committed_journal(tmp_path, victim, journal_uid=0, temp_uid=NOBODY_UID)
+    mem_tmp = tmp_path / f".victim{TEMP_MARKER}mem.00ff"
+    mem_tmp.write_bytes(b"attacker")
+    planted = tmp_path / f".x.snap{JOURNAL_MARKER}00ff"
+    planted.write_bytes(b'{"journal": 1}\n')
+    recover_all(state)
     recover_directory(str(tmp_path))
+    recover_pair(str(tmp_path / "x.snap"), str(victim))
+    assert victim.read_bytes() == b"precious"
+    assert planted.exists() and mem_tmp.exists()
+
+
+def test_a_forged_journal_in_the_state_dir_is_quarantined(
+    tmp_path: Path, state: StateDir, caplog: pytest.LogCaptureFixture
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    journal, _ = plant_committed_journal(state, tmp_path, victim, key=b"k" * 32,
+                                               temp_uid=os.geteuid())  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="squibd.recovery"):
+        assert recover_all(state) == {journal.name: RecoveryOutcome.QUARANTINED}
+    assert victim.read_bytes() == b"precious"
+    assert not journal.exists()
+    assert os.listdir(state.quarantine_dir) == [journal.name]
+    assert "quarantined" in caplog.text and "no record squibd signed" in caplog.text
+
+
+def test_recovery_with_our_own_committed_journal_rolls_forward(
+    tmp_path: Path, state: StateDir, caplog: pytest.LogCaptureFixture
+) -> None:
+    target = tmp_path / "x.mem"
+    journal, _ = plant_committed_journal(state, tmp_path, target, key=state.key,
+                                         temp_uid=os.geteuid())  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="squibd.recovery"):
+        recover_all(state)
+    assert target.read_bytes() == b"attacker"  # the control case: it does roll forward
+    assert not journal.exists()
+    assert f"journal {journal.name} (snapshot {tmp_path}/x.snap) rolled forward" in caplog.text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files as another user")
+def test_recovery_never_renames_another_users_temp(tmp_path: Path, state: StateDir) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    journal, mem_tmp = plant_committed_journal(state, tmp_path, victim, key=state.key,
+                                               temp_uid=NOBODY_UID)  # fmt: skip
+    assert recover_all(state) == {journal.name: RecoveryOutcome.QUARANTINED}
     assert victim.read_bytes() == b"precious"
     assert mem_tmp.exists()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files as another user")
-def test_recovery_ignores_a_journal_owned_by_another_user(tmp_path: Path) -> None:
+def test_recovery_never_renames_a_temp_swapped_after_the_commit(tmp_path: Path,
+                                                                state: StateDir) -> None:
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
-    journal, _ = plant_committed_journal(tmp_path, victim, journal_uid=NOBODY_UID, temp_uid=0)
-    recover_directory(str(tmp_path))
+    journal, mem_tmp = plant_committed_journal(state, tmp_path, victim, key=state.key,
+                                               temp_uid=os.geteuid())  # fmt: skip
+    swapped = tmp_path / "swapped"
+    swapped.write_bytes(b"swapped in")
+    with open(mem_tmp, "rb"):  # keeps the old inode alive: its number is not reused
+        os.rename(swapped, mem_tmp)  # same name, another inode
+        assert recover_all(state) == {journal.name: RecoveryOutcome.QUARANTINED}
     assert victim.read_bytes() == b"precious"
-    assert journal.exists()
 
 
-def test_recovery_ignores_a_journal_that_does_not_match_its_name(tmp_path: Path) -> None:
+def test_recovery_refuses_a_directory_replaced_by_a_symlink(tmp_path: Path,
+                                                            state: StateDir) -> None:
+    (tmp_path / "d").mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "x.mem"
+    victim.write_bytes(b"precious")
+    journal, _ = plant_committed_journal(state, tmp_path / "d", tmp_path / "d" / "x.mem",
+                                         key=state.key, temp_uid=os.geteuid())  # fmt: skip
+    for name in os.listdir(tmp_path / "d"):
+        os.rename(tmp_path / "d" / name, outside / name)
+    os.rmdir(tmp_path / "d")
+    (tmp_path / "d").symlink_to(outside)
+    assert recover_all(state) == {journal.name: RecoveryOutcome.QUARANTINED}
+    assert victim.read_bytes() == b"precious"
+
+
+def test_a_journal_that_does_not_match_its_name_is_quarantined(tmp_path: Path,
+                                                               state: StateDir) -> None:
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
-    uid = os.geteuid()
-    journal, _ = plant_committed_journal(tmp_path, victim, journal_uid=uid, temp_uid=uid)
-    renamed = journal.with_name(journal.name.replace("00ff", "abcd"))  # txid no longer matches
+    journal, _ = plant_committed_journal(state, tmp_path, victim, key=state.key,
+                                         temp_uid=os.geteuid())  # fmt: skip
+    renamed = journal.with_name(journal.name.replace(".00ff.", ".abcd."))
     journal.rename(renamed)
-    recover_directory(str(tmp_path))
+    assert recover_all(state) == {renamed.name: RecoveryOutcome.QUARANTINED}
     assert victim.read_bytes() == b"precious"
-    assert renamed.exists()
 
 
-def test_recovery_with_our_own_committed_journal_rolls_forward(tmp_path: Path) -> None:
-    target = tmp_path / "x.mem"
-    uid = os.geteuid()
-    journal, _ = plant_committed_journal(tmp_path, target, journal_uid=uid, temp_uid=uid)
-    recover_directory(str(tmp_path))
-    assert target.read_bytes() == b"attacker"  # the control case: it does roll forward
-    assert not journal.exists()
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory"])
+def test_a_non_file_in_the_journal_dir_is_quarantined_without_hanging(
+    tmp_path: Path, state: StateDir, kind: str
+) -> None:
+    planted = Path(state.journal_dir) / f"{'0' * 32}.00ff.journal"
+    if kind == "fifo":
+        os.mkfifo(planted)
+    elif kind == "symlink":
+        planted.symlink_to("/etc/passwd")
+    else:
+        planted.mkdir()
+    assert recover_all(state) == {planted.name: RecoveryOutcome.QUARANTINED}
+    assert os.listdir(state.journal_dir) == []
 
 
-def test_a_fifo_planted_as_a_journal_does_not_hang_recovery(tmp_path: Path) -> None:
-    fifo = tmp_path / f".x.snap{JOURNAL_MARKER}00ff"
-    os.mkfifo(fifo)
-    recover_directory(str(tmp_path))
-    recover_pair(str(tmp_path / "x.snap"), str(tmp_path / "x.mem"))
-    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+def test_an_empty_or_torn_journal_is_removed(state: StateDir) -> None:
+    empty = Path(state.journal_dir) / f"{'0' * 32}.00ff.journal"
+    empty.write_bytes(b"")
+    torn = Path(state.journal_dir) / f"{'1' * 32}.00ff.journal"
+    torn.write_bytes(b'{"journal": 2, "tx')  # no newline: a write cut short
+    outcomes = recover_all(state)
+    assert set(outcomes.values()) == {RecoveryOutcome.REMOVED}
+    assert os.listdir(state.journal_dir) == [] and os.listdir(state.quarantine_dir) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files as another user")
+def test_a_journal_owned_by_another_user_is_quarantined(tmp_path: Path, state: StateDir) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    journal, _ = plant_committed_journal(state, tmp_path, victim, key=state.key,
+                                         temp_uid=os.geteuid())  # fmt: skip
+    os.chown(journal, NOBODY_UID, NOBODY_UID)
+    assert recover_all(state) == {journal.name: RecoveryOutcome.QUARANTINED}
+    assert victim.read_bytes() == b"precious"
+
+
+def test_reserved_names_are_refused_as_destinations(tmp_path: Path, state: StateDir) -> None:
+    for name in (f".a.snap{TEMP_MARKER}mem.00ff", f".a.snap{JOURNAL_MARKER}00ff"):
+        with pytest.raises(InvalidPath, match="reserved for squibd"):
+            PairTransaction(str(tmp_path / name), str(tmp_path / "a.mem"))
+    with pytest.raises(InvalidPath, match="inside squibd's private state directory"):
+        PairTransaction(os.path.join(state.journal_dir, "a.snap"), str(tmp_path / "a.mem"))
+    assert os.listdir(state.journal_dir) == []
+
+
+def test_a_save_into_a_subdirectory_is_recovered_at_start(tmp_path: Path,
+                                                          state: StateDir) -> None:  # fmt: skip
+    sub = tmp_path / "a" / "b"
+    sub.mkdir(parents=True)
+    snap, mem = str(sub / "vm.snap"), str(sub / "vm.mem")
+    write_old_pair(snap, mem)
+    save_and_die_at("mem_renamed", snap, mem)
+    assert pair_bytes(snap, mem) == (OLD_STATE, NEW_MEM)  # torn until recovery
+    assert list(recover_all(state).values()) == [RecoveryOutcome.ROLLED_FORWARD]
+    assert pair_bytes(snap, mem) == (NEW_STATE, NEW_MEM)
+    assert leftovers(str(sub)) == []
 
 
 def test_saves_from_worker_threads_into_one_directory(tmp_path: Path) -> None:
@@ -498,9 +673,11 @@ CHILD_SAVE = """
 import os, sys
 import squibd.snapshot.commit
 from squibd.snapshot.commit import PairTransaction
-snap, mem, state_file, mem_file, expected_module = sys.argv[1:6]
+from squibd.snapshot.statedir import configure_state_dir
+snap, mem, state_file, mem_file, expected_module, state_dir = sys.argv[1:7]
 if os.path.realpath(squibd.snapshot.commit.__file__) != expected_module:
     sys.exit(f"imported {squibd.snapshot.commit.__file__}, not {expected_module}")
+configure_state_dir(state_dir)  # exists already: opening it changes no file
 state, memory = open(state_file, "rb").read(), open(mem_file, "rb").read()
 with PairTransaction(snap, mem) as tx:
     os.pwrite(tx.mem_fd, memory, 0)
@@ -534,7 +711,7 @@ def run_traced_save(tmp_path: Path, syscalls: str, *inject: str) -> TracedSave:
         sys.executable, "-c", CHILD_SAVE,
         str(tmp_path / "vm.snap"), str(tmp_path / "vm.mem"),
         str(tmp_path / "new.state"), str(tmp_path / "new.mem"),
-        os.path.realpath(commit_module.__file__),
+        os.path.realpath(commit_module.__file__), str(tmp_path / "state"),
     ]  # fmt: skip
     env = {
         **os.environ,
@@ -564,7 +741,7 @@ def test_sigkill_at_every_file_changing_syscall_leaves_old_or_new_pair(tmp_path:
     counted = run_traced_save(tmp_path, MUTATING_SYSCALLS)
     assert counted.returncode == 0, counted.stderr
     calls = counted.calls
-    assert {"fsync", "rename", "unlink"} <= set(calls)
+    assert {"fsync", "renameat", "unlink"} <= set(calls)
     outcomes: dict[str, list[str]] = {}
     for name in dict.fromkeys(calls):
         for nth in range(1, calls.count(name) + 1):
@@ -587,7 +764,7 @@ def test_sigkill_at_every_file_changing_syscall_leaves_old_or_new_pair(tmp_path:
     # renames and the journal unlink come after the commit point.
     for kinds in outcomes.values():
         assert kinds == sorted(kinds, key=lambda outcome: outcome == "new")
-    assert set(outcomes["rename"]) == set(outcomes["unlink"]) == {"new"}
+    assert set(outcomes["renameat"]) == set(outcomes["unlink"]) == {"new"}
     assert outcomes["fchmod"][0] == "old"
 
 

@@ -30,6 +30,7 @@ from squibd.snapshot.errors import (
     Bitcode,
     CrcMismatch,
     Incompatible,
+    InvalidPath,
     Io,
     MagicMismatch,
     SizeLimitExceeded,
@@ -134,9 +135,9 @@ def test_size_limit_boundary_on_disk(tmp_path: Path) -> None:
         read_state_bytes(over)
 
 
-def test_size_limit_stops_reading_an_endless_file() -> None:
-    with pytest.raises(SizeLimitExceeded):
-        read_state_bytes("/dev/zero")  # fstat says 0 bytes; the bounded read catches it
+def test_an_endless_device_is_refused_before_any_read() -> None:
+    with pytest.raises(InvalidPath, match="is a character device, not a regular file"):
+        read_state_bytes("/dev/zero")  # fstat says 0 bytes: never opened for reading
 
 
 def test_missing_file_is_an_io_error(tmp_path: Path) -> None:
