@@ -8,7 +8,8 @@ for byte, to a Full snapshot taken at the last Diff's checkpoint:
 1. read every state file; the base must be a Full and each Diff's
    ``parent_pair_id`` must name the previous pair; all layouts must agree;
 2. check each memory file against its manifest (``verify`` mode ``size`` by
-   default: size and pair xattr; ``full`` re-hashes everything);
+   default: size and pair xattr, and a full digest check of a file without
+   the xattr, ``verify.check_pair_binding``; ``full`` re-hashes everything);
 3. open a :class:`~squibd.snapshot.commit.PairTransaction` for the output
    and fill its memory temp: the base's extents, then each Diff's extents
    in order (by the manifests, never by probing holes), with
@@ -113,6 +114,24 @@ def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
         done += copied
 
 
+def _split_at_regions(extents: Sequence[Extent], manifest: MemoryManifest) -> tuple[Extent, ...]:
+    """Cut extents at region starts, as the memory writer reports them.
+
+    A manifest's extents never span two regions, so that the output can be
+    stored as a page map (manifest.py) when it has very many extents.
+    """
+    starts = sorted(region.file_offset for region in manifest.regions[1:])
+    out: list[Extent] = []
+    for extent in extents:
+        offset = extent.offset
+        for boundary in starts:
+            if offset < boundary < extent.end:
+                out.append(Extent(offset, boundary - offset))
+                offset = boundary
+        out.append(Extent(offset, extent.end - offset))
+    return tuple(out)
+
+
 def _digests(fd: int, extents: tuple[Extent, ...], algorithm: str, chunk_size: int) -> bytes:
     hash_of = digest_function(algorithm)
     out: list[bytes] = []
@@ -205,7 +224,9 @@ def _merge(
             for state, fd in zip(states, fds, strict=True):
                 for extent in state.memory.extents:
                     _copy_range(fd, txn.mem_fd, extent.offset, extent.length)
-            extents = merge_extents([e for s in states for e in s.memory.extents])
+            extents = _split_at_regions(
+                merge_extents([e for s in states for e in s.memory.extents]), last.memory
+            )
             digests = _digests(txn.mem_fd, extents, DEFAULT_ALGORITHM, DEFAULT_CHUNK_SIZE)
         except OSError as error:
             raise MemoryIo(error) from error
