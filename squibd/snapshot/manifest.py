@@ -48,6 +48,7 @@ __all__ = [
     "DIGEST_SIZES",
     "KIND_DIFF",
     "KIND_FULL",
+    "MAX_PAGE_MAP_BYTES",
     "PAGE_MAP_MIN_EXTENTS",
     "DigestUnit",
     "Extent",
@@ -75,6 +76,11 @@ DIGEST_SIZES: Final[dict[str, int]] = {"xxh3-64": 8, "blake3": 32}
 #: (below it the extent list costs at most a few hundred KB and every reader
 #: of the 1.0.0 form keeps working unchanged).
 PAGE_MAP_MIN_EXTENTS: Final = 16384
+
+#: Largest raw page bitmap (10 MB: 80 million pages, 320 GiB of 4 KiB pages). A
+#: state file cannot hold more incompressible bits, and the cap bounds what a
+#: hostile, highly compressed map can make a reader allocate.
+MAX_PAGE_MAP_BYTES: Final = 10_000_000
 
 Array = npt.NDArray[np.int64]
 
@@ -202,6 +208,10 @@ def decode_page_map(manifest: MemoryManifest) -> npt.NDArray[np.bool_]:
         raise PageMapError(f"file size {manifest.file_size} is not a multiple of page {page}")
     pages = manifest.file_size // page
     expected = (pages + 7) // 8
+    if expected > MAX_PAGE_MAP_BYTES:
+        raise PageMapError(
+            f"{pages} pages need a {expected}-byte bitmap, more than {MAX_PAGE_MAP_BYTES}"
+        )
     inflater = zlib.decompressobj()
     try:
         raw = inflater.decompress(manifest.page_map, expected + 1)
@@ -344,6 +354,8 @@ def compact_manifest(
     if ((piece_offsets % page) != 0).any() or ((piece_lengths % page) != 0).any():
         return None
     pages = manifest.file_size // page
+    if (pages + 7) // 8 > MAX_PAGE_MAP_BYTES:
+        return None
     delta = np.zeros(pages + 1, dtype=np.int64)
     np.add.at(delta, piece_offsets // page, 1)
     np.add.at(delta, (piece_offsets + piece_lengths) // page, -1)
