@@ -163,7 +163,6 @@ def test_alternating_pages_beyond_the_old_limit_save_load_and_rebase(tmp_path: P
         _save(memory, tmp_path / "diff.snap", "Diff", runs=runs, parent=full.pair_id, rip=0x2000)
         out = rebase(str(tmp_path / "full.snap"), [str(tmp_path / "diff.snap")],
                      str(tmp_path / "out.snap"))  # fmt: skip
-        verify(read_state_file(str(tmp_path / "out.snap")), str(tmp_path / "out.mem"), "full")
         out_map = GuestMemory.from_file(str(tmp_path / "out.mem"), memory.manifest_regions())
         try:
             _assert_same(out_map, memory)
