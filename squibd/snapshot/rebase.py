@@ -294,6 +294,7 @@ def _merge(
             digest_algorithm=DEFAULT_ALGORITHM,
             chunk_size=DEFAULT_CHUNK_SIZE,
             digests=digests,
+            page_map=None,  # the list form; encode_state compacts it again if it is long
         )
         set_pair_xattr(txn.mem_fd, manifest.pair_id)
         txn.commit(encode_state(attrs.evolve(last, memory=manifest)), mem_size=size)

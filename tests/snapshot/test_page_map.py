@@ -174,6 +174,43 @@ def test_alternating_pages_beyond_the_old_limit_save_load_and_rebase(tmp_path: P
     assert len(out.extents) == len(full.extents) - 2  # each Diff page joined two extents
 
 
+def test_rebase_of_page_map_full_and_diff(tmp_path: Path) -> None:
+    """Both inputs stored as page maps (and read back without their xattrs): the rebase
+    equals the memory at the Diff's checkpoint."""
+    regions = _regions_for(160)
+    with _memory(regions) as memory:
+        pages = memory.total_size // PAGE
+        for page in range(0, pages, 2):
+            memory.write(_addr(regions, page), page.to_bytes(8, "little") + b"F")
+        full = _save(memory, tmp_path / "full.snap", "Full")
+        runs: list[list[tuple[int, int]]] = [[], []]
+        for page in range(1, pages, 2):
+            memory.write(_addr(regions, page), page.to_bytes(8, "little") + b"D")
+            index = 0 if page * PAGE < regions[1].file_offset else 1
+            runs[index].append((page - regions[index].file_offset // PAGE, 1))
+        _save(memory, tmp_path / "diff.snap", "Diff", runs=runs, parent=full.pair_id)  # type: ignore[arg-type]
+        for name in ("full", "diff"):
+            assert read_state_file(str(tmp_path / f"{name}.snap")).memory.page_map is not None
+            os.removexattr(tmp_path / f"{name}.mem", "user.squibd.pair")
+        out = rebase(str(tmp_path / "full.snap"), [str(tmp_path / "diff.snap")],
+                     str(tmp_path / "out.snap"))  # fmt: skip
+        assert [(e.offset, e.length) for e in out.extents] == [
+            (r.file_offset, r.size) for r in regions
+        ]
+        out_map = GuestMemory.from_file(str(tmp_path / "out.mem"), memory.manifest_regions())
+        try:
+            for ours, theirs in zip(out_map.regions, memory.regions, strict=True):
+                assert ours.view == theirs.view
+        finally:
+            out_map.close()
+
+
+def _addr(regions: tuple[MemoryRegion, ...], page: int) -> int:
+    offset = page * PAGE
+    region = regions[0] if offset < regions[1].file_offset else regions[1]
+    return region.guest_addr + offset - region.file_offset
+
+
 # --- small, exhaustive checks of the compact form -----------------------------------------
 
 SMALL = (MemoryRegion(0, 2 * MIB + 3 * PAGE, 0),
