@@ -27,12 +27,13 @@ from .envelope import (
     HEADER_FIXED_SIZE,
     STATE_VERSION,
     crc64,
+    host_magic,
     read_header,
     read_state_bytes,
     version_compatible,
 )
 from .errors import Bitcode, CrcMismatch, MemoryIo, SnapshotError, TooShort, VersionMismatch
-from .manifest import MemoryManifest, PageMapError
+from .manifest import KIND_DIFF, MemoryManifest, PageMapError
 from .models import MicrovmState
 from .pairing import PAIR_XATTR
 
@@ -262,6 +263,11 @@ def describe_snapshot(
         errors.append(ErrorReport.of(error))
         return done()
     _fill_from_state(fields, state)
+    if state.memory.kind == KIND_DIFF:
+        notes.append("a Diff loads only after a rebase onto its Full parent "
+                     "(squibd --rebase-snapshot)")  # fmt: skip
+    if magic != host_magic():
+        notes.append(f"this is an {fields['arch']} snapshot: this host cannot load it")
     try:
         check_compatible(state)
     except SnapshotError as error:
