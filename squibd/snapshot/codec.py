@@ -43,6 +43,7 @@ from cattrs.preconf.msgpack import MsgpackConverter
 from cattrs.preconf.msgpack import make_converter as _make_msgpack_converter
 
 from .errors import Bitcode
+from .manifest import MemoryManifest
 from .models import Aarch64MicrovmState, MicrovmState, X86MicrovmState
 
 __all__ = [
@@ -132,7 +133,10 @@ def make_state_converter(*, detailed_validation: bool = True) -> MsgpackConverte
         module docstring for the rules).
     """
     detailed = detailed_validation
-    conv = _make_msgpack_converter(forbid_extra_keys=True, detailed_validation=detailed)
+    # use_alias: a field stored privately (``MemoryManifest._extents``) keeps its public key.
+    conv = _make_msgpack_converter(
+        forbid_extra_keys=True, detailed_validation=detailed, use_alias=True
+    )
     conv.register_structure_hook(int, _structure_u64)
     # bool is a subclass of int: it needs its own hook or it would reach _structure_u64.
     conv.register_structure_hook(bool, _exact(bool, "a boolean"))
@@ -141,7 +145,11 @@ def make_state_converter(*, detailed_validation: bool = True) -> MsgpackConverte
 
     def attrs_factory(cls: type) -> Any:
         inner: Callable[..., Any] = cattrs.gen.make_dict_structure_fn(
-            cls, conv, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=detailed
+            cls,
+            conv,
+            _cattrs_forbid_extra_keys=True,
+            _cattrs_detailed_validation=detailed,
+            _cattrs_use_alias=True,
         )
         return _require(dict, f"a map for {cls.__name__}", inner)
 
@@ -152,6 +160,15 @@ def make_state_converter(*, detailed_validation: bool = True) -> MsgpackConverte
         return _require(dict, "a map", mapping_structure_factory(tp, conv))
 
     conv.register_structure_hook_factory(attrs.has, attrs_factory)
+    # State format 1.1.0 added ``memory.page_map``; a manifest without one is
+    # written without the key, exactly as 1.0.0 wrote it.
+    conv.register_unstructure_hook(
+        MemoryManifest,
+        cattrs.gen.make_dict_unstructure_fn(
+            MemoryManifest, conv, _cattrs_use_alias=True,
+            page_map=cattrs.gen.override(omit_if_default=True),
+        ),
+    )  # fmt: skip
     conv.register_structure_hook_factory(_is_homogeneous_tuple, tuple_factory)
     conv.register_structure_hook_factory(_is_dict, dict_factory)
     return conv
@@ -173,7 +190,7 @@ def _leaf_errors(exc: BaseException, path: tuple[str, ...]) -> list[tuple[str, B
     step = list(path)
     for note in getattr(exc, "__notes__", ()):
         if isinstance(note, AttributeValidationNote):
-            step.append(note.name)
+            step.append(note.name.lstrip("_"))  # the key: attrs' default alias
         elif isinstance(note, IterableValidationNote):
             step.append(str(note.index))
     if isinstance(exc, BaseValidationError):

@@ -11,10 +11,19 @@ SPEC section 2 and whose ``detail`` names the problem, e.g.
 
 from __future__ import annotations
 
+import os
 from typing import Final
 
 from .errors import Incompatible
-from .manifest import DEFAULT_CHUNK_SIZE, DIGEST_SIZES, KIND_DIFF, KIND_FULL, MemoryManifest
+from .manifest import (
+    DEFAULT_CHUNK_SIZE,
+    DIGEST_SIZES,
+    KIND_DIFF,
+    KIND_FULL,
+    MemoryManifest,
+    PageMapError,
+    page_map_windows,
+)
 from .models import (
     PSCI_STATES,
     Aarch64MicrovmState,
@@ -32,17 +41,30 @@ __all__ = [
     "AARCH64_X_REG_COUNT",
     "IRQCHIP_DATA_SIZE",
     "LAPIC_SIZE",
+    "MAX_GUEST_PHYS_ADDR",
+    "MAX_PAGE_SIZE",
+    "MAX_REGIONS",
     "MAX_VCPUS",
     "MIB",
     "MIN_XSAVE_SIZE",
     "PIT_STATE2_SIZE",
     "VCPU_EVENTS_SIZE",
     "check_compatible",
+    "check_page_map",
 ]
 
 #: SPEC sections 3 and 9: 1 to 32 vCPUs.
 MAX_VCPUS: Final = 32
 MIB: Final = 1024 * 1024
+#: Guest-physical addresses end below 2^52 (the widest physical address x86_64
+#: and arm64 define); a region beyond cannot be given to KVM.
+MAX_GUEST_PHYS_ADDR: Final = 1 << 52
+#: More regions than this are not a layout any squibd VMM builds.
+MAX_REGIONS: Final = 256
+#: Largest page size of a manifest (1 GiB huge pages).
+MAX_PAGE_SIZE: Final = 1 << 30
+#: Regions are mapped in host pages.
+HOST_PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
 #: linux/arch/x86/include/uapi/asm/kvm.h: KVM_APIC_REG_SIZE (struct kvm_lapic_state).
 LAPIC_SIZE: Final = 0x400
 #: asm/kvm.h: struct kvm_xsave is ``__u32 region[1024]``; XSAVE2 may return more.
@@ -147,24 +169,50 @@ def _check_devices(devices: tuple[DeviceState, ...]) -> None:
 
 def _check_manifest(manifest: MemoryManifest, mem_size_mib: int) -> None:
     page = manifest.page_size
-    if page <= 0 or page & (page - 1):
-        raise _fail(f"memory.page_size {page} is not a power of two")
+    if page <= 0 or page & (page - 1) or page > MAX_PAGE_SIZE:
+        raise _fail(f"memory.page_size {page} is not a power of two up to {MAX_PAGE_SIZE}")
     if manifest.kind not in (KIND_FULL, KIND_DIFF):
         raise _fail(f"memory.kind is {manifest.kind!r}, expected Full or Diff")
     if manifest.kind == KIND_DIFF and not manifest.parent_pair_id:
         raise _fail("memory.kind is Diff but memory.parent_pair_id is missing")
     if not manifest.pair_id:
         raise _fail("memory.pair_id is empty")
+    _check_regions(manifest, mem_size_mib)
+    if manifest.page_map is not None:
+        check_page_map(manifest)
+        return
+    end = 0
+    for i, extent in enumerate(manifest.stored_extents):
+        if extent.length <= 0 or extent.offset < end or extent.end > manifest.file_size:
+            raise _fail(f"memory.extents.{i} overlaps, is unordered or lies beyond the file")
+        end = extent.end
+    _check_digests(manifest)
+
+
+def _check_regions(manifest: MemoryManifest, mem_size_mib: int) -> None:
+    # Regions must be mappable as they are: aligned to the manifest's page and to
+    # the host page (guest memory is mapped in host pages), in guest-physical
+    # order, without overlap, below the largest guest-physical address.
+    align = max(manifest.page_size, HOST_PAGE_SIZE)
+    if not 1 <= len(manifest.regions) <= MAX_REGIONS:
+        raise _fail(f"memory.regions has {len(manifest.regions)} entries, expected 1 to"
+                    f" {MAX_REGIONS}")  # fmt: skip
     expected_offset, previous_end = 0, 0
     for i, region in enumerate(manifest.regions):
         if region.file_offset != expected_offset:
             raise _fail(f"memory.regions.{i}.file_offset is not where region {i - 1} ends")
-        if region.size <= 0 or region.size % page or region.guest_addr % page:
+        if region.size <= 0 or region.size % align or region.guest_addr % align:
             raise _fail(f"memory.regions.{i} is not page aligned")
-        if i and region.guest_addr < previous_end:
-            raise _fail(f"memory.regions.{i} is not in guest-physical order")
+        end = region.guest_addr + region.size
+        if end > MAX_GUEST_PHYS_ADDR:
+            raise _fail(
+                f"memory.regions.{i} ends at {end:#x}, beyond the guest-physical limit"
+                f" {MAX_GUEST_PHYS_ADDR:#x}"
+            )
+        if region.guest_addr < previous_end:
+            raise _fail(f"memory.regions.{i} overlaps or is not in guest-physical order")
         expected_offset += region.size
-        previous_end = region.guest_addr + region.size
+        previous_end = end
     if expected_offset != mem_size_mib * MIB:
         raise _fail(
             f"memory regions total {expected_offset} bytes"
@@ -172,24 +220,44 @@ def _check_manifest(manifest: MemoryManifest, mem_size_mib: int) -> None:
         )
     if manifest.file_size != expected_offset:
         raise _fail(f"memory.file_size {manifest.file_size} != regions total {expected_offset}")
-    end = 0
-    for i, extent in enumerate(manifest.extents):
-        if extent.length <= 0 or extent.offset < end or extent.end > manifest.file_size:
-            raise _fail(f"memory.extents.{i} overlaps, is unordered or lies beyond the file")
-        end = extent.end
-    _check_digests(manifest)
 
 
-def _check_digests(manifest: MemoryManifest) -> None:
+def check_page_map(manifest: MemoryManifest) -> None:
+    """Check a compact manifest's page map and digest count (``Incompatible`` otherwise)."""
+    if manifest.stored_extents:
+        raise _fail("memory has both extents and a page_map")
+    size = _check_digest_params(manifest)
+    if manifest.chunk_size % manifest.page_size:
+        raise _fail(
+            f"memory.chunk_size {manifest.chunk_size} is not a multiple of memory.page_size"
+            f" {manifest.page_size} (needed with a page_map)"
+        )
+    try:
+        windows = page_map_windows(manifest)
+    except PageMapError as error:
+        raise _fail(f"memory.page_map: {error}") from error
+    if len(manifest.digests) != windows * size:
+        raise _fail(
+            f"memory.digests holds {len(manifest.digests)} bytes, expected {windows} x {size}"
+        )
+
+
+def _check_digest_params(manifest: MemoryManifest) -> int:
     size = DIGEST_SIZES.get(manifest.digest_algorithm)
     if size is None:
         raise _fail(f"memory.digest_algorithm {manifest.digest_algorithm!r} is unknown")
     if not 0 < manifest.chunk_size <= DEFAULT_CHUNK_SIZE:
         raise _fail(f"memory.chunk_size {manifest.chunk_size} is not in 1..{DEFAULT_CHUNK_SIZE}")
+    return size
+
+
+def _check_digests(manifest: MemoryManifest) -> None:
+    size = _check_digest_params(manifest)
     chunk = manifest.chunk_size
     # Number of chunks iter_chunks() yields, computed without iterating.
     chunks = sum(
-        (extent.end - 1) // chunk - extent.offset // chunk + 1 for extent in manifest.extents
+        (extent.end - 1) // chunk - extent.offset // chunk + 1
+        for extent in manifest.stored_extents
     )
     if len(manifest.digests) != chunks * size:
         raise _fail(

@@ -29,11 +29,12 @@ from .envelope import (
     STATE_VERSION,
     crc64,
     host_magic,
+    read_header,
     read_state_bytes,
     version_compatible,
 )
-from .errors import CrcMismatch, MagicMismatch, MemoryIo, SnapshotError, TooShort, VersionMismatch
-from .manifest import MemoryManifest
+from .errors import Bitcode, CrcMismatch, MemoryIo, SnapshotError, TooShort, VersionMismatch
+from .manifest import KIND_DIFF, MemoryManifest, PageMapError
 from .models import MicrovmState
 from .pairing import PAIR_XATTR
 from .paths import open_client_file
@@ -82,18 +83,24 @@ class ManifestSummary:
     file_size: int
     page_size: int
     regions: int
-    extents: int
-    bytes_written: int
+    #: None when a page map does not decode (an error says so).
+    extents: int | None
+    bytes_written: int | None
     pair_id: str
     parent_pair_id: str | None
     digest_algorithm: str
 
     @classmethod
     def of(cls, manifest: MemoryManifest) -> ManifestSummary:
+        try:
+            extents: int | None = len(manifest.extents)
+            written: int | None = manifest.bytes_written
+        except PageMapError:
+            extents = written = None
         return cls(
             kind=manifest.kind, file_size=manifest.file_size, page_size=manifest.page_size,
-            regions=len(manifest.regions), extents=len(manifest.extents),
-            bytes_written=manifest.bytes_written, pair_id=manifest.pair_id,
+            regions=len(manifest.regions), extents=extents,
+            bytes_written=written, pair_id=manifest.pair_id,
             parent_pair_id=manifest.parent_pair_id, digest_algorithm=manifest.digest_algorithm,
         )  # fmt: skip
 
@@ -241,20 +248,16 @@ def describe_snapshot(
     if not fields["crc_ok"]:
         errors.append(ErrorReport.of(CrcMismatch()))
         notes.append("CRC mismatch: the fields below come from a damaged file")
-    if body_end < HEADER_FIXED_SIZE:
-        notes.append("the file ends inside the header")
-        return done()
-    magic, version_len = struct.unpack_from("<QQ", data, 0)
-    fields["magic"] = magic
-    if magic not in ARCH_BY_MAGIC:
-        errors.append(ErrorReport.of(MagicMismatch(magic, host_magic())))
+    if body_end >= HEADER_FIXED_SIZE:
+        fields["magic"] = struct.unpack_from("<Q", data, 0)[0]
+    try:  # the header parser load uses: a header describe accepts, load accepts
+        magic, version, body_offset = read_header(data, body_end)
+    except SnapshotError as error:
+        errors.append(ErrorReport.of(error))
+        if isinstance(error, Bitcode):
+            notes.append("the header cannot be read: " + str(error))
         return done()
     fields["arch"], cls = ARCH_BY_MAGIC[magic]
-    body_offset = HEADER_FIXED_SIZE + version_len
-    if version_len > _MAX_SHOWN_VERSION or body_offset > body_end:
-        notes.append(f"version length {version_len} does not fit the header")
-        return done()
-    version = data[HEADER_FIXED_SIZE:body_offset].decode("ascii", "replace")
     fields["version"] = version
     if not version_compatible(version):
         errors.append(ErrorReport.of(VersionMismatch(version, STATE_VERSION)))
@@ -275,6 +278,11 @@ def describe_snapshot(
         errors.append(ErrorReport.of(error))
         return done()
     _fill_from_state(fields, state)
+    if state.memory.kind == KIND_DIFF:
+        notes.append("a Diff loads only after a rebase onto its Full parent "
+                     "(squibd --rebase-snapshot)")  # fmt: skip
+    if magic != host_magic():
+        notes.append(f"this is an {fields['arch']} snapshot: this host cannot load it")
     try:
         check_compatible(state)
     except SnapshotError as error:
@@ -291,8 +299,10 @@ def describe_snapshot(
                                   "the memory file does not match the manifest"))  # fmt: skip
     elif not report.exists and (memory_file is not None or verify != "none"):
         errors.append(ErrorReport.of(MemoryIo(errno.ENOENT)))
-    if verify != "none" and report.exists:
-        failure = _run_verify(state, memory_path, verify)
+    elif report.exists and (verify != "none" or not errors):
+        # At least the binding check load makes: size and pair xattr, and a full
+        # digest check of a memory file without the xattr (verify.check_pair_binding).
+        failure = _run_verify(state, memory_path, "size" if verify == "none" else verify)
         if failure is not None:
             errors.append(failure)
     return done()

@@ -11,7 +11,7 @@ parallel. The integrity goal is catching corruption, not an adversary.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import xxhash
@@ -27,6 +27,7 @@ __all__ = [
     "digest",
     "digest_function",
     "manifest_digests",
+    "unit_digest",
 ]
 
 Buffer = bytes | bytearray | memoryview
@@ -111,3 +112,16 @@ def manifest_digests(
     return b"".join(
         hash_chunk(read(chunk.offset, chunk.length)) for chunk in iter_chunks(extents, chunk_size)
     )
+
+
+def unit_digest(hash_of: DigestFunction, pieces: Sequence[Buffer], combined: bool) -> bytes:
+    """The digest of one ``manifest.DigestUnit`` given its pieces' bytes, in order.
+
+    ``combined`` False: the digest of the single piece; True: the digest of the
+    concatenated digests of the pieces (the page-map form).
+    """
+    if not combined:
+        if len(pieces) != 1:
+            raise ValueError(f"a plain digest unit has one piece, got {len(pieces)}")
+        return hash_of(pieces[0])
+    return hash_of(b"".join(hash_of(piece) for piece in pieces))

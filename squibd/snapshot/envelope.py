@@ -29,6 +29,7 @@ import crcmod
 
 from .codec import decode_body, encode_body
 from .compat import check_compatible
+from .digest import UnknownDigestAlgorithm, digest_function
 from .errors import (
     Bitcode,
     CrcMismatch,
@@ -39,6 +40,7 @@ from .errors import (
     VersionMismatch,
 )
 from .journal import recover_snapshot
+from .manifest import PAGE_MAP_MIN_EXTENTS, compact_manifest
 from .models import Aarch64MicrovmState, MicrovmState, X86MicrovmState
 from .paths import open_client_file, validate_path
 
@@ -57,6 +59,7 @@ __all__ = [
     "encode_state",
     "host_magic",
     "parse_envelope",
+    "read_header",
     "read_state_bytes",
     "read_state_file",
     "version_compatible",
@@ -77,7 +80,8 @@ _MAGIC_BY_CLASS: Final[dict[type, int]] = {
     Aarch64MicrovmState: MAGIC_AARCH64,
 }
 #: SPEC section 3: squibd's state format version (semver; see version_compatible).
-STATE_VERSION: Final = "1.0.0"
+#: 1.1.0 added the optional ``memory.page_map`` (manifest.py); 1.0.0 files still load.
+STATE_VERSION: Final = "1.1.0"
 #: SPEC section 3: files larger than this are refused before they are read.
 STATE_SIZE_LIMIT: Final = 10_000_000
 #: The CRC trailer is one u64 (SPEC section 3).
@@ -154,12 +158,53 @@ def encode_state(state: MicrovmState) -> bytes:
     if magic is None:
         raise Bitcode(f"cannot encode {type(state).__name__}: not a MicrovmState")
     check_compatible(state)
+    state = _compact(state)
     version = STATE_VERSION.encode("ascii")
     head = _HEADER.pack(magic, len(version)) + version
     data = b"".join((head, encode_body(state)))
     if len(data) + CRC_SIZE > STATE_SIZE_LIMIT:
         raise SizeLimitExceeded(STATE_SIZE_LIMIT)
     return data + _U64.pack(crc64(data))
+
+
+def _compact(state: MicrovmState) -> MicrovmState:
+    """Store a manifest of many extents as a page map (manifest.py), when it is faithful."""
+    manifest = state.memory
+    if manifest.page_map is not None or len(manifest.stored_extents) <= PAGE_MAP_MIN_EXTENTS:
+        return state
+    try:
+        combine = digest_function(manifest.digest_algorithm)
+    except UnknownDigestAlgorithm:
+        return state
+    compact = compact_manifest(manifest, combine)
+    return state if compact is None else attrs.evolve(state, memory=compact)
+
+
+def read_header(data: bytes | memoryview, body_end: int) -> tuple[int, str, int]:
+    """Magic, version string and body offset of a state file whose body ends at ``body_end``.
+
+    The one header parser of load and describe (the version is not yet
+    compared with ours: :func:`version_compatible`).
+
+    Raises:
+        Bitcode: the header ends early, the version length does not fit or
+            the version is not ASCII.
+        MagicMismatch: the magic is not an architecture squibd knows.
+    """
+    view = memoryview(data)
+    if body_end < HEADER_FIXED_SIZE:
+        raise Bitcode(f"file ends inside the {HEADER_FIXED_SIZE}-byte header")
+    magic, version_len = _HEADER.unpack_from(view, 0)
+    if magic not in ARCH_BY_MAGIC:
+        raise MagicMismatch(magic, host_magic())
+    if version_len > _MAX_VERSION_LEN or HEADER_FIXED_SIZE + version_len > body_end:
+        raise Bitcode(f"version length {version_len} does not fit the header")
+    raw_version = bytes(view[HEADER_FIXED_SIZE : HEADER_FIXED_SIZE + version_len])
+    try:
+        version = raw_version.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise Bitcode(f"version {raw_version!r} is not ASCII") from exc
+    return magic, version, HEADER_FIXED_SIZE + version_len
 
 
 def parse_envelope(data: bytes | memoryview, *, check_crc: bool = True) -> Envelope:
@@ -186,31 +231,23 @@ def parse_envelope(data: bytes | memoryview, *, check_crc: bool = True) -> Envel
         if crc64(view[:body_end]) != stored:
             raise CrcMismatch()
         crc_ok = True
-    if body_end < HEADER_FIXED_SIZE:
-        raise Bitcode(f"file ends inside the {HEADER_FIXED_SIZE}-byte header")
-    magic, version_len = _HEADER.unpack_from(view, 0)
-    if magic not in ARCH_BY_MAGIC:
-        raise MagicMismatch(magic, host_magic())
-    if version_len > _MAX_VERSION_LEN or HEADER_FIXED_SIZE + version_len > body_end:
-        raise Bitcode(f"version length {version_len} does not fit the header")
-    raw_version = bytes(view[HEADER_FIXED_SIZE : HEADER_FIXED_SIZE + version_len])
-    try:
-        version = raw_version.decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise Bitcode(f"version {raw_version!r} is not ASCII") from exc
+    magic, version, body_offset = read_header(view, body_end)
     if not version_compatible(version):
         raise VersionMismatch(version, STATE_VERSION)
     return Envelope(
         magic=magic,
         version=version,
         crc_ok=crc_ok,
-        body_offset=HEADER_FIXED_SIZE + version_len,
+        body_offset=body_offset,
         body_end=body_end,
     )
 
 
 def decode_state(data: bytes | memoryview, *, check_crc: bool = True) -> MicrovmState:
     """Load a state file's bytes with the full load order of SPEC section 3.
+
+    This is the one validation of a state file: ``describe`` applies the same
+    steps (and calls a file ok exactly when this returns).
 
     Raises:
         SizeLimitExceeded, TooShort, CrcMismatch, MagicMismatch,

@@ -8,7 +8,8 @@ for byte, to a Full snapshot taken at the last Diff's checkpoint:
 1. read every state file; the base must be a Full and each Diff's
    ``parent_pair_id`` must name the previous pair; all layouts must agree;
 2. check each memory file against its manifest (``verify`` mode ``size`` by
-   default: size and pair xattr; ``full`` re-hashes everything);
+   default: size and pair xattr, and a full digest check of a file without
+   the xattr, ``verify.check_pair_binding``; ``full`` re-hashes everything);
 3. open a :class:`~squibd.snapshot.commit.PairTransaction` for the output
    and fill its memory temp: the base's extents, then each Diff's extents
    in order (by the manifests, never by probing holes), with
@@ -51,6 +52,8 @@ SNAP_SUFFIX: Final = ".snap"
 MEM_SUFFIX: Final = ".mem"
 #: Largest single copy request (copy_file_range and the pread fallback).
 _COPY_BLOCK: Final = 8 * 1024 * 1024
+#: Extents shorter than this are copied by pread/pwrite in batches (_copy_extents).
+_SMALL_COPY: Final = 256 * 1024
 
 
 def memory_path_for(snapshot_path: str) -> str:
@@ -114,21 +117,94 @@ def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
         done += copied
 
 
+def _split_at_regions(extents: Sequence[Extent], manifest: MemoryManifest) -> tuple[Extent, ...]:
+    """Cut extents at region starts, as the memory writer reports them.
+
+    A manifest's extents never span two regions, so that the output can be
+    stored as a page map (manifest.py) when it has very many extents.
+    """
+    starts = sorted(region.file_offset for region in manifest.regions[1:])
+    out: list[Extent] = []
+    for extent in extents:
+        offset = extent.offset
+        for boundary in starts:
+            if offset < boundary < extent.end:
+                out.append(Extent(offset, boundary - offset))
+                offset = boundary
+        out.append(Extent(offset, extent.end - offset))
+    return tuple(out)
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
+    got = 0
+    while got < len(view):
+        read = os.preadv(fd, [view[got:]], offset + got)
+        if read == 0:
+            raise MemoryIo(errno.EIO)  # the file ended inside an extent: truncated
+        got += read
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _copy_extents(src: int, dst: int, extents: Sequence[Extent], span_limit: int) -> None:
+    """Copy extents to the same offsets of ``dst``.
+
+    Large extents go through :func:`_copy_range` (``copy_file_range``); runs of
+    small extents within ``span_limit`` bytes are read with one ``pread`` and
+    written piece by piece (a scattered Diff or page map has hundreds of
+    thousands of single pages: one kernel copy each would dominate).
+    """
+    buffer = memoryview(bytearray(span_limit))
+    pending: list[Extent] = []
+
+    def flush() -> None:
+        if len(pending) == 1:
+            _copy_range(src, dst, pending[0].offset, pending[0].length)
+        elif pending:
+            base = pending[0].offset
+            _pread_exact(src, buffer[: pending[-1].end - base], base)
+            for extent in pending:
+                _pwrite_all(dst, buffer[extent.offset - base : extent.end - base], extent.offset)
+        pending.clear()
+
+    try:
+        for extent in extents:
+            if pending and extent.end - pending[0].offset > span_limit:
+                flush()
+            if extent.length >= _SMALL_COPY:
+                flush()
+                _copy_range(src, dst, extent.offset, extent.length)
+            else:
+                pending.append(extent)
+        flush()
+    finally:
+        buffer.release()
+
+
 def _digests(fd: int, extents: tuple[Extent, ...], algorithm: str, chunk_size: int) -> bytes:
+    """One digest per ``iter_chunks`` piece, reading each window's pieces at once."""
     hash_of = digest_function(algorithm)
     out: list[bytes] = []
     buffer = memoryview(bytearray(chunk_size))
+    group: list[Extent] = []
+
+    def flush() -> None:
+        if group:
+            base = group[0].offset
+            _pread_exact(fd, buffer[: group[-1].end - base], base)
+            out.extend(hash_of(buffer[c.offset - base : c.end - base]) for c in group)
+            group.clear()
+
     try:
         for chunk in iter_chunks(extents, chunk_size):
-            view = buffer[: chunk.length]
-            got = 0
-            while got < chunk.length:
-                read = os.preadv(fd, [view[got:]], chunk.offset + got)
-                if read == 0:
-                    raise MemoryIo(errno.EIO)
-                got += read
-            out.append(hash_of(view))
-            view.release()
+            if group and chunk.offset // chunk_size != group[0].offset // chunk_size:
+                flush()
+            group.append(chunk)
+        flush()
     finally:
         buffer.release()
     return b"".join(out)
@@ -208,9 +284,10 @@ def _merge(
         try:
             os.ftruncate(txn.mem_fd, size)
             for state, fd in zip(states, fds, strict=True):
-                for extent in state.memory.extents:
-                    _copy_range(fd, txn.mem_fd, extent.offset, extent.length)
-            extents = merge_extents([e for s in states for e in s.memory.extents])
+                _copy_extents(fd, txn.mem_fd, state.memory.extents, DEFAULT_CHUNK_SIZE)
+            extents = _split_at_regions(
+                merge_extents([e for s in states for e in s.memory.extents]), last.memory
+            )
             digests = _digests(txn.mem_fd, extents, DEFAULT_ALGORITHM, DEFAULT_CHUNK_SIZE)
         except OSError as error:
             raise MemoryIo(error) from error
@@ -222,6 +299,7 @@ def _merge(
             digest_algorithm=DEFAULT_ALGORITHM,
             chunk_size=DEFAULT_CHUNK_SIZE,
             digests=digests,
+            page_map=None,  # the list form; encode_state compacts it again if it is long
         )
         set_pair_xattr(txn.mem_fd, manifest.pair_id)
         txn.commit(encode_state(attrs.evolve(last, memory=manifest)), mem_size=size)

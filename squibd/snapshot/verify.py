@@ -3,10 +3,16 @@
 ``verify(state, memory_path, mode)``:
 
 - ``none``: nothing is checked;
-- ``size``: the file's size equals the manifest's, and the file's
-  ``user.squibd.pair`` xattr, where present, names the manifest's pair;
+- ``size``: the pair binding (:func:`check_pair_binding`): the file's size
+  equals the manifest's and its ``user.squibd.pair`` xattr names the
+  manifest's pair; a file WITHOUT the xattr (a plain ``cp`` drops it) is
+  verified in full instead, so that another pair's memory file is never
+  taken for this one;
 - ``full``: ``size``, then every written chunk is read and hashed; the first
   chunk whose digest differs is named by its file offset.
+
+:func:`check_pair_binding` is the one pair check of load (File backend),
+rebase inputs and page-server sources.
 
 Failures are ``MemoryIo`` kinds: ``MemoryPairMismatch`` (another pair or the
 wrong size), ``MemoryDigestMismatch`` (corrupt data, ``offset`` set),
@@ -23,17 +29,19 @@ import os
 from collections.abc import Sequence
 from typing import Final, Protocol
 
-from .digest import digest_function
-from .errors import MemoryIo
-from .manifest import DIGEST_SIZES, Extent, MemoryManifest, iter_chunks
+from .compat import check_page_map
+from .digest import digest_function, unit_digest
+from .errors import Incompatible, MemoryIo
+from .manifest import DIGEST_SIZES, Extent, MemoryManifest, iter_chunks, iter_digest_units
 from .memerrors import MemoryDigestMismatch, MemoryInputInvalid, MemoryPairMismatch
 from .memplan import memfd_extents
-from .memwriter import read_pair_xattr
+from .pairing import PAIR_XATTR, read_pair_xattr
 from .paths import open_client_file
 
 __all__ = [
     "VERIFY_MODES",
     "check_manifest",
+    "check_pair_binding",
     "data_extents",
     "first_difference",
     "verify",
@@ -70,6 +78,12 @@ def check_manifest(manifest: MemoryManifest) -> None:
             f"regions add up to {sum(r.size for r in manifest.regions)} bytes, "
             f"the manifest's file size is {manifest.file_size}"
         )
+    if manifest.page_map is not None:
+        try:
+            check_page_map(manifest)
+        except Incompatible as error:
+            raise MemoryInputInvalid(error.detail or str(error)) from error
+        return
     previous_end = 0
     for extent in manifest.extents:
         if extent.length <= 0 or extent.offset < previous_end or extent.end > manifest.file_size:
@@ -87,17 +101,64 @@ def check_manifest(manifest: MemoryManifest) -> None:
         )
 
 
-def _check_binding(fd: int, manifest: MemoryManifest) -> None:
-    size = os.fstat(fd).st_size
+def check_pair_binding(fd: int, manifest: MemoryManifest, *, path: str | None = None) -> bool:
+    """Check that the open memory file ``fd`` is the one ``manifest`` describes.
+
+    The file's size must equal the manifest's. With a ``user.squibd.pair``
+    xattr, it must name the manifest's pair. Without one (a plain ``cp``, a
+    filesystem without user xattrs), every written chunk is read and checked
+    against the manifest's digests before this returns, so the memory file of
+    another pair is refused before any vCPU runs.
+
+    Args:
+        fd: the memory file, open for reading.
+        manifest: the manifest of the state file.
+        path: named in error messages.
+
+    Returns:
+        True when the binding was proven by digests (no xattr), False by the xattr.
+
+    Raises:
+        MemoryPairMismatch: another pair's file, the wrong size, or (no xattr)
+            content that does not match the digests.
+        MemoryInputInvalid: the manifest is inconsistent.
+        MemoryIo: an OS error.
+    """
+    if _bound_by_xattr(fd, manifest, path):
+        return False
+    try:
+        _verify_digests(fd, manifest)
+    except MemoryDigestMismatch as error:
+        raise MemoryPairMismatch(
+            f"{_name(path)} has no {PAIR_XATTR} xattr and does not match the digests of"
+            f" pair {manifest.pair_id} (chunk at offset {error.offset}): another pair's"
+            " memory file or a damaged copy"
+        ) from error
+    return True
+
+
+def _name(path: str | None) -> str:
+    return f"memory file {path!r}" if path else "memory file"
+
+
+def _bound_by_xattr(fd: int, manifest: MemoryManifest, path: str | None) -> bool:
+    """Size check, then the xattr: True when it names the pair, False when absent."""
+    try:
+        size = os.fstat(fd).st_size
+    except OSError as error:
+        raise MemoryIo(error) from error
     if size != manifest.file_size:
         raise MemoryPairMismatch(
-            f"memory file is {size} bytes, the snapshot's manifest says {manifest.file_size}"
+            f"{_name(path)} is {size} bytes, the snapshot's manifest says {manifest.file_size}"
         )
     stored = read_pair_xattr(fd)
-    if stored is not None and stored != manifest.pair_id:
+    if stored is None:
+        return False
+    if stored != manifest.pair_id:
         raise MemoryPairMismatch(
-            f"memory file belongs to pair {stored}, the snapshot is pair {manifest.pair_id}"
+            f"{_name(path)} belongs to pair {stored}, the snapshot is pair {manifest.pair_id}"
         )
+    return True
 
 
 def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
@@ -115,25 +176,31 @@ def verify_fd(fd: int, manifest: MemoryManifest, mode: str) -> None:
         raise ValueError(f"unknown verify mode {mode!r}; expected one of {VERIFY_MODES}")
     if mode == "none":
         return
+    if mode == "size":
+        check_pair_binding(fd, manifest)
+        return
+    _bound_by_xattr(fd, manifest, None)
+    _verify_digests(fd, manifest)
+
+
+def _verify_digests(fd: int, manifest: MemoryManifest) -> None:
+    """Read and hash every written piece; raise at the first unit that differs."""
+    check_manifest(manifest)
+    hash_of = digest_function(manifest.digest_algorithm)
+    buffer = memoryview(bytearray(manifest.chunk_size))
     try:
-        _check_binding(fd, manifest)
-        if mode == "size":
-            return
-        check_manifest(manifest)
-        hash_of = digest_function(manifest.digest_algorithm)
-        size = manifest.digest_size
-        buffer = memoryview(bytearray(manifest.chunk_size))
-        try:
-            for index, chunk in enumerate(iter_chunks(manifest.extents, manifest.chunk_size)):
-                view = buffer[: chunk.length]
-                _pread_exact(fd, view, chunk.offset)
-                expected = manifest.digests[index * size : (index + 1) * size]
-                if hash_of(view) != expected:
-                    raise MemoryDigestMismatch(chunk.offset, chunk.length)
-        finally:
-            buffer.release()
+        for unit in iter_digest_units(manifest):
+            base = unit.offset
+            view = buffer[: unit.end - base]
+            _pread_exact(fd, view, base)  # one read per unit: its pieces share a window
+            pieces = [view[offset - base : offset - base + length]
+                      for offset, length in unit.pieces]  # fmt: skip
+            if unit_digest(hash_of, pieces, unit.combined) != unit.digest:
+                raise MemoryDigestMismatch(base, unit.end - base)
     except OSError as error:
         raise MemoryIo(error) from error
+    finally:
+        buffer.release()
 
 
 def verify(

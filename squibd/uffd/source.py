@@ -35,10 +35,12 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from squibd.snapshot.digest import digest_function
-from squibd.snapshot.manifest import KIND_FULL, MemoryManifest, iter_chunks
+from squibd.snapshot.digest import digest_function, unit_digest
+from squibd.snapshot.errors import Incompatible, MemoryIo
+from squibd.snapshot.manifest import KIND_FULL, DigestUnit, MemoryManifest, iter_digest_units
 from squibd.snapshot.pairing import PAIR_XATTR
 from squibd.snapshot.paths import open_client_file
+from squibd.snapshot.verify import check_pair_binding
 
 from .errors import ChunkCorrupt, SnapshotMismatch
 
@@ -111,19 +113,12 @@ def _map_readonly(path: str, fd: int, size: int) -> int:
 
 
 def _check_pair(path: str, fd: int, manifest: MemoryManifest) -> None:
-    size = os.fstat(fd).st_size
-    if size != manifest.file_size:
-        raise SnapshotMismatch(
-            f"memory file {path!r} is {size} bytes, its manifest says {manifest.file_size}"
-        )
+    # The one pair check (size, xattr, or every digest when the xattr is gone),
+    # reported in the page server's own kind.
     try:
-        pair = os.getxattr(fd, PAIR_XATTR).decode(errors="replace")
-    except OSError:
-        return  # the filesystem keeps no xattrs, or the file was copied without them
-    if pair != manifest.pair_id:
-        raise SnapshotMismatch(
-            f"memory file {path!r} belongs to pair {pair}, the state file to {manifest.pair_id}"
-        )
+        check_pair_binding(fd, manifest, path=path)
+    except (MemoryIo, Incompatible) as error:
+        raise SnapshotMismatch(str(error)) from error
 
 
 @attrs.define(eq=False)
@@ -134,8 +129,8 @@ class MemoryLayer:
     manifest: MemoryManifest
     base: int
     size: int
-    #: chunk-aligned block index -> [(offset, length, digest index)] of that block.
-    _chunks: dict[int, list[tuple[int, int, int]]]
+    #: chunk-aligned block index -> the digest units inside that block.
+    _chunks: dict[int, list[DigestUnit]]
     _verified: set[int] = attrs.Factory(set)
     #: Serialises digest checks, so connections never check the same block twice.
     _lock: threading.Lock = attrs.Factory(threading.Lock)
@@ -155,11 +150,9 @@ class MemoryLayer:
             base = _map_readonly(path, fd, manifest.file_size)
         finally:
             os.close(fd)
-        chunks: dict[int, list[tuple[int, int, int]]] = {}
-        for index, chunk in enumerate(iter_chunks(manifest.extents, manifest.chunk_size)):
-            chunks.setdefault(chunk.offset // manifest.chunk_size, []).append(
-                (chunk.offset, chunk.length, index)
-            )
+        chunks: dict[int, list[DigestUnit]] = {}
+        for unit in iter_digest_units(manifest):
+            chunks.setdefault(unit.offset // manifest.chunk_size, []).append(unit)
         count = sum(len(v) for v in chunks.values())
         if count * manifest.digest_size != len(manifest.digests):
             _libc.munmap(base, manifest.file_size)
@@ -188,11 +181,10 @@ class MemoryLayer:
 
     def _verify_block(self, block: int) -> None:
         function = digest_function(self.manifest.digest_algorithm)
-        size = self.manifest.digest_size
-        digests = self.manifest.digests
-        for offset, length, index in self._chunks.get(block, ()):
-            if function(self.view(offset, length)) != digests[index * size : (index + 1) * size]:
-                raise ChunkCorrupt(self.path, offset, length)
+        for unit in self._chunks.get(block, ()):
+            pieces = [self.view(offset, length) for offset, length in unit.pieces]
+            if unit_digest(function, pieces, unit.combined) != unit.digest:
+                raise ChunkCorrupt(self.path, unit.offset, unit.end - unit.offset)
         self._verified.add(block)
 
     def close(self) -> None:

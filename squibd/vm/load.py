@@ -2,9 +2,11 @@
 
 Theory of operation. ``load_snapshot`` reads and checks the state file
 (size limit, CRC, magic, version, compatibility: ``read_state_file``),
-checks the pair binding (the memory file's size equals the manifest's and
-its ``user.squibd.pair`` xattr, where present, names the manifest's pair)
-before any vCPU exists, maps the memory, and rebuilds the VM: VM-level
+checks the pair binding (``snapshot.verify.check_pair_binding``: the memory
+file's size equals the manifest's and its ``user.squibd.pair`` xattr names
+the manifest's pair; a memory file without the xattr, e.g. after a plain
+``cp``, is verified in full against the manifest's digests) before any vCPU
+exists, maps the memory, and rebuilds the VM: VM-level
 state, then vCPU state. The VM is left Paused with its vCPU threads not yet
 started, unless ``resume_vm``.
 
@@ -68,6 +70,7 @@ def _map_file(vm_id: str, state: X86MicrovmState, mem_path: str) -> GuestMemory:
     except OSError as error:
         raise MemoryIo(error) from error
     try:
+        # "size" is the pair binding: size + xattr, or every digest when the xattr is gone.
         verify_fd(fd, state.memory, "size")
         return GuestMemory.from_file(f"/proc/self/fd/{fd}", state.memory.regions)
     finally:
@@ -114,7 +117,8 @@ async def load_snapshot(
         InvalidPath: a path breaks SPEC section 10.
         CrcMismatch, TooShort, MagicMismatch, VersionMismatch, Bitcode,
         SizeLimitExceeded, Incompatible, Io: the state file is unusable.
-        MemoryIo (MemoryPairMismatch): the memory file is of another pair or size.
+        MemoryIo (MemoryPairMismatch): the memory file is of another pair or size,
+            or has no pair xattr and does not match the manifest's digests.
         PairMismatch: the pair cannot be loaded as such (a Diff).
         UffdError: the page server is absent or refused the handshake.
         Capture: KVM refused the state.

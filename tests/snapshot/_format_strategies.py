@@ -17,7 +17,7 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
     """Any value of type ``tp`` the codec must round-trip (ints are u64)."""
     if attrs.has(tp):
         hints = get_type_hints(tp)
-        fields = {f.name: strategy_for(hints[f.name]) for f in attrs.fields(tp) if f.init}
+        fields = {f.alias: strategy_for(hints[f.name]) for f in attrs.fields(tp) if f.init}
         return st.builds(tp, **fields)
     origin = get_origin(tp)
     if origin is tuple:

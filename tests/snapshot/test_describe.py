@@ -56,7 +56,7 @@ def test_good_pair_is_described_and_exits_0(snap: Path) -> None:
     assert code == 0
     data = json.loads(out)
     assert data["magic"] == "0x710198486640000" and data["arch"] == "x86_64"
-    assert (data["version"], data["expected_version"]) == ("1.0.0", "1.0.0")
+    assert (data["version"], data["expected_version"]) == ("1.1.0", "1.1.0")
     assert data["format"] == FORMAT_SQUIBD and data["crc_ok"] is True
     assert (data["vcpu_count"], data["mem_size_mib"], data["track_dirty_pages"]) == (2, 2, True)
     assert [d["kind"] for d in data["devices"]] == ["serial", "virtio-block", "virtio-net"]
@@ -71,7 +71,7 @@ def test_good_pair_is_described_and_exits_0(snap: Path) -> None:
 def test_text_output_names_every_field(snap: Path) -> None:
     code, out = run_cli("--describe-snapshot", str(snap))
     assert code == 0
-    for needle in ("0x710198486640000 (x86_64)", "1.0.0 (squibd reads 1.0.0)", "crc_ok: yes",
+    for needle in ("0x710198486640000 (x86_64)", "1.1.0 (squibd reads 1.1.0)", "crc_ok: yes",
                    "vCPUs: 2", "2 MiB", "dirty tracking: yes", "MMDS: present",
                    "virtio-net 'eth0'", "manifest: Full", STATE.memory.pair_id,
                    "vm.mem: matches", "status: ok"):  # fmt: skip
@@ -161,6 +161,12 @@ def test_verify_full_catches_a_corrupt_memory_byte(snap: Path) -> None:
     with open(mem, "r+b") as f:
         f.seek(MIB + 100)
         f.write(b"\xff")
+    # Without the pair xattr even the size check verifies the content (as load does).
+    assert run_cli("--describe-snapshot", str(snap), "--verify", "size")[0] == 2
+    try:
+        os.setxattr(mem, "user.squibd.pair", STATE.memory.pair_id.encode())
+    except OSError as exc:
+        pytest.skip(f"no user xattrs here: {exc}")
     assert run_cli("--describe-snapshot", str(snap), "--verify", "size")[0] == 0
     code, out = run_cli("--describe-snapshot", str(snap), "--verify", "full")
     assert code == 2

@@ -69,7 +69,7 @@ def test_crc_of_whole_file_including_trailer_is_zero() -> None:
 
 
 def test_header_bytes_of_a_known_state() -> None:
-    assert X86_FILE[:21] == bytes.fromhex("0000648684191007" "0500000000000000") + b"1.0.0"
+    assert X86_FILE[:21] == bytes.fromhex("0000648684191007" "0500000000000000") + b"1.1.0"
     assert SMALL_FILE[:8] == bytes.fromhex("0000aaaa84191007")
     assert X86_FILE[21] & 0xF0 == 0x80  # the body is a MessagePack map
 
@@ -94,7 +94,9 @@ def test_round_trip_both_architectures() -> None:
         ("2.3", "2.3.4", False),
         ("1.0.0", STATE_VERSION, True),
         ("1.0.5", STATE_VERSION, True),
-        ("1.1.0", STATE_VERSION, False),
+        ("1.1.0", STATE_VERSION, True),
+        ("1.1.7", STATE_VERSION, True),
+        ("1.2.0", STATE_VERSION, False),
         ("0.9.0", STATE_VERSION, False),
         ("2.0.0", STATE_VERSION, False),
     ],
@@ -104,7 +106,8 @@ def test_version_rule_matrix(found: str, ours: str, ok: bool) -> None:
 
 
 @pytest.mark.parametrize(("version", "loads"), [("1.0.0", True), ("1.0.42", True),
-                                                ("1.1.0", False), ("2.0.0", False),
+                                                ("1.1.0", True), ("1.2.0", False),
+                                                ("2.0.0", False),
                                                 ("0.1.0", False)])  # fmt: skip
 def test_version_rule_applies_to_files(version: str, loads: bool) -> None:
     state = sample_aarch64_state(1, 1)
@@ -114,7 +117,7 @@ def test_version_rule_applies_to_files(version: str, loads: bool) -> None:
     else:
         with pytest.raises(VersionMismatch) as info:
             decode_state(data)
-        assert str(info.value) == f"snapshot version {version} is incompatible with squib's 1.0.0"
+        assert str(info.value) == f"snapshot version {version} is incompatible with squib's 1.1.0"
 
 
 def test_size_limit_boundary_in_memory() -> None:
@@ -205,7 +208,7 @@ def test_describe_path_can_skip_the_crc() -> None:
     damaged = bytearray(X86_FILE)
     damaged[-1] ^= 0xFF
     envelope = parse_envelope(damaged, check_crc=False)
-    assert (envelope.arch, envelope.version, envelope.crc_ok) == ("x86_64", "1.0.0", None)
+    assert (envelope.arch, envelope.version, envelope.crc_ok) == ("x86_64", "1.1.0", None)
     assert decode_state(damaged, check_crc=False) == sample_x86_state(1, 1)
 
 
