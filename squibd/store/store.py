@@ -358,25 +358,28 @@ class SnapshotStore:
                 else:
                     plan = [_Planned(c.offset, c.length) for c in
                             iter_chunks(manifest.extents, manifest.chunk_size)]
-                result = self._upload(plan, progress, chunk_hook)
+                refs, uploaded, bytes_up = self._upload(plan, progress, chunk_hook)
+                snap = StoredSnapshot(
+                    name=name,
+                    pair_id=manifest.pair_id,
+                    parent_pair_id=manifest.parent_pair_id,
+                    snapshot_type=manifest.kind,
+                    vm_id=vm_id,
+                    created_at=datetime.datetime.now(datetime.UTC).isoformat(
+                        timespec="milliseconds"),
+                    mem_size_bytes=manifest.file_size,
+                    state=state_bytes,
+                    chunks=tuple(refs),
+                )
+                self._commit(snap, push_start, plan)
             finally:
                 self._mem.release()
                 self._mem = memoryview(b"")
                 if view is not None:
-                    view.close()
-        refs, uploaded, bytes_up = result
-        snap = StoredSnapshot(
-            name=name,
-            pair_id=manifest.pair_id,
-            parent_pair_id=manifest.parent_pair_id,
-            snapshot_type=manifest.kind,
-            vm_id=vm_id,
-            created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
-            mem_size_bytes=manifest.file_size,
-            state=state_bytes,
-            chunks=tuple(refs),
-        )
-        self._commit(snap, push_start)
+                    # A failed worker's traceback may still hold a slice: then the
+                    # mapping goes with the garbage collector.
+                    with contextlib.suppress(BufferError):
+                        view.close()
         return PushResult(
             name=name,
             pair_id=manifest.pair_id,
@@ -492,7 +495,7 @@ class SnapshotStore:
         uploaded = sum(1 for _, sent in done if sent)
         return refs, uploaded, sum(sent for _, sent in done)
 
-    def _commit(self, snap: StoredSnapshot, push_start: float) -> None:
+    def _commit(self, snap: StoredSnapshot, push_start: float, plan: Sequence[_Planned]) -> None:
         """Lease, settle with concurrent gc runs, then write the snapshot object last."""
         lease_key = f"leases/{uuid.uuid4()}"
         addresses = sorted({c.address for c in snap.chunks if c.address})
@@ -503,7 +506,7 @@ class SnapshotStore:
         }).encode())
         try:
             if self._wait_for_gc(push_start, lease_time):
-                self._recheck(snap)
+                self._recheck(snap, plan)
             self.objects.put(self._snapshot_key(snap.name), self._serialize(snap))
             self.objects.put(f"pairs/{snap.pair_id}", snap.name.encode())
         finally:
@@ -535,20 +538,29 @@ class SnapshotStore:
                                        f"{_GC_WAIT_S:.0f} s; push retried later")
             time.sleep(0.1)  # polling another host's gc run in the store
 
-    def _recheck(self, snap: StoredSnapshot) -> None:
-        """Re-upload any chunk of ``snap`` a concurrent gc removed."""
-        missing: dict[str, ChunkRef] = {}
-        for ref in snap.chunks:
-            if ref.address and ref.address not in missing:
-                missing[ref.address] = ref
+    def _recheck(self, snap: StoredSnapshot, plan: Sequence[_Planned]) -> None:
+        """Upload again any chunk of ``snap`` that a concurrent gc removed."""
+        first: dict[str, int] = {}
+        for index, ref in enumerate(snap.chunks):
+            if ref.address:
+                first.setdefault(ref.address, index)
+
+        def one(address: str) -> None:
+            if self.objects.exists(chunk_key(address)):
+                return
+            item = plan[first[address]]
+            if item.address is not None:
+                raise StoreUnavailable(
+                    f"a concurrent gc of store {self.name!r} removed chunk {address} of the "
+                    f"parent of {snap.name!r}; push the parent again"
+                )
+            ref = snap.chunks[first[address]]
+            data = (self._mem[ref.offset: ref.offset + ref.length] if item.data is None
+                    else memoryview(item.data))
+            self.objects.put(chunk_key(address), encode_chunk(data))
+
         with ThreadPoolExecutor(self.workers) as pool:
-            present = list(pool.map(lambda a: self.objects.exists(chunk_key(a)), missing))
-        lost = [a for a, ok in zip(missing, present, strict=True) if not ok]
-        if lost:
-            raise StoreUnavailable(
-                f"a concurrent gc of store {self.name!r} removed {len(lost)} chunk(s) of "
-                f"{snap.name!r} before it was written; push it again"
-            )
+            list(pool.map(one, first))
 
     def _gc_record(self, key: str) -> dict[str, Any] | None:
         raw = self.objects.get(key)
