@@ -20,6 +20,10 @@ and issue 5. Example (all keys)::
     [snapshot]
     allowed_roots = ["/var/lib/squibd"]
     quiesce_timeout_s = 1.0
+
+    [stores.NAME]                 # snapshot stores (issue 12; squibd.store.config)
+    url = "s3://BUCKET/PREFIX"    # or "file:///abs/dir"
+    endpoint = "http://127.0.0.1:7480"
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import cattrs
 from cattrs.v import format_exception
 
 from squibd.rpc import DEFAULT_MAX_LINE
+from squibd.store.config import StoreConfig
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT_S",
@@ -128,6 +133,7 @@ class DaemonConfig:
 
     server: ServerConfig = attrs.field(factory=ServerConfig)
     snapshot: SnapshotConfig = attrs.field(factory=SnapshotConfig)
+    stores: dict[str, StoreConfig] = attrs.field(factory=dict)
 
 
 def _converter() -> cattrs.Converter:

@@ -13,6 +13,7 @@ import cattrs
 from .wire import make_wire_converter
 
 if TYPE_CHECKING:
+    from squibd.store.config import StoreConfig
     from squibd.vm.runtime import Runtime
 
 __all__ = ["KVM_DEVICE", "ApiContext", "CallInfo", "ProgressSink"]
@@ -43,6 +44,8 @@ class ApiContext:
     quiesce_timeout_s: float | None = None
     started_at: float = attrs.field(factory=time.monotonic)
     converter: cattrs.Converter = attrs.field(factory=make_wire_converter)
+    #: ``[stores.NAME]`` of the configuration (store.* methods).
+    stores: dict[str, StoreConfig] = attrs.field(factory=dict)
     _runtime: Runtime | None = attrs.field(default=None, init=False)
 
     @property

@@ -110,6 +110,18 @@ METHODS: Final[dict[str, MethodSpec]] = dict(
 )  # fmt: skip
 
 
+def _register_store_methods() -> None:
+    """``store.*`` (issue 12), from squibd.api.store_handlers."""
+    from .store_handlers import STORE_METHODS
+
+    for name, summary, params, result, handler, long_running in STORE_METHODS:
+        METHODS[name] = MethodSpec(name, summary, params, result, handler,
+                                   long_running=long_running, errors=(SNAPSHOT_ERROR,))
+
+
+_register_store_methods()
+
+
 class UnexpectedHandlerError(Exception):
     """A handler raised an exception no error mapping knows: a bug, answered -32603.
 

@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         debug_api=config.server.debug_api,
         allowed_roots=config.snapshot.allowed_roots,
         quiesce_timeout_s=config.snapshot.quiesce_timeout_s,
+        stores=config.stores,
     )
     server = Server(config, api, sockets, owned, Notifier.from_environ())
     # Everything imported so far lives as long as the daemon: keep it out of the
