@@ -21,6 +21,7 @@ import attrs
 import trio
 
 from squibd.rpc import INVALID_PARAMS, SNAPSHOT_ERROR, application_error
+from squibd.store.child import SpareChildren
 from squibd.store.config import NAME_RE, check_name
 from squibd.store.errors import InvalidStoreName, StoreError, UnknownStore
 from squibd.store.store import SnapshotStore
@@ -37,6 +38,7 @@ _MS: Final = 1000.0
 _stores: weakref.WeakKeyDictionary[ApiContext, dict[str, SnapshotStore]] = (
     weakref.WeakKeyDictionary()
 )
+_spares: weakref.WeakKeyDictionary[ApiContext, SpareChildren] = weakref.WeakKeyDictionary()
 
 
 def _store_field() -> Any:
@@ -186,6 +188,8 @@ def _store(api: ApiContext, name: str) -> SnapshotStore:
     cache = _stores.setdefault(api, {})
     if name not in cache:
         cache[name] = SnapshotStore(name, api.stores[name])
+    # A lazy restore needs a page-server process: have one started ahead.
+    _spares.setdefault(api, SpareChildren()).warm()
     return cache[name]
 
 
@@ -272,7 +276,6 @@ async def store_restore(
     api: ApiContext, call: CallInfo, p: StoreRestoreParams
 ) -> StoreRestoreResult:
     """Run a VM from a stored snapshot: lazily (page server fed by the store) or pulled first."""
-    from squibd.store.lazy import LazyServer
     from squibd.vm.models import MemBackend
 
     check_name(p.name)
@@ -295,18 +298,21 @@ async def store_restore(
         await _run(write_state)
         sockdir = tempfile.mkdtemp(prefix="squibd-store-")
         sock = os.path.join(sockdir, "pages.sock")
-        server = await _run(lambda: LazyServer(store, stored, sock))
-        server.start()
+        spares = _spares.setdefault(api, SpareChildren())
         try:
-            await api.runtime.load(p.vm_id, state_path, MemBackend("Uffd", sock),
-                                   track_dirty_pages=p.track_dirty_pages,
-                                   resume_vm=p.resume_vm, progress=call.progress)
-        except BaseException:
-            server.stop()
-            raise
+            child = await _run(lambda: spares.serve(p.store, store.config, p.name, sock))
+            try:
+                await api.runtime.load(p.vm_id, state_path, MemBackend("Uffd", sock),
+                                       track_dirty_pages=p.track_dirty_pages,
+                                       resume_vm=p.resume_vm, progress=call.progress)
+            except BaseException:
+                child.kill()
+                raise
         finally:
             with contextlib.suppress(OSError):
-                os.rmdir(sockdir)  # the socket file is gone once accepted or stopped
+                os.unlink(sock)
+            with contextlib.suppress(OSError):
+                os.rmdir(sockdir)
     else:
         progress = _thread_progress(call.progress, "pull")
         await _run(lambda: os.makedirs(states, exist_ok=True))

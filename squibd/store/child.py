@@ -1,0 +1,142 @@
+"""A store page-server process: ``python -m squibd.store.child`` (started ahead, used once).
+
+The daemon cannot serve a lazily restored VM's page faults from its own
+threads: a daemon thread that touches guest memory while holding the GIL
+(reading guest counters, say) would wait for a fault that only a Python
+thread of the same process could serve. So each lazily restored VM gets its
+own page-server process. Starting Python and importing the store stack
+takes about a second here, far above the 100 ms a lazy restore may take, so
+the daemon keeps one such process started ahead (:class:`SpareChildren`):
+it imports everything, prints ``ready``, and waits for one job line
+``{"store", "config", "name", "socket"}`` on stdin; it then prints
+``listening PATH`` (or ``error MESSAGE``) and serves that one VM until the
+VMM closes the socket (exit 0; 1 on a corrupt or missing chunk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import threading
+from typing import IO, Any, Final
+
+import attrs
+
+from .config import StoreConfig
+from .errors import StoreError, StoreUnavailable
+from .lazy import LazyServer
+from .store import SnapshotStore
+
+__all__ = ["SpareChildren", "main", "serve_snapshot"]
+
+_READY_TIMEOUT_S: Final = 60.0
+_log = logging.getLogger("squibd.store")
+
+
+def serve_snapshot(store_name: str, config: StoreConfig, name: str, socket_path: str,
+                   out: IO[str]) -> int:
+    """Serve snapshot ``name`` on ``socket_path`` to one VMM; returns the exit code."""
+    try:
+        store = SnapshotStore(store_name, config)
+        snap = store.get_snapshot(name)
+        server = LazyServer(store, snap, socket_path)
+    except (StoreError, OSError, ValueError) as exc:
+        out.write(f"error {exc}\n")
+        out.flush()
+        return 1
+    out.write(f"listening {socket_path}\n")
+    out.flush()
+    stats = server.run()
+    return 1 if stats is not None and stats.error else 0
+
+
+def main() -> int:
+    """The child's entry point (see the module docs)."""
+    logging.basicConfig(level="INFO", stream=sys.stderr, format="store-page-server: %(message)s")
+    print("ready", flush=True)
+    line = sys.stdin.readline()
+    if not line:
+        return 0  # the daemon went away before using us
+    job = json.loads(line)
+    return serve_snapshot(job["store"], StoreConfig(**job["config"]), job["name"], job["socket"],
+                          sys.stdout)
+
+
+def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        raise StoreUnavailable(f"the store page server (pid {proc.pid}) did not answer "
+                               f"within {timeout:.0f} s")
+    return proc.stdout.readline().strip()
+
+
+class SpareChildren:
+    """Keeps one store page-server process started ahead (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spare: subprocess.Popen[str] | None = None
+
+    @staticmethod
+    def _spawn() -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "squibd.store.child"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, close_fds=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def warm(self) -> None:
+        """Start the spare process if there is none."""
+        with self._lock:
+            if self._spare is None or self._spare.poll() is not None:
+                self._spare = self._spawn()
+
+    def serve(self, store_name: str, config: StoreConfig, name: str,
+              socket_path: str) -> subprocess.Popen[str]:
+        """Hand a job to the spare (then start the next one); returns once it listens.
+
+        Raises:
+            StoreError: the snapshot cannot be served (its message), or the child failed.
+        """
+        with self._lock:
+            child = self._spare
+            if child is None or child.poll() is not None:
+                child = self._spawn()
+            self._spare = self._spawn()
+        assert child.stdin is not None
+        try:
+            if _readline(child, _READY_TIMEOUT_S) != "ready":
+                raise StoreUnavailable("the store page server did not start")
+            job: dict[str, Any] = {"store": store_name, "config": attrs.asdict(config),
+                                   "name": name, "socket": socket_path}
+            child.stdin.write(json.dumps(job) + "\n")
+            child.stdin.flush()
+            answer = _readline(child, _READY_TIMEOUT_S)
+        except BaseException:
+            child.kill()
+            child.wait()
+            raise
+        if not answer.startswith("listening "):
+            child.wait()
+            raise StoreError(answer.removeprefix("error ") or "the store page server exited")
+        threading.Thread(target=child.wait, name=f"reap-{child.pid}", daemon=True).start()
+        return child
+
+    def close(self) -> None:
+        """Stop the spare process."""
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            with contextlib.suppress(OSError):
+                spare.kill()
+            spare.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
