@@ -73,7 +73,7 @@ class CephCluster:
         return os.path.join(self.directory, "ceph.conf")
 
     def run(self, *args: str) -> str:
-        done = subprocess.run(list(args[:1]) + ["-c", self.conf, *args[1:]],
+        done = subprocess.run([*list(args[:1]), "-c", self.conf, *args[1:]],
                               capture_output=True, text=True, timeout=60, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(args)}: {done.stderr.strip()[-800:]}")
@@ -83,7 +83,7 @@ class CephCluster:
         """Start a daemon that forks into the background (its output goes to the log dir)."""
         log = os.path.join(self.directory, "log", f"{args[0]}.out")
         with open(log, "ab") as out:
-            code = subprocess.run(list(args[:1]) + ["-c", self.conf, *args[1:]],
+            code = subprocess.run([*list(args[:1]), "-c", self.conf, *args[1:]],
                                   stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                   timeout=60, check=False).returncode
         if code != 0:
@@ -96,9 +96,10 @@ class CephCluster:
             return
         for name in os.listdir(run):
             if name.endswith(".pid"):
-                with contextlib.suppress(OSError, ValueError):
-                    with open(os.path.join(run, name)) as f:
-                        os.kill(int(f.read().strip()), signal.SIGKILL)
+                with contextlib.suppress(OSError, ValueError), open(
+                    os.path.join(run, name)
+                ) as f:
+                    os.kill(int(f.read().strip()), signal.SIGKILL)
 
 
 def start_ceph(directory: str, *, memstore_bytes: int = 3 << 30) -> CephCluster:

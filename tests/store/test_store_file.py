@@ -11,6 +11,7 @@ from squibd.snapshot.envelope import read_state_file
 from squibd.snapshot.manifest import KIND_FULL
 from squibd.snapshot.verify import verify
 from squibd.store.chunks import chunk_key
+from squibd.store.config import StoreConfig
 from squibd.store.errors import (
     ChunkInvalid,
     InvalidStoreName,
@@ -18,7 +19,6 @@ from squibd.store.errors import (
     StoreConfigInvalid,
     StoreSnapshotNotFound,
 )
-from squibd.store.config import StoreConfig
 from squibd.store.store import SnapshotStore
 from tests.uffd._pairs import PAGE, page_pattern, vcpu_state, write_memory, write_state
 
