@@ -33,6 +33,7 @@ _RAW: Final = b"\x00"
 _ZSTD: Final = b"\x01"
 #: zstd level 1: fast; random (incompressible) pages are stored raw anyway.
 _LEVEL: Final = 1
+_SAMPLE: Final = 64 * 1024
 _ZERO_CACHE: dict[int, bytes] = {}
 
 
@@ -56,8 +57,17 @@ def is_zero(data: bytes | memoryview) -> bool:
 
 
 def encode_chunk(data: bytes | memoryview) -> bytes:
-    """Stored form of a chunk: zstd when that saves at least 1/16, else raw."""
-    packed = zstandard.ZstdCompressor(level=_LEVEL).compress(data)
+    """Stored form of a chunk: zstd when that saves at least 1/16, else raw.
+
+    A 64 KiB sample is tried first: random (incompressible) memory then costs
+    a few percent of a full compression attempt.
+    """
+    compressor = zstandard.ZstdCompressor(level=_LEVEL)
+    if len(data) > 2 * _SAMPLE:
+        sample = len(compressor.compress(data[:_SAMPLE]))
+        if sample >= _SAMPLE - _SAMPLE // 16:
+            return _RAW + bytes(data)
+    packed = compressor.compress(data)
     if len(packed) < len(data) - len(data) // 16:
         return _ZSTD + packed
     return _RAW + bytes(data)

@@ -152,7 +152,15 @@ rgw data = {d}/rgw
         osd_uuid = str(uuid.uuid4())
         cluster.run("ceph", "osd", "new", osd_uuid, "0")
         cluster.run("ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", osd_uuid)
-        cluster.spawn("ceph-osd", "-i", "0")
+        for attempt in range(5):
+            # The OSD's first command to the mon sometimes leaves before it has the
+            # monmap ("wrong fsid") and it exits: start it again.
+            try:
+                cluster.spawn("ceph-osd", "-i", "0")
+                break
+            except RuntimeError:
+                if attempt == 4:
+                    raise
         cluster.spawn("radosgw", "-n", "client.rgw.a")
         deadline = time.monotonic() + _START_TIMEOUT_S
         while True:
