@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         "(Firecracker-compatible handshake).",
     )
     parser.add_argument("--page-server", action="store_true", required=True, help="this mode")
-    parser.add_argument("--snapshot", required=True, help="the Full state file")
+    parser.add_argument("--snapshot", help="the Full state file (or --store and --name)")
     parser.add_argument("--memory-file", help="its memory file (default: .snap -> .mem)")
     parser.add_argument(
         "--diff-snapshot", action="extend", nargs="+", default=[], metavar="PATH",
@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         "--fault-granule", type=int, default=0, help="bytes installed per fault (default: a page)"
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--store", help="serve from this store ([stores.NAME] of --config)")
+    parser.add_argument("--name", help="the snapshot's name in --store")
+    parser.add_argument("--config", help="the configuration file naming --store")
     return parser
 
 
@@ -98,6 +101,10 @@ def main(argv: list[str]) -> int:
     if args.diff_memory_file and len(args.diff_memory_file) != len(args.diff_snapshot):
         _parser().error("give one --diff-memory-file per --diff-snapshot, or none")
     log = logging.getLogger("squibd.uffd")
+    if args.store is not None or args.snapshot is None:
+        from ._pageserver_store import serve_store
+
+        return serve_store(_parser(), args)
     try:
         states = [read_state_file(args.snapshot)]
         memories = [_memory_path(args.snapshot, args.memory_file)]
