@@ -11,9 +11,8 @@ from squibd.store.config import StoreConfig
 from squibd.store.store import SnapshotStore
 from squibd.uffd import UffdBackend
 from squibd.vm.memory import GuestMemory
-from tests.uffd._pairs import MEM_SIZE, PAGE, REGIONS, page_pattern, vcpu_state
+from tests.uffd._pairs import MEM_SIZE, PAGE, REGIONS, page_pattern, vcpu_state, write_state
 from tests.uffd._pairs import write_memory as write_pair_memory
-from tests.uffd._pairs import write_state
 
 WRITTEN = [0, 1, 2, 700, 1023, 1024, 1025, 2047]
 
