@@ -73,13 +73,15 @@ def encode_chunk(data: bytes | memoryview) -> bytes:
     return _RAW + bytes(data)
 
 
-def decode_chunk(stored: bytes, length: int) -> bytes | None:
+def decode_chunk(stored: bytes | memoryview, length: int) -> bytes | memoryview | None:
     """The chunk's bytes from its stored form; None when it cannot be decoded to ``length``."""
-    if not stored:
+    if not len(stored):
         return None
-    kind, payload = stored[:1], memoryview(stored)[1:]
+    view = memoryview(stored)
+    kind, payload = bytes(view[:1]), view[1:]
+    data: bytes | memoryview
     if kind == _RAW:
-        data = bytes(payload)
+        data = payload
     elif kind == _ZSTD:
         try:
             data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=length)
@@ -112,7 +114,7 @@ class ChunkCache:
         except FileNotFoundError:
             return None
 
-    def put(self, address: str, stored: bytes) -> None:
+    def put(self, address: str, stored: bytes | memoryview) -> None:
         path = self._path(address)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")

@@ -47,6 +47,7 @@ class Objects(Protocol):
 
     def put(self, key: str, data: bytes | memoryview) -> None: ...
     def get(self, key: str) -> bytes | None: ...
+    def get_buffer(self, key: str) -> memoryview | None: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
     def delete(self, key: str) -> None: ...
@@ -88,6 +89,10 @@ class FileObjects:
                 return f.read()
         except FileNotFoundError:
             return None
+
+    def get_buffer(self, key: str) -> memoryview | None:
+        data = self.get(key)
+        return None if data is None else memoryview(data)
 
     def exists(self, key: str) -> bool:
         return os.path.isfile(self._path(key))
@@ -206,6 +211,18 @@ class S3Objects:
         except FileNotFoundError:
             return None
         return bytes(result)
+
+    def get_buffer(self, key: str) -> memoryview | None:
+        """The object's bytes without a copy (obstore's buffer)."""
+        import obstore
+
+        try:
+            result = self._retry(
+                f"GET {key}", lambda: obstore.get(self._store, self._key(key)).bytes()
+            )
+        except FileNotFoundError:
+            return None
+        return memoryview(result)
 
     def exists(self, key: str) -> bool:
         import obstore

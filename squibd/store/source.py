@@ -122,7 +122,8 @@ class StoreSource:
         try:
             for ref in self._blocks.get(block, ()):
                 data = self._fetch(ref)
-                ctypes.memmove(self.base + ref.offset, data, len(data))
+                target = (ctypes.c_char * len(data)).from_address(self.base + ref.offset)
+                memoryview(target).cast("B")[:] = data
                 self.fetched_bytes += len(data)
         except StoreChunkCorrupt as exc:
             with self._cond:
@@ -139,7 +140,7 @@ class StoreSource:
             self._status[block] = _FETCHED
             self._cond.notify_all()
 
-    def _fetch(self, ref: ChunkRef) -> bytes:
+    def _fetch(self, ref: ChunkRef) -> bytes | memoryview:
         try:
             return self.store.fetch_chunk(self.snapshot.name, ref)
         except StoreError as exc:  # ChunkInvalid, StoreUnavailable

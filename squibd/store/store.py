@@ -285,8 +285,12 @@ class SnapshotStore:
             self.objects.delete(f"pairs/{snap.pair_id}")
 
     # --- chunks ---------------------------------------------------------------------------
-    def fetch_chunk(self, snapshot: str, ref: ChunkRef) -> bytes:
+    def fetch_chunk(self, snapshot: str, ref: ChunkRef, *,
+                    cache: bool = True) -> bytes | memoryview:
         """The verified bytes of ``ref`` (local cache first, then the store).
+
+        ``cache=False``: a chunk fetched from the store is not kept in the local cache
+        (a pull writes it into the memory file anyway).
 
         Raises:
             ChunkInvalid: missing from the store, or not matching its address.
@@ -299,15 +303,16 @@ class SnapshotStore:
             if data is not None and address_of(data) == ref.address:
                 return data
             self.cache.drop(ref.address)
-        stored = self.objects.get(chunk_key(ref.address))
+        stored = self.objects.get_buffer(chunk_key(ref.address))
         if stored is None:
             raise ChunkInvalid(snapshot, ref.address, ref.offset, "is missing from the store")
         data = decode_chunk(stored, ref.length)
         if data is None or address_of(data) != ref.address:
             raise ChunkInvalid(snapshot, ref.address, ref.offset,
                                "does not match its address (corrupt in the store)")
-        with contextlib.suppress(OSError):
-            self.cache.put(ref.address, stored)
+        if cache:
+            with contextlib.suppress(OSError):
+                self.cache.put(ref.address, stored)
         return data
 
     # --- push -------------------------------------------------------------------------------
@@ -600,10 +605,10 @@ class SnapshotStore:
         meter = _Throttle(progress, sum(r.length for r in refs))
 
         def one(ref: ChunkRef) -> int:
-            data = self.fetch_chunk(name, ref)
+            data = memoryview(self.fetch_chunk(name, ref, cache=False))
             written = 0
             while written < len(data):
-                written += os.pwrite(mem_fd, memoryview(data)[written:], ref.offset + written)
+                written += os.pwrite(mem_fd, data[written:], ref.offset + written)
             meter.add(ref.length)
             return ref.length
 
