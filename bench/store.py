@@ -321,14 +321,19 @@ def main(args: Any) -> dict[str, Any]:
     try:
         with _common.scratch_dir() as work:
             result: dict[str, Any] = {"hash": "blake3", "client": "obstore"}
-            result["clients"] = _clients(cluster, 128 * MIB if args.quick else 256 * MIB,
-                                         args.reps)
-            _common.log(f"store: clients {result['clients']}")
-            result["throughput"] = _throughput(cluster, work, size, args.reps)
-            result["dedup"] = trio.run(_dedup, cluster, work, args.quick)
-            _common.log(f"store: dedup {result['dedup']}")
-            sizes = [256, 1024] if args.quick else [1024, 4096]
-            result["lazy_restore"] = trio.run(_lazy, cluster, work, sizes, args.reps)
+            parts = args.parts.split(",")
+            if "clients" in parts:
+                result["clients"] = _clients(cluster, 128 * MIB if args.quick else 256 * MIB,
+                                             args.reps)
+                _common.log(f"store: clients {result['clients']}")
+            if "throughput" in parts:
+                result["throughput"] = _throughput(cluster, work, size, args.reps)
+            if "dedup" in parts:
+                result["dedup"] = trio.run(_dedup, cluster, work, args.quick)
+                _common.log(f"store: dedup {result['dedup']}")
+            if "lazy" in parts:
+                sizes = [256, 1024] if args.quick else [1024, 4096]
+                result["lazy_restore"] = trio.run(_lazy, cluster, work, sizes, args.reps)
             return result
     finally:
         cluster.stop()
@@ -336,4 +341,6 @@ def main(args: Any) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    _common.run_bench("store", main, _common.parse_args(__doc__ or ""))
+    _common.run_bench("store", main, _common.parse_args(
+        __doc__ or "", extra=lambda p: p.add_argument(
+            "--parts", default="clients,throughput,dedup,lazy", help="comma-separated figures")))

@@ -30,6 +30,7 @@ import attrs
 from .config import StoreConfig
 from .errors import StoreError, StoreUnavailable
 from .lazy import LazyServer
+from .objects import open_objects
 from .store import SnapshotStore
 
 __all__ = ["SpareChildren", "main", "serve_snapshot"]
@@ -42,7 +43,7 @@ def serve_snapshot(store_name: str, config: StoreConfig, name: str, socket_path:
                    out: IO[str]) -> int:
     """Serve snapshot ``name`` on ``socket_path`` to one VMM; returns the exit code."""
     try:
-        store = SnapshotStore(store_name, config)
+        store = SnapshotStore(store_name, config, open_objects(config, create=False))
         snap = store.get_snapshot(name)
         server = LazyServer(store, snap, socket_path)
     except (StoreError, OSError, ValueError) as exc:
@@ -57,6 +58,8 @@ def serve_snapshot(store_name: str, config: StoreConfig, name: str, socket_path:
 
 def main() -> int:
     """The child's entry point (see the module docs)."""
+    import obstore.store  # noqa: F401  (imported ahead, like everything else)
+
     logging.basicConfig(level="INFO", stream=sys.stderr, format="store-page-server: %(message)s")
     print("ready", flush=True)
     line = sys.stdin.readline()

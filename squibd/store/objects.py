@@ -262,11 +262,16 @@ def _permanent(exc: Exception) -> bool:
                     "UnknownConfigurationKeyError", "NotSupportedError")
 
 
-def open_objects(config: StoreConfig) -> FileObjects | S3Objects:
-    """The object store of ``config`` (S3: the bucket is created when configured and missing)."""
+def open_objects(config: StoreConfig, *, create: bool = True) -> FileObjects | S3Objects:
+    """The object store of ``config``.
+
+    ``create``: create the bucket when configured and missing (a reader of an
+    existing snapshot skips that request).
+    """
     scheme, where, prefix = config.parsed()
     if scheme == "file":
         return FileObjects(where)
     objects = S3Objects(config, where, prefix)
-    objects.ensure_bucket()
+    if create:
+        objects.ensure_bucket()
     return objects
