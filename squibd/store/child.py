@@ -23,6 +23,7 @@ import select
 import subprocess
 import sys
 import threading
+import time
 from typing import IO, Any, Final
 
 import attrs
@@ -113,6 +114,7 @@ class SpareChildren:
                 child = self._spawn()
             self._spare = self._spawn()
         assert child.stdin is not None
+        started = time.monotonic()
         try:
             if _readline(child, _READY_TIMEOUT_S) != "ready":
                 raise StoreUnavailable("the store page server did not start")
@@ -120,7 +122,10 @@ class SpareChildren:
                                    "name": name, "socket": socket_path}
             child.stdin.write(json.dumps(job) + "\n")
             child.stdin.flush()
+            ready = time.monotonic()
             answer = _readline(child, _READY_TIMEOUT_S)
+            _log.info("store page server pid %d: ready after %.1f ms, listening %.1f ms later",
+                      child.pid, (ready - started) * 1000, (time.monotonic() - ready) * 1000)
         except BaseException:
             child.kill()
             child.wait()

@@ -72,8 +72,6 @@ class LazyServer:
     def run(self) -> ServeStats | None:
         """Serve one VMM in this thread; returns the statistics (None if none connected)."""
         try:
-            if self._stream:
-                self.source.start_streaming()
             memory = self.state.memory
             try:
                 prefetch = prefetch_offsets(self.state.vcpu_states, memory.regions,
@@ -82,6 +80,8 @@ class LazyServer:
                 # The vCPUs would touch it first: prefetching it again refuses the handshake.
                 _log.error("%s", exc)
                 prefetch = [exc.offset - exc.offset % self.source.page_size]
+            if self._stream:  # after the prefetch reads: those come first
+                self.source.start_streaming()
             server = PageServer(
                 cast(PageSource, self.source),  # the PageSource reads the server makes
                 memory.regions,
@@ -96,6 +96,7 @@ class LazyServer:
                 return None  # stopped before a VMM came
             finally:
                 self._close_listener()
+            _log.info("VMM connected; %d pages to prefetch", len(prefetch))
             with conn:
                 self.stats = server.serve(conn)
             return self.stats
