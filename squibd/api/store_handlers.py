@@ -189,7 +189,7 @@ def _store(api: ApiContext, name: str) -> SnapshotStore:
     if name not in cache:
         cache[name] = SnapshotStore(name, api.stores[name])
     # A lazy restore needs a page-server process: have one started ahead.
-    _spares.setdefault(api, SpareChildren()).warm()
+    _spares.setdefault(api, SpareChildren()).warm(name, api.stores[name])
     return cache[name]
 
 
@@ -281,26 +281,30 @@ async def store_restore(
     check_name(p.name)
     store = _store(api, p.store)
     started = time.monotonic()
-    stored = await _run(lambda: store.get_snapshot(p.name))
+    raw = await _run(lambda: store.get_snapshot_raw(p.name))
+    stored = store.parse(p.name, raw)
     if call.progress is not None:
         call.progress("state", len(stored.state), len(stored.state))
     states = os.path.join(store.cache_dir, "states")
     state_path = os.path.join(states, f"{p.vm_id}-{stored.pair_id}.snap")
     mem_path = os.path.join(states, f"{p.vm_id}-{stored.pair_id}.mem")
+    object_path = os.path.join(states, f"{p.vm_id}-{stored.pair_id}.squib")
     if p.lazy:
         def write_state() -> None:
             os.makedirs(states, exist_ok=True)
-            tmp = f"{state_path}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(stored.state)
-            os.replace(tmp, state_path)
+            for path, data in ((state_path, stored.state), (object_path, raw)):
+                tmp = f"{path}.tmp"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
 
         await _run(write_state)
         sockdir = tempfile.mkdtemp(prefix="squibd-store-")
         sock = os.path.join(sockdir, "pages.sock")
         spares = _spares.setdefault(api, SpareChildren())
         try:
-            child = await _run(lambda: spares.serve(p.store, store.config, p.name, sock))
+            child = await _run(lambda: spares.serve(p.store, store.config, p.name, sock,
+                                                    snapshot_file=object_path))
             try:
                 await api.runtime.load(p.vm_id, state_path, MemBackend("Uffd", sock),
                                        track_dirty_pages=p.track_dirty_pages,

@@ -41,11 +41,20 @@ _log = logging.getLogger("squibd.store")
 
 
 def serve_snapshot(store_name: str, config: StoreConfig, name: str, socket_path: str,
-                   out: IO[str]) -> int:
-    """Serve snapshot ``name`` on ``socket_path`` to one VMM; returns the exit code."""
+                   out: IO[str], *, store: SnapshotStore | None = None,
+                   snapshot_file: str | None = None) -> int:
+    """Serve snapshot ``name`` on ``socket_path`` to one VMM; returns the exit code.
+
+    ``snapshot_file``: the snapshot object as the daemon fetched it (saves a request).
+    """
     try:
-        store = SnapshotStore(store_name, config, open_objects(config, create=False))
-        snap = store.get_snapshot(name)
+        if store is None:
+            store = SnapshotStore(store_name, config, open_objects(config, create=False))
+        if snapshot_file is not None:
+            with open(snapshot_file, "rb") as f:
+                snap = store.parse(name, f.read())
+        else:
+            snap = store.get_snapshot(name)
         server = LazyServer(store, snap, socket_path)
     except (StoreError, OSError, ValueError) as exc:
         out.write(f"error {exc}\n")
@@ -58,17 +67,27 @@ def serve_snapshot(store_name: str, config: StoreConfig, name: str, socket_path:
 
 
 def main() -> int:
-    """The child's entry point (see the module docs)."""
-    import obstore.store  # noqa: F401  (imported ahead, like everything else)
+    """The child's entry point (see the module docs).
 
+    The first stdin line names the store (``{"store", "config"}``): its client is
+    made and its connection opened before ``ready``; the second line is the job.
+    """
     logging.basicConfig(level="INFO", stream=sys.stderr, format="store-page-server: %(message)s")
+    first = sys.stdin.readline()
+    if not first:
+        return 0
+    setup = json.loads(first)
+    config = StoreConfig(**setup["config"])
+    store = SnapshotStore(setup["store"], config, open_objects(config, create=False))
+    with contextlib.suppress(StoreError):
+        store.objects.exists("pairs/warm-up")  # opens the connection ahead
     print("ready", flush=True)
     line = sys.stdin.readline()
     if not line:
         return 0  # the daemon went away before using us
     job = json.loads(line)
-    return serve_snapshot(job["store"], StoreConfig(**job["config"]), job["name"], job["socket"],
-                          sys.stdout)
+    return serve_snapshot(setup["store"], config, job["name"], job["socket"], sys.stdout,
+                          store=store, snapshot_file=job.get("snapshot_file"))
 
 
 def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
@@ -81,45 +100,51 @@ def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
 
 
 class SpareChildren:
-    """Keeps one store page-server process started ahead (thread-safe)."""
+    """Keeps one store page-server process per store started ahead (thread-safe)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._spare: subprocess.Popen[str] | None = None
+        self._spares: dict[str, subprocess.Popen[str]] = {}
 
     @staticmethod
-    def _spawn() -> subprocess.Popen[str]:
-        return subprocess.Popen(
+    def _spawn(store_name: str, config: StoreConfig) -> subprocess.Popen[str]:
+        child = subprocess.Popen(
             [sys.executable, "-m", "squibd.store.child"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, close_fds=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+        assert child.stdin is not None
+        child.stdin.write(json.dumps({"store": store_name,
+                                      "config": attrs.asdict(config)}) + "\n")
+        child.stdin.flush()
+        return child
 
-    def warm(self) -> None:
-        """Start the spare process if there is none."""
+    def warm(self, store_name: str, config: StoreConfig) -> None:
+        """Start the spare process of ``store_name`` if there is none."""
         with self._lock:
-            if self._spare is None or self._spare.poll() is not None:
-                self._spare = self._spawn()
+            spare = self._spares.get(store_name)
+            if spare is None or spare.poll() is not None:
+                self._spares[store_name] = self._spawn(store_name, config)
 
-    def serve(self, store_name: str, config: StoreConfig, name: str,
-              socket_path: str) -> subprocess.Popen[str]:
+    def serve(self, store_name: str, config: StoreConfig, name: str, socket_path: str, *,
+              snapshot_file: str | None = None) -> subprocess.Popen[str]:
         """Hand a job to the spare (then start the next one); returns once it listens.
 
         Raises:
             StoreError: the snapshot cannot be served (its message), or the child failed.
         """
         with self._lock:
-            child = self._spare
+            child = self._spares.get(store_name)
             if child is None or child.poll() is not None:
-                child = self._spawn()
-            self._spare = self._spawn()
+                child = self._spawn(store_name, config)
+            self._spares[store_name] = self._spawn(store_name, config)
         assert child.stdin is not None
         started = time.monotonic()
         try:
             if _readline(child, _READY_TIMEOUT_S) != "ready":
                 raise StoreUnavailable("the store page server did not start")
-            job: dict[str, Any] = {"store": store_name, "config": attrs.asdict(config),
-                                   "name": name, "socket": socket_path}
+            job: dict[str, Any] = {"name": name, "socket": socket_path,
+                                   "snapshot_file": snapshot_file}
             child.stdin.write(json.dumps(job) + "\n")
             child.stdin.flush()
             ready = time.monotonic()
@@ -137,10 +162,10 @@ class SpareChildren:
         return child
 
     def close(self) -> None:
-        """Stop the spare process."""
+        """Stop the spare processes."""
         with self._lock:
-            spare, self._spare = self._spare, None
-        if spare is not None:
+            spares, self._spares = list(self._spares.values()), {}
+        for spare in spares:
             with contextlib.suppress(OSError):
                 spare.kill()
             spare.wait()

@@ -212,6 +212,22 @@ class SnapshotStore:
     def _snapshot_key(name: str) -> str:
         return f"snapshots/{name}{_SUFFIX}"
 
+    def get_snapshot_raw(self, name: str) -> bytes:
+        """The snapshot object's bytes (checked by :meth:`parse`).
+
+        Raises:
+            StoreSnapshotNotFound, InvalidStoreName, StoreUnavailable.
+        """
+        check_name(name)
+        raw = self.objects.get(self._snapshot_key(name))
+        if raw is None:
+            raise StoreSnapshotNotFound(self.name, name)
+        return raw
+
+    def parse(self, name: str, raw: bytes) -> StoredSnapshot:
+        """Check and decode a snapshot object (StoreError when damaged)."""
+        return self._parse(name, raw)
+
     def get_snapshot(self, name: str) -> StoredSnapshot:
         """Read and check snapshot ``name``.
 
