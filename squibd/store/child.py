@@ -55,7 +55,9 @@ def serve_snapshot(store_name: str, config: StoreConfig, name: str, socket_path:
                 snap = store.parse(name, f.read())
         else:
             snap = store.get_snapshot(name)
+        t0 = time.monotonic()
         server = LazyServer(store, snap, socket_path)
+        _log.info("page source of %r ready in %.1f ms", name, (time.monotonic() - t0) * 1000)
     except (StoreError, OSError, ValueError) as exc:
         out.write(f"error {exc}\n")
         out.flush()
@@ -64,6 +66,15 @@ def serve_snapshot(store_name: str, config: StoreConfig, name: str, socket_path:
     out.flush()
     stats = server.run()
     return 1 if stats is not None and stats.error else 0
+
+
+def _warm_up() -> None:
+    """Build what the first state decode and page source build lazily (converters)."""
+    from squibd.demo_format import sample_x86_state
+    from squibd.snapshot.envelope import decode_state, encode_state
+
+    with contextlib.suppress(Exception):
+        decode_state(encode_state(sample_x86_state()))
 
 
 def main() -> int:
@@ -81,6 +92,7 @@ def main() -> int:
     store = SnapshotStore(setup["store"], config, open_objects(config, create=False))
     with contextlib.suppress(StoreError):
         store.objects.exists("pairs/warm-up")  # opens the connection ahead
+    _warm_up()
     print("ready", flush=True)
     line = sys.stdin.readline()
     if not line:
