@@ -28,7 +28,23 @@ from .store import SnapshotStore, StoredSnapshot
 
 __all__ = ["LazyServer"]
 
+
 _log = logging.getLogger("squibd.store")
+
+
+class _StreamAfterReady(PageServer):
+    """A page server that starts the store's background fetching once the VM may run.
+
+    Until then the few prefetched chunks have the network and the CPUs to themselves.
+    """
+
+    streaming: StoreSource | None = None
+
+    def _tell(self, sock: socket.socket, error: str | None) -> None:
+        super()._tell(sock, error)
+        if error is None and self.streaming is not None:
+            self.streaming.start_streaming()
+            self.streaming = None
 
 
 def _bind(path: str) -> socket.socket:
@@ -80,9 +96,7 @@ class LazyServer:
                 # The vCPUs would touch it first: prefetching it again refuses the handshake.
                 _log.error("%s", exc)
                 prefetch = [exc.offset - exc.offset % self.source.page_size]
-            if self._stream:  # after the prefetch reads: those come first
-                self.source.start_streaming()
-            server = PageServer(
+            server = _StreamAfterReady(
                 cast(PageSource, self.source),  # the PageSource reads the server makes
                 memory.regions,
                 prefetch=prefetch,
@@ -90,6 +104,8 @@ class LazyServer:
                 stream=self._stream,
                 pair_id=memory.pair_id,
             )
+            if self._stream:
+                server.streaming = self.source
             try:
                 conn, _ = self._listener.accept()
             except OSError:

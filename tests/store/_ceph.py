@@ -150,7 +150,16 @@ rgw data = {d}/rgw
         cluster.run("ceph-mon", "--mkfs", "-i", "a", "--monmap", monmap)
         cluster.spawn("ceph-mon", "-i", "a")
         osd_uuid = str(uuid.uuid4())
-        cluster.run("ceph", "osd", "new", osd_uuid, "0")
+        for attempt in range(10):
+            # the fresh mon may not answer commands yet ("problem getting command
+            # descriptions"): ask again
+            try:
+                cluster.run("ceph", "osd", "new", osd_uuid, "0")
+                break
+            except RuntimeError:
+                if attempt == 9:
+                    raise
+                time.sleep(0.5)
         cluster.run("ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", osd_uuid)
         for attempt in range(5):
             # The OSD's first command to the mon sometimes leaves before it has the
