@@ -142,7 +142,7 @@ class StoreSource:
 
     def _fetch(self, ref: ChunkRef) -> bytes | memoryview:
         try:
-            return self.store.fetch_chunk(self.snapshot.name, ref)
+            return self.store.fetch_chunk(self.snapshot.name, ref, limit=False)
         except StoreError as exc:  # ChunkInvalid, StoreUnavailable
             raise StoreChunkCorrupt(self.snapshot.name, ref.offset, ref.length,
                                     f"store {self.store.name!r}: {exc}") from exc

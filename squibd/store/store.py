@@ -205,6 +205,9 @@ class SnapshotStore:
         self.cache = ChunkCache(self.cache_dir)
         self.workers = config.max_requests
         self._push_lock = threading.Lock()
+        #: Chunk uploads/downloads in flight at most (max_requests); hashing, HEADs,
+        #: (de)compression and file writes of other chunks go on around them.
+        self._transfers = threading.BoundedSemaphore(self.workers)
         self._mem = memoryview(b"")
 
     # --- snapshot objects -------------------------------------------------------------
@@ -301,12 +304,14 @@ class SnapshotStore:
             self.objects.delete(f"pairs/{snap.pair_id}")
 
     # --- chunks ---------------------------------------------------------------------------
-    def fetch_chunk(self, snapshot: str, ref: ChunkRef, *,
-                    cache: bool = True) -> bytes | memoryview:
+    def fetch_chunk(self, snapshot: str, ref: ChunkRef, *, cache: bool = True,
+                    limit: bool = True) -> bytes | memoryview:
         """The verified bytes of ``ref`` (local cache first, then the store).
 
         ``cache=False``: a chunk fetched from the store is not kept in the local cache
-        (a pull writes it into the memory file anyway).
+        (a pull writes it into the memory file anyway). ``limit=False``: not counted
+        against ``max_requests`` (a lazy VM's demand fault must not queue behind
+        background fetches; the page source bounds its own).
 
         Raises:
             ChunkInvalid: missing from the store, or not matching its address.
@@ -319,7 +324,8 @@ class SnapshotStore:
             if data is not None and address_of(data) == ref.address:
                 return data
             self.cache.drop(ref.address)
-        stored = self.objects.get_buffer(chunk_key(ref.address))
+        with self._transfers if limit else contextlib.nullcontext():
+            stored = self.objects.get_buffer(chunk_key(ref.address))
         if stored is None:
             raise ChunkInvalid(snapshot, ref.address, ref.offset, "is missing from the store")
         data = decode_chunk(stored, ref.length)
@@ -501,7 +507,8 @@ class SnapshotStore:
                     key = chunk_key(address)
                     if not self.objects.exists(key):
                         stored = encode_chunk(view)
-                        self.objects.put(key, stored)
+                        with self._transfers:
+                            self.objects.put(key, stored)
                         sent = len(stored)
             meter.add(length)
             if chunk_hook is not None:
@@ -510,7 +517,7 @@ class SnapshotStore:
                 chunk_hook(index)
             return ref, sent
 
-        with ThreadPoolExecutor(self.workers) as pool:
+        with ThreadPoolExecutor(2 * self.workers) as pool:
             done = list(pool.map(one, plan))
         refs = [ref for ref, _ in done]
         uploaded = sum(1 for _, sent in done if sent)
@@ -628,7 +635,7 @@ class SnapshotStore:
             meter.add(ref.length)
             return ref.length
 
-        with ThreadPoolExecutor(self.workers) as pool:
+        with ThreadPoolExecutor(2 * self.workers) as pool:
             total = sum(pool.map(one, refs))
         return snap, len(refs), total
 
