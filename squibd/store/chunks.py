@@ -25,6 +25,7 @@ __all__ = [
     "chunk_key",
     "decode_chunk",
     "encode_chunk",
+    "encode_framed",
     "is_zero",
 ]
 
@@ -71,6 +72,25 @@ def encode_chunk(data: bytes | memoryview) -> bytes:
     if len(packed) < len(data) - len(data) // 16:
         return _ZSTD + packed
     return _RAW + bytes(data)
+
+
+def encode_framed(framed: bytearray) -> bytearray | bytes:
+    """Like :func:`encode_chunk` for a buffer whose first byte is free for the header.
+
+    A raw chunk is the buffer itself (no copy of 2 MiB).
+    """
+    data = memoryview(framed)[1:]
+    compressor = zstandard.ZstdCompressor(level=_LEVEL)
+    if len(data) > 2 * _SAMPLE:
+        sample = len(compressor.compress(data[:_SAMPLE]))
+        if sample >= _SAMPLE - _SAMPLE // 16:
+            framed[0] = _RAW[0]
+            return framed
+    packed = compressor.compress(data)
+    if len(packed) < len(data) - len(data) // 16:
+        return _ZSTD + packed
+    framed[0] = _RAW[0]
+    return framed
 
 
 def decode_chunk(stored: bytes | memoryview, length: int) -> bytes | memoryview | None:

@@ -45,7 +45,7 @@ class Objects(Protocol):
 
     description: str
 
-    def put(self, key: str, data: bytes | memoryview) -> None: ...
+    def put(self, key: str, data: bytes | bytearray | memoryview) -> None: ...
     def get(self, key: str) -> bytes | None: ...
     def get_buffer(self, key: str) -> memoryview | None: ...
     def exists(self, key: str) -> bool: ...
@@ -67,7 +67,7 @@ class FileObjects:
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *key.split("/"))
 
-    def put(self, key: str, data: bytes | memoryview) -> None:
+    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
         path = self._path(key)
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
@@ -196,7 +196,7 @@ class S3Objects:
                 raise StoreUnavailable(f"cannot reach {self.description}: {exc}") from exc
             self._bucket_checked = True
 
-    def put(self, key: str, data: bytes | memoryview) -> None:
+    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
         import obstore
 
         self._retry(f"PUT {key}", lambda: obstore.put(self._store, self._key(key), data))

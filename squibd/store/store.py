@@ -51,7 +51,15 @@ from squibd.snapshot.envelope import decode_state, encode_state, read_state_file
 from squibd.snapshot.manifest import KIND_DIFF, KIND_FULL, Extent, MemoryManifest, iter_chunks
 from squibd.snapshot.pairing import read_pair_xattr, set_pair_xattr
 
-from .chunks import ChunkCache, address_of, chunk_key, decode_chunk, encode_chunk, is_zero
+from .chunks import (
+    ChunkCache,
+    address_of,
+    chunk_key,
+    decode_chunk,
+    encode_chunk,
+    encode_framed,
+    is_zero,
+)
 from .config import StoreConfig, check_name, check_prefix, default_cache_dir
 from .errors import (
     ChunkInvalid,
@@ -490,6 +498,7 @@ class SnapshotStore:
         counter = iter(range(len(plan)))
         lock = threading.Lock()
         mem = self._mem
+        known = self._known_chunks(len(plan))
 
         def one(item: _Planned) -> tuple[ChunkRef, int]:
             offset, length = item.offset, item.length
@@ -497,19 +506,24 @@ class SnapshotStore:
             if item.address is not None:  # a parent chunk, unchanged
                 ref = ChunkRef(offset, length, item.address)
             else:
-                view = (mem[offset: offset + length] if item.data is None
-                        else memoryview(item.data))
+                # one copy, into a buffer with room for the stored form's header byte
+                framed = bytearray(1 + length)
+                view = memoryview(framed)[1:]
+                view[:] = mem[offset: offset + length] if item.data is None else item.data
                 if is_zero(view):
                     ref = ChunkRef(offset, length, "")
                 else:
                     address = address_of(view)
                     ref = ChunkRef(offset, length, address)
                     key = chunk_key(address)
-                    if not self.objects.exists(key):
-                        stored = encode_chunk(view)
+                    present = (address in known if known is not None
+                               else self.objects.exists(key))
+                    if not present:
+                        stored = encode_framed(framed)
                         with self._transfers:
                             self.objects.put(key, stored)
                         sent = len(stored)
+                view.release()
             meter.add(length)
             if chunk_hook is not None:
                 with lock:
@@ -522,6 +536,21 @@ class SnapshotStore:
         refs = [ref for ref, _ in done]
         uploaded = sum(1 for _, sent in done if sent)
         return refs, uploaded, sum(sent for _, sent in done)
+
+    def _known_chunks(self, wanted: int) -> set[str] | None:
+        """The store's chunk addresses by listing, when that is cheaper than a HEAD each.
+
+        A listing page holds 1000 keys: a store holding at most ten times the chunks
+        a push checks is listed (a few requests instead of one per chunk); a bigger
+        one is not (None: ask per chunk).
+        """
+        limit = max(1000, 10 * wanted)
+        known: set[str] = set()
+        for info in self.objects.list("chunks/"):
+            known.add(info.key.rsplit("/", 1)[-1])
+            if len(known) > limit:
+                return None
+        return known
 
     def _commit(self, snap: StoredSnapshot, push_start: float, plan: Sequence[_Planned]) -> None:
         """Lease, settle with concurrent gc runs, then write the snapshot object last."""
