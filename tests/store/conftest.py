@@ -39,6 +39,9 @@ def ceph() -> Iterator[CephCluster]:
     except CephUnavailable as exc:
         shutil.rmtree(directory, ignore_errors=True)
         pytest.skip(f"no Ceph for the S3 store tests: {exc}")
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
     try:
         yield cluster
     finally:
