@@ -27,6 +27,9 @@ and issue 5. Example (all keys)::
     max_vcpus_total = 1024
     max_guest_memory_mib = 24576  # default: the host's RAM
     fd_reserve = 64               # fds kept free for connections when VMs use the rest
+    [stores.NAME]                 # snapshot stores (issue 12; squibd.store.config)
+    url = "s3://BUCKET/PREFIX"    # or "file:///abs/dir"
+    endpoint = "http://127.0.0.1:7480"
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from cattrs.v import format_exception
 
 from squibd.rpc import DEFAULT_MAX_LINE
 from squibd.snapshot.statedir import default_state_dir
+from squibd.store.config import StoreConfig
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT_S",
@@ -170,6 +174,7 @@ class DaemonConfig:
     server: ServerConfig = attrs.field(factory=ServerConfig)
     snapshot: SnapshotConfig = attrs.field(factory=SnapshotConfig)
     limits: LimitsConfig = attrs.field(factory=LimitsConfig)
+    stores: dict[str, StoreConfig] = attrs.field(factory=dict)
 
 
 def _converter() -> cattrs.Converter:

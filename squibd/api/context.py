@@ -13,6 +13,7 @@ import cattrs
 from .wire import make_wire_converter
 
 if TYPE_CHECKING:
+    from squibd.store.config import StoreConfig
     from squibd.vm.runtime import Runtime
 
     from .firecracker import ApiSocketHost
@@ -50,6 +51,8 @@ class ApiContext:
     converter: cattrs.Converter = attrs.field(factory=make_wire_converter)
     #: Serves vm.create's ``api_socket`` (set by the server; None: not available).
     api_sockets: ApiSocketHost | None = None
+    #: ``[stores.NAME]`` of the configuration (store.* methods).
+    stores: dict[str, StoreConfig] = attrs.field(factory=dict)
     _runtime: Runtime | None = attrs.field(default=None, init=False)
 
     @property

@@ -125,6 +125,18 @@ for _name in READ_ONLY_METHODS:
     METHODS[_name] = attrs.evolve(METHODS[_name], read_only=True)
 
 
+def _register_store_methods() -> None:
+    """``store.*`` (issue 12), from squibd.api.store_handlers."""
+    from .store_handlers import STORE_METHODS
+
+    for name, summary, params, result, handler, long_running in STORE_METHODS:
+        METHODS[name] = MethodSpec(name, summary, params, result, handler,
+                                   long_running=long_running, errors=(SNAPSHOT_ERROR,))
+
+
+_register_store_methods()
+
+
 class UnexpectedHandlerError(Exception):
     """A handler raised an exception no error mapping knows: a bug, answered -32603.
 

@@ -31,6 +31,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from squibd.config import default_socket_path
 
 from ._client import CallFailed, DaemonUnreachable, RpcClient, open_client
+from ._ctl_store import STORE_LONG, add_store_parser, store_request
 from ._render import render
 
 __all__ = ["build_parser", "main"]
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", help=f"daemon socket (default: ${SOCKET_ENV}, else "
                    f"{default_socket_path()})")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print results as JSON")
-    sub = p.add_subparsers(dest="area", required=True, metavar="{status,vm,snapshot,call}")
+    sub = p.add_subparsers(dest="area", required=True, metavar="{status,vm,snapshot,store,call}")
 
     sub.add_parser("status", help="daemon.status")
 
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--progress", action="store_true", default=None,
                         help="show a progress bar even when stderr is not a terminal")  # fmt: skip
 
+    add_store_parser(sub)
     raw = sub.add_parser("call", help="call any method with JSON params")
     raw.add_argument("method")
     raw.add_argument("params", nargs="?", default="{}", help="params as a JSON object")
@@ -133,6 +135,8 @@ def request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     area, verb = args.area, getattr(args, "verb", None)
     if area == "status":
         return "daemon.status", {}
+    if area == "store":
+        return store_request(args)
     if area == "call":
         params = json.loads(args.params)
         if not isinstance(params, dict):
@@ -258,7 +262,7 @@ async def _run_call(
     return result[0].unwrap()
 
 
-_LONG: Final = frozenset({"snapshot.create", "snapshot.load", "snapshot.rebase"})
+_LONG: Final = frozenset({"snapshot.create", "snapshot.load", "snapshot.rebase"}) | STORE_LONG
 
 
 async def _amain(args: argparse.Namespace, method: str, params: dict[str, Any]) -> Any:

@@ -60,8 +60,8 @@ def _parser() -> argparse.ArgumentParser:
         "(Firecracker-compatible handshake).",
     )
     parser.add_argument("--page-server", action="store_true", required=True, help="this mode")
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--snapshot", help="the Full state file")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--snapshot", help="the Full state file (or --store and --name)")
     which.add_argument(
         "--firecracker-snapshot", metavar="PATH",
         help="a state file Firecracker made (needs --memory-file; no digest checks)",
@@ -96,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
         help="keep accepting VMs after the last one is gone (until SIGTERM)",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--store", help="serve from this store ([stores.NAME] of --config)")
+    parser.add_argument("--name", help="the snapshot's name in --store")
+    parser.add_argument("--config", help="the configuration file naming --store")
     return parser
 
 
@@ -199,6 +202,10 @@ def main(argv: list[str]) -> int:
     if args.max_vms < 1 or args.handshake_timeout <= 0:
         parser.error("--max-vms and --handshake-timeout must be positive")
     log = logging.getLogger("squibd.uffd")
+    if args.store is not None or (args.snapshot is None and args.firecracker_snapshot is None):
+        from ._pageserver_store import serve_store
+
+        return serve_store(parser, args)
     try:
         source, server = _open(args, log)
     except (SnapshotError, UffdError, OSError, ValueError) as exc:

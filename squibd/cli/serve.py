@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         allowed_roots=config.snapshot.allowed_roots,
         quiesce_timeout_s=config.snapshot.quiesce_timeout_s,
         limits=attrs.asdict(config.limits),
+        stores=config.stores,
     )
     server = Server(config, api, sockets, owned, Notifier.from_environ())
     # Everything imported so far lives as long as the daemon: keep it out of the

@@ -265,6 +265,7 @@ class PageServer:
             self._prefetch(conn)
             if conn.wants_status:
                 send_status(sock, encode_status(ready=True, pair_id=self.pair_id))
+            self.on_ready()
             self._run(conn, stop_fd)
         except ChunkCorrupt as exc:
             _log.error("%s (file offset %#x); stopping: the VM must not run on it", exc, exc.offset)
@@ -278,6 +279,9 @@ class PageServer:
         _log.info("done with VMM pid %s (%s): %s", conn.stats.vmm_pid or "unknown",
                   conn.stats.ended, conn.stats)
         return conn.stats
+
+    def on_ready(self) -> None:
+        """Called when a VM's prefetched pages are in and it may run (a hook; no-op)."""
 
     # --- the loop ---------------------------------------------------------------
     def _prefetch(self, conn: _Connection) -> None:
