@@ -16,6 +16,10 @@ and issue 5. Example (all keys)::
     shutdown_grace_s = 30
     debug_api = false
     log_level = "info"
+    log_format = "text"           # or "json" (one JSON object per line)
+    state_dir = "/var/lib/squibd/state"   # default: see default_state_dir()
+    on_shutdown = "keep"          # "keep" | "save" | "stop" (see README "Host shutdown")
+    metrics_address = "127.0.0.1:9464"    # Prometheus listener; absent = off
 
     [snapshot]
     allowed_roots = ["/var/lib/squibd"]
@@ -45,6 +49,7 @@ __all__ = [
     "ServerConfig",
     "SnapshotConfig",
     "default_socket_path",
+    "default_state_dir",
     "load_config",
 ]
 
@@ -62,6 +67,11 @@ DEFAULT_SHUTDOWN_GRACE_S: Final = 30.0
 SYSTEM_SOCKET_PATH: Final = "/run/squibd/squibd.sock"
 _SOCKET_NAME: Final = "squibd.sock"
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+_LOG_FORMATS: Final = ("text", "json")
+#: ``[server] on_shutdown``: what a SIGTERM does to the VMs (issue 13).
+ON_SHUTDOWN_MODES: Final = ("keep", "save", "stop")
+#: The state directory of a root daemon (systemd's StateDirectory=squibd/state).
+SYSTEM_STATE_DIR: Final = "/var/lib/squibd/state"
 
 
 class ConfigError(Exception):
@@ -75,6 +85,28 @@ def default_socket_path(environ: dict[str, str] | None = None) -> str:
     if runtime_dir:
         return os.path.join(runtime_dir, _SOCKET_NAME)
     return SYSTEM_SOCKET_PATH
+
+
+def default_state_dir(environ: dict[str, str] | None = None) -> str:
+    """``/var/lib/squibd/state`` for root, else ``$XDG_STATE_HOME/squibd``.
+
+    ``$XDG_STATE_HOME`` defaults to ``~/.local/state`` (XDG Base Directory spec).
+    """
+    env = os.environ if environ is None else environ
+    if os.geteuid() == 0:
+        return SYSTEM_STATE_DIR
+    base = env.get("XDG_STATE_HOME") or os.path.join(
+        env.get("HOME") or os.path.expanduser("~"), ".local", "state"
+    )
+    return os.path.join(base, "squibd")
+
+
+def _host_port(instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is None:
+        return
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{attribute.name} must be HOST:PORT, got {value!r}")
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -106,6 +138,16 @@ class ServerConfig:
     shutdown_grace_s: float = attrs.field(default=DEFAULT_SHUTDOWN_GRACE_S, validator=_positive)
     debug_api: bool = False
     log_level: str = attrs.field(default="info", validator=attrs.validators.in_(_LOG_LEVELS))
+    log_format: str = attrs.field(default="text", validator=attrs.validators.in_(_LOG_FORMATS))
+    state_dir: str | None = None
+    on_shutdown: str = attrs.field(
+        default="keep", validator=attrs.validators.in_(ON_SHUTDOWN_MODES)
+    )
+    metrics_address: str | None = attrs.field(default=None, validator=_host_port)
+
+    def effective_state_dir(self) -> str:
+        """``state_dir``, else :func:`default_state_dir`."""
+        return self.state_dir or default_state_dir()
 
     def effective_allowed_uids(self) -> frozenset[int]:
         """The allow list: configured uids, else the daemon's own uid and root."""

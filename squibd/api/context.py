@@ -43,6 +43,10 @@ class ApiContext:
     quiesce_timeout_s: float | None = None
     started_at: float = attrs.field(factory=time.monotonic)
     converter: cattrs.Converter = attrs.field(factory=make_wire_converter)
+    #: Where ``on_shutdown = "save"`` saves VMs; ``snapshot.list``'s root without allowed roots.
+    state_dir: str | None = None
+    #: vm_id -> the state file a VM was restored from at daemon start (``vm.describe``).
+    restored_from: dict[str, str] = attrs.field(factory=dict)
     _runtime: Runtime | None = attrs.field(default=None, init=False)
 
     @property

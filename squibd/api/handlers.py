@@ -24,6 +24,7 @@ from squibd.snapshot.rebase import rebase
 from squibd.vm import run_cancellable
 
 from .context import ApiContext, CallInfo
+from .ops import snapshot_metadata
 from .models import (
     MAX_MEMORY_ACCESS,
     DestroyResult,
@@ -84,6 +85,7 @@ def _info(api: ApiContext, vm_id: str) -> VmInfo:
         guest_progress=list(d.guest_progress),
         guest_program=d.guest_program,
         error=d.error,
+        restored_from=api.restored_from.get(d.vm_id),
     )
 
 
@@ -159,6 +161,7 @@ async def snapshot_create(
         mem,
         live=params.live,
         progress=call.progress,
+        metadata=snapshot_metadata(params.vm_id, params.labels),
     )
     return SnapshotCreateResult(
         snapshot_type=result.snapshot_type,
@@ -239,7 +242,20 @@ async def snapshot_rebase(
     commit is too late, and the call succeeds.
     """
     base = _path(api, params.base_snapshot_path, "base_snapshot_path")
-    diff = _path(api, params.diff_snapshot_path, "diff_snapshot_path")
+    if (params.diff_snapshot_path is None) == (params.diff_snapshot_paths is None):
+        raise RpcError.invalid_params(
+            "params: give exactly one of diff_snapshot_path and diff_snapshot_paths"
+        )
+    if params.diff_snapshot_paths is not None:
+        if not params.diff_snapshot_paths:
+            raise RpcError.invalid_params("params.diff_snapshot_paths: must not be empty")
+        diffs = [
+            _path(api, p, f"diff_snapshot_paths[{i}]")
+            for i, p in enumerate(params.diff_snapshot_paths)
+        ]
+    else:
+        assert params.diff_snapshot_path is not None
+        diffs = [_path(api, params.diff_snapshot_path, "diff_snapshot_path")]
     out = _path(api, params.output_snapshot_path, "output_snapshot_path")
     out_mem = default_memory_path(out)
     if params.output_mem_file_path is not None:
@@ -253,7 +269,7 @@ async def snapshot_rebase(
             elif cancel.is_set() and not committed.is_set():
                 raise _RebaseCancelled
 
-        rebase(base, [diff], out, out_mem, step_hook=step)
+        rebase(base, diffs, out, out_mem, step_hook=step)
 
     started = time.monotonic()
     # Cancelled before the commit step: the transaction aborts and Cancelled

@@ -26,6 +26,7 @@ from squibd.rpc import (
 
 from . import handlers as h
 from . import models as m
+from . import ops
 from .context import ApiContext, CallInfo
 from .errors import internal_error, map_exception, not_allowed
 from .wire import structure_params, unstructure_result
@@ -106,6 +107,12 @@ METHODS: Final[dict[str, MethodSpec]] = dict(
         _spec("vm.write_memory", "Write guest RAM, marking the pages dirty (debug API).",
               m.WriteMemoryParams, m.WriteMemoryResult, h.vm_write_memory, debug_only=True,
               errors=(UNKNOWN_VM, NOT_ALLOWED)),
+        _spec("snapshot.list", "List the snapshot pairs under the allowed roots, with metadata.",
+              ops.SnapshotListParams, ops.SnapshotListResult, ops.snapshot_list,
+              errors=(SNAPSHOT_ERROR, NOT_ALLOWED)),
+        _spec("snapshot.delete", "Delete a snapshot pair crash-safely (refused while a Diff "
+              "depends on it, unless force).", ops.SnapshotDeleteParams,
+              ops.SnapshotDeleteResult, ops.snapshot_delete, errors=(SNAPSHOT_ERROR,)),
     ]
 )  # fmt: skip
 

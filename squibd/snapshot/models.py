@@ -29,6 +29,7 @@ __all__ = [
     "MicrovmState",
     "MmdsState",
     "MsrEntry",
+    "SnapshotMetadata",
     "Segment",
     "SysReg",
     "VmInfo",
@@ -55,6 +56,19 @@ class VmInfo:
     guest_params: dict[str, int] = attrs.field(factory=dict)
     kernel_path: str | None = None
     boot_args: str | None = None
+
+
+@attrs.frozen
+class SnapshotMetadata:
+    """Who took a snapshot, when and where, plus the caller's labels (optional in the file).
+
+    ``created_at`` is ISO 8601 UTC; ``vm_id`` is the id of the VM that was saved.
+    """
+
+    created_at: str | None = None
+    vm_id: str | None = None
+    host: str | None = None
+    labels: dict[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -247,6 +261,8 @@ class X86MicrovmState:
     device_states: tuple[DeviceState, ...]
     mmds_state: MmdsState | None
     memory: MemoryManifest
+    #: Optional (absent in files written before it existed).
+    metadata: SnapshotMetadata | None = None
 
 
 # --- aarch64 (for attached VMMs) ---------------------------------------------
@@ -297,6 +313,8 @@ class Aarch64MicrovmState:
     device_states: tuple[DeviceState, ...]
     mmds_state: MmdsState | None
     memory: MemoryManifest
+    #: Optional (absent in files written before it existed).
+    metadata: SnapshotMetadata | None = None
 
 
 MicrovmState = X86MicrovmState | Aarch64MicrovmState

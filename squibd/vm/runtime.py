@@ -15,6 +15,7 @@ import attrs
 import trio
 
 from ..kvm.runner import install_signal_handler
+from ..snapshot.models import SnapshotMetadata
 from ._threads import IO_LIMITER_TOKENS, run_blocking
 from .build import build_fresh
 from .errors import Busy, DuplicateVm, UnknownVm, VmFailed, WrongVmState
@@ -191,6 +192,7 @@ class Runtime:
         pause_budget_ms: float = DEFAULT_PAUSE_BUDGET_MS,
         resume: bool = True,
         progress: Progress | None = None,
+        metadata: SnapshotMetadata | None = None,
     ) -> SaveResult:
         """Save the VM as a snapshot pair (SPEC section 5).
 
@@ -214,6 +216,8 @@ class Runtime:
             pause_budget_ms=pause_budget_ms,
             resume=resume,
         )
+        if metadata is not None:
+            request = attrs.evolve(request, metadata=metadata)
         self._not_busy(vm)
         vm.busy = _OP_SAVE
         try:
