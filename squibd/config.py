@@ -104,7 +104,7 @@ def default_state_dir(environ: dict[str, str] | None = None) -> str:
 def _host_port(instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
     if value is None:
         return
-    host, sep, port = value.rpartition(":")
+    _host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{attribute.name} must be HOST:PORT, got {value!r}")
 

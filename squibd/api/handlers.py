@@ -24,7 +24,6 @@ from squibd.snapshot.rebase import rebase
 from squibd.vm import run_cancellable
 
 from .context import ApiContext, CallInfo
-from .ops import snapshot_metadata
 from .models import (
     MAX_MEMORY_ACCESS,
     DestroyResult,
@@ -46,6 +45,7 @@ from .models import (
     WriteMemoryParams,
     WriteMemoryResult,
 )
+from .ops import snapshot_metadata
 
 __all__ = [
     "daemon_status",

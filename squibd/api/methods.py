@@ -144,6 +144,13 @@ def lookup(api: ApiContext, method: str) -> MethodSpec:
 
 
 async def dispatch(api: ApiContext, call: CallInfo, method: str, params: Any) -> Any:
+    """Run one call (counted and timed when metrics are on; see :func:`_dispatch`)."""
+    if api.metrics is not None:
+        return await api.metrics.timed(api, method, _dispatch(api, call, method, params))
+    return await _dispatch(api, call, method, params)
+
+
+async def _dispatch(api: ApiContext, call: CallInfo, method: str, params: Any) -> Any:
     """Run one call and return its JSON-ready result.
 
     Raises:

@@ -1,4 +1,4 @@
-# ruff: noqa: RUF009  (wire_field returns attrs fields, not values)
+
 """Operator methods: ``snapshot.list`` and ``snapshot.delete`` (issue 13).
 
 Both walk directories in a worker thread (:mod:`squibd.snapshot.inventory`).

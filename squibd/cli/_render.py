@@ -86,7 +86,8 @@ def render(method: str, result: Any) -> str:
     if method == "snapshot.list":
         return render_snapshot_list(result)
     if method == "snapshot.delete":
-        return f"deleted {result['snapshot_path']} + {result.get('mem_file_path') or '(no memory file)'}"
+        mem = result.get("mem_file_path") or "(no memory file)"
+        return f"deleted {result['snapshot_path']} + {mem}"
     if method == "snapshot.describe":
         return _describe(result)
     if method == "daemon.status":

@@ -224,7 +224,7 @@ def request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     Raises:
         ValueError: params that cannot be built (bad JSON for ``call``).
     """
-    area, verb = args.area, getattr(args, "verb", None)
+    area, verb = args.area, str(getattr(args, "verb", ""))
     for ext in _extensions():
         if area == ext.AREA:
             method, params = ext.request_of(args)
