@@ -134,11 +134,13 @@ class Metrics:
 
 
 def _outcome(exc: BaseException) -> str:
+    """``cancelled``, the error's ``data.kind``, else its code, else ``error``."""
     rpc = getattr(exc, "rpc_error", exc)  # UnexpectedHandlerError carries the RpcError
-    data = getattr(rpc, "data", None)
-    if isinstance(data, dict) and isinstance(data.get("kind"), str):
-        return str(data["kind"])
-    code = getattr(rpc, "code", None)
+    error = getattr(rpc, "error", None)  # RpcError.error is the wire ErrorObject
+    kind = getattr(error, "kind", None)
+    if isinstance(kind, str):
+        return kind
+    code = getattr(error, "code", None)
     if isinstance(code, int):
         return str(code)
     return "cancelled" if type(exc).__name__ == "Cancelled" else "error"
