@@ -40,6 +40,7 @@ from squibd import __version__
 from squibd.client import AsyncClient, DaemonUnreachable, SquibdError
 from squibd.client._common import SOCKET_ENV
 from squibd.config import default_socket_path
+from squibd.protocol_files import DOCUMENTS, protocol_document
 
 from ._client import CallFailed
 from ._progress import Bar
@@ -212,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     completion = parser(sub, "completion", "print a shell completion script")
     completion.add_argument("shell", choices=("bash", "zsh"))
+    protocol = parser(sub, "protocol", "print a protocol document shipped with squibd")
+    protocol.add_argument("document", choices=DOCUMENTS)
 
     for ext in _extensions():
         ext.add_parser(sub)
@@ -431,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     args.json = args.json or as_json
     if args.area == "completion":
         print(_completion(parser, args.shell))
+        return EXIT_OK
+    if args.area == "protocol":
+        sys.stdout.write(protocol_document(args.document))
         return EXIT_OK
     try:
         method, params = request_of(args)
