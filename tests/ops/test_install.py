@@ -34,8 +34,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> str:
     venv = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
                    timeout=120)  # fmt: skip
+    where = "import sysconfig; print(sysconfig.get_path('purelib'))"
     purelib = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        [str(venv / "bin" / "python"), "-c", where],
         check=True, capture_output=True, text=True, timeout=60,
     ).stdout.strip()  # fmt: skip
     # Dependencies (and pip) from this environment; a bare path line does not run
