@@ -7,7 +7,8 @@ A five-line script::
     with Client() as squibd:            # $SQUIBD_SOCKET, else the daemon's default socket
         squibd.snapshot_create("vm1", "/var/lib/squibd/vm1.snap", "/var/lib/squibd/vm1.mem",
                                labels={"reason": "nightly"})
-        print([s["snapshot_path"] for s in squibd.snapshot_list(vm_id="vm1")["snapshots"]])
+        for pair in squibd.snapshot_list(root="/var/lib/squibd")["snapshots"]:
+            print(pair["snapshot_path"], pair["labels"])
 
 :class:`Client` blocks; :class:`AsyncClient` runs under trio and asyncio (anyio).
 Both have ``call(method, params)`` and one typed method per JSON-RPC method

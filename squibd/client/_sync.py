@@ -116,6 +116,9 @@ class Client(TypedMethods[Any]):
                     if args is not None and args[0] == token:
                         on_progress(*args[1:])
                     continue
+                if message.get("id") is None and "error" in message:
+                    # The daemon could not read our request (one call at a time: it is ours).
+                    raise SquibdError.from_json(message["error"], method)
                 if message.get("id") != request_id:
                     continue
                 if "error" in message:

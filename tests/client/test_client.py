@@ -97,3 +97,88 @@ async def test_async_client_under_trio(sockdir: str) -> None:
 
 async def _append(results: list[object], call: object) -> None:
     results.append(await call)  # type: ignore[misc]
+
+
+def _readme_script() -> str:
+    from tests.server.helpers import REPO
+
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    section = text[text.index("## Client library"):]
+    block = section[section.index("    from squibd.client import Client"):]
+    lines = []
+    for line in block.splitlines():
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    return "\n".join(lines).strip() + "\n"
+
+
+@pytest.mark.kvm
+def test_the_readme_script_runs(sockdir: str) -> None:
+    import subprocess
+    import sys
+
+    script = _readme_script()
+    assert len(script.splitlines()) <= 6  # import, blank line, and the five lines
+    proc, path = start_daemon(sockdir)
+    try:
+        with Client(path) as client:
+            client.vm_create("web", mem_size_mib=32)
+            client.vm_start("web")
+        result = subprocess.run(
+            [sys.executable, "-c", script.replace("/var/lib/squibd", sockdir)],
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, "SQUIBD_SOCKET": path},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().endswith("Z")  # created_at of the pair it just made
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+@pytest.mark.kvm
+def test_interrupting_a_blocking_call_cancels_it_and_nothing_is_committed(sockdir: str) -> None:
+    import base64
+
+    proc, path = start_daemon(sockdir, "--debug-api")
+    snaps = os.path.join(sockdir, "snaps")
+    os.mkdir(snaps)
+    reports: list[tuple[str, int, int]] = []
+
+    def progress(phase: str, done: int, total: int) -> None:
+        reports.append((phase, done, total))
+        if done < total:  # the user presses Ctrl-C while the save is under way
+            raise KeyboardInterrupt
+
+    try:
+        with Client(path) as client:
+            client.vm_create("big", mem_size_mib=96)
+            client.vm_start("big")
+            half = 512 * 1024  # base64 of it fits the daemon's 1 MiB line limit
+            for offset in range(16 << 20, 64 << 20, half):
+                block = base64.b64encode(os.urandom(half)).decode()
+                client.vm_write_memory("big", offset, block)
+            with pytest.raises(SquibdError) as info:
+                client.snapshot_create("big", f"{snaps}/b.snap", f"{snaps}/b.mem",
+                                       on_progress=progress)  # fmt: skip
+            assert info.value.cancelled and info.value.code == -32800
+            assert client.vm_describe("big")["state"] == "Running"  # carries on
+        assert reports and os.listdir(snaps) == []  # rolled back: no pair, no temps
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+async def test_async_call_cancelled_by_its_scope_is_cancelled_in_the_daemon(
+    sockdir: str,
+) -> None:
+    path = f"{sockdir}/s.sock"
+    async with running_server(path) as server, AsyncClient(path) as client:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await client.daemon_status()
+        assert scope.cancelled_caught
+        assert (await client.vm_list()) == {"vms": []}  # the connection is still usable
+        assert server.connection_count == 1
