@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+from squibd.snapshot.commit import recover_directory
 from squibd.snapshot.errors import SnapshotError
-from squibd.snapshot.inventory import delete_pair, list_pairs
+from squibd.snapshot.inventory import SnapshotEntry, delete_pair, list_pairs
 
 if TYPE_CHECKING:
     from squibd.api.context import ApiContext
@@ -106,9 +107,14 @@ async def restore_saved(api: ApiContext) -> list[str]:
     directory = shutdown_dir(api.state_dir)
     if not os.path.isdir(directory):
         return []
-    entries = await trio.to_thread.run_sync(
-        lambda: list_pairs([directory], label=f"{SHUTDOWN_LABEL}=save")
-    )
+    def find() -> list[SnapshotEntry]:
+        try:
+            recover_directory(directory)  # finish or undo a save a crash interrupted
+        except (SnapshotError, OSError) as exc:
+            log.warning("recovery of %s: %s", directory, exc)
+        return list_pairs([directory], label=f"{SHUTDOWN_LABEL}=save")
+
+    entries = await trio.to_thread.run_sync(find)
     restored: list[str] = []
     for entry in entries:
         vm_id = entry.vm_id

@@ -85,9 +85,9 @@ class Bar:
         self._tally = Tally()
         self._started = time.monotonic()
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(),
-            TextColumn("{task.percentage:>5.1f}%"), DownloadColumn(binary_units=True),
-            TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[phase]}"),
+            TextColumn("{task.description}"), TextColumn("{task.fields[phase]:<7}"),
+            BarColumn(bar_width=20), TextColumn("{task.percentage:>5.1f}%"),
+            DownloadColumn(binary_units=True), TransferSpeedColumn(), TimeRemainingColumn(),
             console=console, transient=False,
         )  # fmt: skip
         self._task: TaskID = self._progress.add_task(label, total=None, phase="")
@@ -103,7 +103,8 @@ class Bar:
         if t.phases and not t.steps and exc[0] is None:
             self._console.print(
                 f"{self._label}: {human_bytes(t.completed)} in {elapsed:.2f} s "
-                f"({human_bytes(t.completed / elapsed)}/s, {t.phases} phase(s))"
+                f"({human_bytes(t.completed / elapsed)}/s, {t.phases} phase(s))",
+                highlight=False, markup=False,
             )
 
     def update(self, phase: str, done: int, total: int) -> None:

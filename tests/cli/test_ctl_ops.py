@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -143,3 +144,34 @@ async def test_diff_hint_chain_rebase_and_list_delete_tables(sockdir: str) -> No
         refused = await _ctl(*base, "snapshot", "delete", "full.snap", cwd=sockdir)
         assert refused.returncode == 1
         assert "--force" in refused.stderr.decode()
+
+
+def test_offline_tools_accept_the_shared_spellings_and_the_old_ones(sockdir: str) -> None:
+    for flag in ("--mem-file-path", "--memory-file"):
+        result = subprocess.run([*DAEMON, "--describe-snapshot", f"{sockdir}/a.snap", "--json",
+                                 flag, f"{sockdir}/b.mem"], capture_output=True, timeout=60)
+        assert json.loads(result.stdout)["path"] == f"{sockdir}/a.snap", result.stderr
+    for flag in ("--output-mem-file-path", "--output-memory-file"):
+        result = subprocess.run([*DAEMON, "--rebase-snapshot", "--base", f"{sockdir}/a.snap",
+                                 "--diff", f"{sockdir}/b.snap", "--diff", f"{sockdir}/c.snap",
+                                 "--output", f"{sockdir}/o.snap", flag, f"{sockdir}/o.mem"],
+                                capture_output=True, timeout=60)  # fmt: skip
+        assert result.returncode == 1, result.stderr  # parsed; fails on the missing base
+        assert b"a.snap" in result.stderr or b"Io" in result.stderr
+
+
+@pytest.mark.kvm
+async def test_live_save_progress_is_one_bar_with_a_final_line(sockdir: str) -> None:
+    path = f"{sockdir}/s.sock"
+    async with running_server(path):
+        for args in (["vm", "create", "p", "--mem-mib", "64", "--program", "memwriter",
+                      "--guest-param", "working_set_mib=16"], ["vm", "start", "p"]):  # fmt: skip
+            assert (await _ctl("--socket", path, *args)).returncode == 0
+        result = await _ctl("--socket", path, "snapshot", "create", "p", "--live", "--progress",
+                            "--snapshot-path", "p.snap", "--mem-file-path", "p.mem",
+                            cwd=sockdir)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    err = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", result.stderr.decode())  # terminal codes
+    assert "pass-1" in err
+    final = [line for line in err.splitlines() if line.startswith("snapshot.create: ")]
+    assert len(final) == 1 and "/s, " in final[0] and "phase(s))" in final[0]

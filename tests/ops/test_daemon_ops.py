@@ -178,3 +178,24 @@ def test_on_shutdown_stop_saves_nothing(sockdir: str) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
     assert not os.path.exists(os.path.join(state, "shutdown"))
+
+
+@pytest.mark.kvm
+def test_a_vm_whose_shutdown_save_fails_is_named_and_the_others_are_saved(sockdir: str) -> None:
+    state = os.path.join(sockdir, "state")
+    saved = os.path.join(state, "shutdown")
+    os.makedirs(os.path.join(saved, "bad.snap"))  # a directory where bad's state file would go
+    with daemon(sockdir, "--on-shutdown", "save", "--state-dir", state) as (proc, path, log):
+        with Client(path) as client:
+            for vm_id in ("bad", "good"):
+                client.vm_create(vm_id, mem_size_mib=32)
+                client.vm_start(vm_id)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    with open(log) as f:
+        text = f.read()
+    assert re.search(r"ERROR squibd.lifecycle: on_shutdown=save: VM bad NOT saved", text)
+    assert "1 of 2 VM(s) saved" in text
+    assert {"good.mem", "good.snap"} <= set(os.listdir(saved))
+    assert os.path.isdir(os.path.join(saved, "bad.snap"))  # nothing half-written over it
+    assert not any(name.startswith(".good.") for name in os.listdir(saved))  # no temps
