@@ -74,6 +74,11 @@ def _describe(result: dict[str, Any]) -> str:
     for error in result.get("errors") or []:
         lines.append(f"ERROR {error.get('kind')}: {error.get('message')}"
                      + (f" ({error['detail']})" if error.get("detail") else ""))  # fmt: skip
+    memory = result.get("memory_file") or {}
+    if memory and not memory.get("exists", True):
+        lines.append(f"memory file {memory.get('path')} is missing")
+    if result.get("file_size") is None:
+        lines.append(f"state file {result.get('path')} cannot be read (missing or unreadable)")
     if not result.get("ok", True):
         lines.append(f"{result.get('path')}: NOT loadable as it is")
     return "\n".join(lines)

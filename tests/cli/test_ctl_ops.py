@@ -56,6 +56,7 @@ async def test_json_anywhere_and_relative_paths_are_resolved(sockdir: str) -> No
     assert rel.returncode == 1  # not loadable: scripts see it
     assert human.returncode == 1
     assert f"{sockdir}/missing.snap: NOT loadable" in human.stdout.decode()
+    assert f"state file {sockdir}/missing.snap cannot be read" in human.stdout.decode()
 
 
 async def test_unreachable_daemon_names_the_socket_and_what_to_do(sockdir: str) -> None:
