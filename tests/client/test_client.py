@@ -154,10 +154,10 @@ def test_interrupting_a_blocking_call_cancels_it_and_nothing_is_committed(sockdi
 
     try:
         with Client(path) as client:
-            client.vm_create("big", mem_size_mib=96)
+            client.vm_create("big", mem_size_mib=64)
             client.vm_start("big")
             half = 512 * 1024  # base64 of it fits the daemon's 1 MiB line limit
-            for offset in range(16 << 20, 64 << 20, half):
+            for offset in range(16 << 20, 40 << 20, half):
                 block = base64.b64encode(os.urandom(half)).decode()
                 client.vm_write_memory("big", offset, block)
             with pytest.raises(SquibdError) as info:
