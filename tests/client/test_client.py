@@ -182,3 +182,28 @@ async def test_async_call_cancelled_by_its_scope_is_cancelled_in_the_daemon(
         assert scope.cancelled_caught
         assert (await client.vm_list()) == {"vms": []}  # the connection is still usable
         assert server.connection_count == 1
+
+
+@pytest.mark.kvm
+async def test_cancelling_an_async_call_rolls_the_save_back(sockdir: str) -> None:
+    snaps = os.path.join(sockdir, "snaps")
+    os.mkdir(snaps)
+    path = f"{sockdir}/s.sock"
+    async with running_server(path) as server, AsyncClient(path) as client:
+        await client.vm_create("big", mem_size_mib=64)
+        await client.vm_start("big")
+        block = os.urandom(1 << 20)
+        for mib in range(16, 40):
+            server.api.runtime.write_memory("big", mib << 20, block)
+        with trio.CancelScope() as scope:
+
+            def progress(phase: str, done: int, total: int) -> None:
+                if done < total:
+                    scope.cancel()
+
+            await client.snapshot_create("big", f"{snaps}/b.snap", f"{snaps}/b.mem",
+                                         on_progress=progress)  # fmt: skip
+        assert scope.cancelled_caught
+    # The server's graceful stop waited for the save to end: had $/cancelRequest not
+    # reached it, the pair would have been committed.
+    assert os.listdir(snaps) == []
