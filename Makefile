@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench bench-quick lint venv clean
+.PHONY: test demo bench bench-quick lint venv clean install uninstall
 
 venv: $(STAMP)
 
@@ -38,3 +38,34 @@ clean:
 .PHONY: demo-format
 demo-format: $(STAMP)
 	$(PY) -m squibd.demo_format
+
+# Install for a host (issue 13): a private venv under $(PREFIX)/lib/squibd holding a
+# regular (not editable) install of this tree, squibd and squibctl linked into
+# $(PREFIX)/bin, the systemd units (ExecStart = $(PREFIX)/bin/squibd) and the shell
+# completions. PREFIX is where it runs from (the venv is not relocatable).
+PREFIX ?= /usr/local
+UNITDIR ?= /etc/systemd/system
+APPDIR := $(PREFIX)/lib/squibd
+install:
+	$(PYTHON) -m venv $(APPDIR)
+	$(APPDIR)/bin/pip install -q --disable-pip-version-check .
+	install -d $(PREFIX)/bin $(UNITDIR)
+	ln -sf $(APPDIR)/bin/squibd $(PREFIX)/bin/squibd
+	ln -sf $(APPDIR)/bin/squibctl $(PREFIX)/bin/squibctl
+	sed 's#/usr/local/bin/squibd#$(PREFIX)/bin/squibd#' systemd/squibd.service \
+		> $(UNITDIR)/squibd.service
+	install -m 0644 systemd/squibd.socket $(UNITDIR)/squibd.socket
+	install -d $(PREFIX)/share/bash-completion/completions \
+		$(PREFIX)/share/zsh/site-functions
+	$(APPDIR)/bin/squibctl completion bash \
+		> $(PREFIX)/share/bash-completion/completions/squibctl
+	$(APPDIR)/bin/squibctl completion zsh \
+		> $(PREFIX)/share/zsh/site-functions/_squibctl
+	@echo "installed; now: systemctl daemon-reload && systemctl enable --now squibd.socket"
+
+uninstall:
+	rm -f $(PREFIX)/bin/squibd $(PREFIX)/bin/squibctl \
+		$(UNITDIR)/squibd.service $(UNITDIR)/squibd.socket \
+		$(PREFIX)/share/bash-completion/completions/squibctl \
+		$(PREFIX)/share/zsh/site-functions/_squibctl
+	rm -rf $(APPDIR)

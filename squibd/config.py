@@ -16,7 +16,10 @@ and issue 5. Example (all keys)::
     shutdown_grace_s = 30
     debug_api = false
     log_level = "info"
-    state_dir = "/var/lib/squibd/state"  # journals + their key; created 0700
+    log_format = "text"           # or "json" (one JSON object per line)
+    state_dir = "/var/lib/squibd/state"  # journals + their key, shutdown saves; created 0700
+    on_shutdown = "keep"          # "keep" | "save" | "stop" (see README "Host shutdown")
+    metrics_address = "127.0.0.1:9464"    # Prometheus listener; absent = off
 
     [snapshot]
     allowed_roots = ["/var/lib/squibd"]
@@ -58,6 +61,7 @@ __all__ = [
     "ServerConfig",
     "SnapshotConfig",
     "default_socket_path",
+    "default_state_dir",
     "load_config",
 ]
 
@@ -75,6 +79,11 @@ DEFAULT_SHUTDOWN_GRACE_S: Final = 30.0
 SYSTEM_SOCKET_PATH: Final = "/run/squibd/squibd.sock"
 _SOCKET_NAME: Final = "squibd.sock"
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+_LOG_FORMATS: Final = ("text", "json")
+#: ``[server] on_shutdown``: what a SIGTERM does to the VMs (issue 13).
+ON_SHUTDOWN_MODES: Final = ("keep", "save", "stop")
+#: The state directory of a root daemon (systemd's StateDirectory=squibd/state).
+SYSTEM_STATE_DIR: Final = "/var/lib/squibd/state"
 
 
 class ConfigError(Exception):
@@ -88,6 +97,14 @@ def default_socket_path(environ: dict[str, str] | None = None) -> str:
     if runtime_dir:
         return os.path.join(runtime_dir, _SOCKET_NAME)
     return SYSTEM_SOCKET_PATH
+
+
+def _host_port(instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is None:
+        return
+    _host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{attribute.name} must be HOST:PORT, got {value!r}")
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -129,6 +146,15 @@ class ServerConfig:
     #: absolute path: ``/var/lib/squibd/state`` for root, else ``$XDG_STATE_HOME/squibd``
     #: (``~/.local/state/squibd``). ``squibd --state-dir`` overrides it.
     state_dir: str = attrs.field(factory=default_state_dir, converter=_absolute_dir)
+    log_format: str = attrs.field(default="text", validator=attrs.validators.in_(_LOG_FORMATS))
+    on_shutdown: str = attrs.field(
+        default="keep", validator=attrs.validators.in_(ON_SHUTDOWN_MODES)
+    )
+    metrics_address: str | None = attrs.field(default=None, validator=_host_port)
+
+    def effective_state_dir(self) -> str:
+        """The state directory (always set: ``state_dir`` defaults to :func:`default_state_dir`)."""
+        return self.state_dir
 
     def effective_allowed_uids(self) -> frozenset[int]:
         """The allow list: configured uids, else the daemon's own uid and root."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -13,6 +13,7 @@ import cattrs
 from .wire import make_wire_converter
 
 if TYPE_CHECKING:
+    from squibd.metrics import Metrics
     from squibd.store.config import StoreConfig
     from squibd.vm.runtime import Runtime
 
@@ -53,6 +54,14 @@ class ApiContext:
     api_sockets: ApiSocketHost | None = None
     #: ``[stores.NAME]`` of the configuration (store.* methods).
     stores: dict[str, StoreConfig] = attrs.field(factory=dict)
+    #: Where ``on_shutdown = "save"`` saves VMs; ``snapshot.list``'s root without allowed roots.
+    state_dir: str | None = None
+    #: vm_id -> the state file a VM was restored from at daemon start (``vm.describe``).
+    restored_from: dict[str, str] = attrs.field(factory=dict)
+    #: Prometheus metrics (``--metrics-address``); None: off.
+    metrics: Metrics | None = None
+    #: Runs first in :meth:`aclose` (``on_shutdown = "save"`` saves every VM there).
+    shutdown_hook: Callable[[ApiContext], Awaitable[None]] | None = None
     _runtime: Runtime | None = attrs.field(default=None, init=False)
 
     @property
@@ -83,7 +92,9 @@ class ApiContext:
         return os.access(KVM_DEVICE, os.R_OK | os.W_OK)
 
     async def aclose(self) -> None:
-        """Destroy every VM (daemon shutdown)."""
+        """Run the shutdown hook, then destroy every VM (daemon shutdown)."""
+        if self.shutdown_hook is not None and self._runtime is not None:
+            await self.shutdown_hook(self)
         if self._runtime is not None:
             await self._runtime.aclose()
 

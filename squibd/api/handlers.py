@@ -47,6 +47,7 @@ from .models import (
     WriteMemoryParams,
     WriteMemoryResult,
 )
+from .ops import snapshot_metadata
 
 __all__ = [
     "daemon_status",
@@ -74,7 +75,7 @@ def _path(api: ApiContext, path: str, what: str, *, socket: bool = False) -> str
     return validate_path(path, what=what, socket=socket, allowed_roots=api.allowed_roots)
 
 
-def _to_info(d: VmDescription) -> VmInfo:
+def _to_info(api: ApiContext, d: VmDescription) -> VmInfo:
     state = d.state if d.state in ("NotStarted", "Running", "Paused") else "Paused"
     return VmInfo(
         vm_id=d.vm_id,
@@ -86,12 +87,13 @@ def _to_info(d: VmDescription) -> VmInfo:
         guest_program=d.guest_program,
         error=d.error,
         guest_progress_stale=d.guest_progress_stale,
+        restored_from=api.restored_from.get(d.vm_id),
     )
 
 
 async def _info(api: ApiContext, vm_id: str) -> VmInfo:
     """The VM as ``vm.describe`` reports it; guest memory is read off the trio thread, bounded."""
-    return _to_info(await api.runtime.describe_current(vm_id))
+    return _to_info(api, await api.runtime.describe_current(vm_id))
 
 
 async def daemon_status(api: ApiContext, call: CallInfo, params: EmptyParams) -> StatusResult:
@@ -174,7 +176,7 @@ async def vm_list(api: ApiContext, call: CallInfo, params: EmptyParams) -> VmLis
     if api.vm_count == 0:
         return VmListResult(vms=[])
     descriptions = await api.runtime.describe_many(api.runtime.list())
-    return VmListResult(vms=[_to_info(d) for d in descriptions])
+    return VmListResult(vms=[_to_info(api, d) for d in descriptions])
 
 
 async def snapshot_create(
@@ -190,6 +192,7 @@ async def snapshot_create(
         mem,
         live=params.live,
         progress=call.progress,
+        metadata=snapshot_metadata(params.vm_id, params.labels),
     )
     return SnapshotCreateResult(
         snapshot_type=result.snapshot_type,
@@ -272,7 +275,20 @@ async def snapshot_rebase(
     commit is too late, and the call succeeds.
     """
     base = _path(api, params.base_snapshot_path, "base_snapshot_path")
-    diff = _path(api, params.diff_snapshot_path, "diff_snapshot_path")
+    if (params.diff_snapshot_path is None) == (params.diff_snapshot_paths is None):
+        raise RpcError.invalid_params(
+            "params: give exactly one of diff_snapshot_path and diff_snapshot_paths"
+        )
+    if params.diff_snapshot_paths is not None:
+        if not params.diff_snapshot_paths:
+            raise RpcError.invalid_params("params.diff_snapshot_paths: must not be empty")
+        diffs = [
+            _path(api, p, f"diff_snapshot_paths[{i}]")
+            for i, p in enumerate(params.diff_snapshot_paths)
+        ]
+    else:
+        assert params.diff_snapshot_path is not None
+        diffs = [_path(api, params.diff_snapshot_path, "diff_snapshot_path")]
     out = _path(api, params.output_snapshot_path, "output_snapshot_path")
     out_mem = default_memory_path(out)
     if params.output_mem_file_path is not None:
@@ -286,7 +302,7 @@ async def snapshot_rebase(
             elif cancel.is_set() and not committed.is_set():
                 raise _RebaseCancelled
 
-        rebase(base, [diff], out, out_mem, step_hook=step, allowed_roots=api.allowed_roots)
+        rebase(base, diffs, out, out_mem, step_hook=step, allowed_roots=api.allowed_roots)
 
     started = time.monotonic()
     # Cancelled before the commit step: the transaction aborts and Cancelled

@@ -26,6 +26,7 @@ from squibd.rpc import (
 
 from . import handlers as h
 from . import models as m
+from . import ops
 from .context import ApiContext, CallInfo
 from .errors import internal_error, map_exception, not_allowed
 from .wire import structure_params, unstructure_result
@@ -116,6 +117,12 @@ METHODS: Final[dict[str, MethodSpec]] = dict(
         _spec("vm.write_memory", "Write guest RAM, marking the pages dirty (debug API).",
               m.WriteMemoryParams, m.WriteMemoryResult, h.vm_write_memory, debug_only=True,
               errors=(UNKNOWN_VM, NOT_ALLOWED)),
+        _spec("snapshot.list", "List the snapshot pairs under the allowed roots, with metadata.",
+              ops.SnapshotListParams, ops.SnapshotListResult, ops.snapshot_list,
+              errors=(SNAPSHOT_ERROR, NOT_ALLOWED)),
+        _spec("snapshot.delete", "Delete a snapshot pair crash-safely (refused while a Diff "
+              "depends on it, unless force).", ops.SnapshotDeleteParams,
+              ops.SnapshotDeleteResult, ops.snapshot_delete, errors=(SNAPSHOT_ERROR,)),
     ]
 )  # fmt: skip
 
@@ -164,6 +171,13 @@ def lookup(api: ApiContext, method: str) -> MethodSpec:
 
 
 async def dispatch(api: ApiContext, call: CallInfo, method: str, params: Any) -> Any:
+    """Run one call (counted and timed when metrics are on; see :func:`_dispatch`)."""
+    if api.metrics is not None:
+        return await api.metrics.timed(api, method, _dispatch(api, call, method, params))
+    return await _dispatch(api, call, method, params)
+
+
+async def _dispatch(api: ApiContext, call: CallInfo, method: str, params: Any) -> Any:
     """Run one call and return its JSON-ready result.
 
     Raises:

@@ -62,6 +62,26 @@ MAX_MEM_SIZE_MIB: Final = 1024 * 1024
 
 ProgressToken = int | str
 
+#: snapshot.create ``labels``: small (issue 13).
+MAX_LABELS: Final = 32
+LABEL_KEY_PATTERN: Final = r"[A-Za-z0-9_.\-/]{1,63}"
+MAX_LABEL_VALUE: Final = 255
+
+
+def check_labels(labels: dict[str, str]) -> None:
+    """Refuse labels that are not small: at most 32, short keys, short values."""
+    import re
+
+    if len(labels) > MAX_LABELS:
+        raise FieldValueError("labels", f"at most {MAX_LABELS} labels, got {len(labels)}")
+    for key, value in labels.items():
+        if re.fullmatch(LABEL_KEY_PATTERN, key) is None:
+            raise FieldValueError("labels", f"key {key!r} must match {LABEL_KEY_PATTERN}")
+        if len(value) > MAX_LABEL_VALUE:
+            raise FieldValueError(
+                "labels", f"value of {key!r} is longer than {MAX_LABEL_VALUE} characters"
+            )
+
 
 def _vm_id() -> Any:
     return wire_field(description="the VM's id", pattern=VM_ID_PATTERN)
@@ -192,6 +212,8 @@ class VmInfo:
     error: str | None = None
     #: true when guest_progress is the last known value, not read for this answer.
     guest_progress_stale: bool = False
+    #: The state file the daemon restored this VM from at its start (on_shutdown = "save").
+    restored_from: str | None = None
 
 
 @attrs.frozen
@@ -219,6 +241,13 @@ class SnapshotCreateParams:
     snapshot_type: Literal["Full", "Diff"] = wire_field(
         default="Full", description="Full, or Diff (pages dirtied since the last checkpoint)"
     )
+    labels: dict[str, str] = attrs.field(
+        factory=dict,
+        validator=lambda _i, _a, v: check_labels(v),
+        metadata={"wire": {"description": "labels stored in the state file (string to string, "
+                           f"at most {MAX_LABELS}; keys match {LABEL_KEY_PATTERN}, values at "
+                           f"most {MAX_LABEL_VALUE} characters)"}},
+    )  # fmt: skip
     live: bool = wire_field(
         default=False, description="pre-copy memory while the guest runs (short pause)"
     )
@@ -291,10 +320,15 @@ class RebaseParams:
     """``snapshot.rebase``: merge a Diff onto its Full base into a new Full pair."""
 
     base_snapshot_path: str = _path("the Full snapshot's state file")
-    diff_snapshot_path: str = _path("the Diff snapshot's state file")
     output_snapshot_path: str = _path("the merged state file")
     output_mem_file_path: str | None = _path(
         "the merged memory file (default: beside the output state file)", default=None
+    )
+    diff_snapshot_path: str | None = _path(
+        "the Diff snapshot's state file (or give diff_snapshot_paths)", default=None
+    )
+    diff_snapshot_paths: list[str] | None = _path(
+        "a chain of Diff state files, oldest first, applied in order", default=None
     )
     progress_token: ProgressToken | None = _progress_token()
 

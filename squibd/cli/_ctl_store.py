@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any, Final
 
-__all__ = ["STORE_LONG", "add_store_parser", "store_request"]
+__all__ = ["AREA", "LONG", "add_parser", "request_of"]
 
+#: The subcommand group (squibctl's extension interface, see ``ctl.py``).
+AREA: Final = "store"
 #: store methods that report $/progress (a progress bar on a terminal).
-STORE_LONG: Final = frozenset({"store.push", "store.pull", "store.restore"})
+LONG: Final = frozenset({"store.push", "store.pull", "store.restore"})
 
 
-def add_store_parser(sub: Any) -> None:
+def _path(text: str) -> str:
+    """Resolved against squibctl's working directory (the daemon's differs)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return os.path.abspath(text)
+
+
+def add_parser(sub: Any) -> None:
     """Add the ``store`` subcommands to squibctl's subparsers."""
     store = sub.add_parser("store", help="snapshot stores (S3, file://)").add_subparsers(
         dest="verb", required=True)
     push = store.add_parser("push", help="store.push: upload a committed local pair")
-    push.add_argument("snapshot_path")
+    push.add_argument("snapshot_path", type=_path)
     push.add_argument("--store", required=True)
     push.add_argument("--name", required=True)
     listing = store.add_parser("list", help="store.list")
@@ -25,8 +35,8 @@ def add_store_parser(sub: Any) -> None:
     pull = store.add_parser("pull", help="store.pull: materialise a stored snapshot locally")
     pull.add_argument("name")
     pull.add_argument("--store", required=True)
-    pull.add_argument("--snapshot-path", required=True)
-    pull.add_argument("--mem-file-path", required=True)
+    pull.add_argument("--snapshot-path", required=True, type=_path)
+    pull.add_argument("--mem-file-path", required=True, type=_path)
     restore = store.add_parser("restore", help="store.restore: run a VM from a store")
     restore.add_argument("vm_id")
     restore.add_argument("name")
@@ -45,7 +55,7 @@ def add_store_parser(sub: Any) -> None:
                         help="show a progress bar even when stderr is not a terminal")
 
 
-def store_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+def request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """The (method, params) of a ``squibctl store ...`` command line."""
     verb = args.verb
     if verb == "push":

@@ -36,10 +36,65 @@ def _kv(result: dict[str, Any], indent: str = "") -> str:
     return "\n".join(lines)
 
 
+def _size(n: int) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return f"{n}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n = n / 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def render_snapshot_list(result: dict[str, Any]) -> str:
+    """``snapshot.list`` as a table (newest last)."""
+    snapshots = result.get("snapshots", [])
+    if not snapshots:
+        return "no snapshots"
+    rows = [["SNAPSHOT", "TYPE", "VM", "CREATED", "SIZE", "LABELS", "PARENT"]]
+    for s in snapshots:
+        labels = ",".join(f"{k}={v}" for k, v in sorted((s.get("labels") or {}).items()))
+        parent = s.get("parent_pair_id") or "-"
+        rows.append([
+            s["snapshot_path"], s["snapshot_type"], s.get("vm_id") or "-",
+            s.get("created_at") or "-", _size(int(s.get("size_bytes", 0))), labels or "-",
+            parent[:8],
+        ])  # fmt: skip
+    return _table(rows)
+
+
+def _describe(result: dict[str, Any]) -> str:
+    lines = [_kv({k: v for k, v in result.items() if k != "errors"})]
+    for error in result.get("errors") or []:
+        lines.append(f"ERROR {error.get('kind')}: {error.get('message')}"
+                     + (f" ({error['detail']})" if error.get("detail") else ""))  # fmt: skip
+    memory = result.get("memory_file") or {}
+    if memory and not memory.get("exists", True):
+        lines.append(f"memory file {memory.get('path')} is missing")
+    if result.get("file_size") is None:
+        lines.append(f"state file {result.get('path')} cannot be read (missing or unreadable)")
+    if not result.get("ok", True):
+        lines.append(f"{result.get('path')}: NOT loadable as it is")
+    return "\n".join(lines)
+
+
 def render(method: str, result: Any) -> str:
     """One method's result as text for a terminal."""
     if not isinstance(result, dict):
         return json.dumps(result)
+    if method == "snapshot.list":
+        return render_snapshot_list(result)
+    if method == "snapshot.delete":
+        mem = result.get("mem_file_path") or "(no memory file)"
+        return f"deleted {result['snapshot_path']} + {mem}"
+    if method == "snapshot.describe":
+        return _describe(result)
     if method == "daemon.status":
         kvm = "available" if result["kvm_available"] else "NOT available"
         return (

@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify", choices=VERIFY_MODES, default="none",
                         help="check the memory file: size (and pair), or full digests")  # fmt: skip
     parser.add_argument(
-        "--memory-file", metavar="PATH", default=None,
+        "--mem-file-path", "--memory-file", dest="memory_file", metavar="PATH", default=None,
         help="the memory file (default: PATH with .snap replaced by .mem)",
     )  # fmt: skip
     return parser

@@ -66,13 +66,15 @@ def _parser() -> argparse.ArgumentParser:
         "--firecracker-snapshot", metavar="PATH",
         help="a state file Firecracker made (needs --memory-file; no digest checks)",
     )
-    parser.add_argument("--memory-file", help="its memory file (default: .snap -> .mem)")
+    parser.add_argument("--mem-file-path", "--memory-file", dest="memory_file",
+                        help="its memory file (default: .snap -> .mem)")  # fmt: skip
     parser.add_argument(
         "--diff-snapshot", action="extend", nargs="+", default=[], metavar="PATH",
         help="Diff state files, oldest first (repeat the flag or list several)",
     )
     parser.add_argument(
-        "--diff-memory-file", action="extend", nargs="+", default=[], metavar="PATH",
+        "--diff-mem-file-path", "--diff-memory-file", dest="diff_memory_file",
+        action="extend", nargs="+", default=[], metavar="PATH",
         help="the memory file of each --diff-snapshot, in the same order",
     )
     parser.add_argument("--socket", required=True, help="the Unix socket to listen on")

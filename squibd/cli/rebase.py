@@ -3,8 +3,10 @@
 Usage::
 
     squibd --rebase-snapshot --base BASE.snap --diff D1.snap [--diff D2.snap ...]
-           --output OUT.snap [--output-memory-file OUT.mem]
-           [--base-memory-file B.mem] [--diff-memory-file D1.mem ...]
+           --output OUT.snap [--output-mem-file-path OUT.mem]
+           [--base-mem-file-path B.mem] [--diff-mem-file-path D1.mem ...]
+
+(The ``--*-memory-file`` spellings of earlier versions are kept as aliases.)
            [--verify size|full] [--json]
 
 Memory files default to the state path with ``.snap`` replaced by ``.mem``.
@@ -42,11 +44,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="a Diff state file; repeat in checkpoint order")
     parser.add_argument("--output", required=True, metavar="OUT.snap",
                         help="the state file of the merged Full pair")
-    parser.add_argument("--output-memory-file", metavar="OUT.mem",
+    parser.add_argument("--output-mem-file-path", "--output-memory-file",
+                        dest="output_memory_file", metavar="OUT.mem",
                         help="its memory file (default: OUT.snap with .snap -> .mem)")
-    parser.add_argument("--base-memory-file", metavar="BASE.mem",
+    parser.add_argument("--base-mem-file-path", "--base-memory-file",
+                        dest="base_memory_file", metavar="BASE.mem",
                         help="the base's memory file (default: inferred)")
-    parser.add_argument("--diff-memory-file", action="append", metavar="DIFF.mem",
+    parser.add_argument("--diff-mem-file-path", "--diff-memory-file", action="append",
+                        dest="diff_memory_file", metavar="DIFF.mem",
                         help="the memory file of each --diff, in the same order")
     parser.add_argument("--verify", choices=("size", "full"), default="size",
                         help="how to check the inputs first (default: size)")

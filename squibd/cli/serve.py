@@ -1,4 +1,4 @@
-"""``squibd [--socket PATH] [--config FILE] [--debug-api] [--log-level LEVEL]``: the daemon.
+"""``squibd [--socket PATH] [--config FILE] [--debug-api] [--log-level LEVEL] ...``: the daemon.
 
 Listens on the socket systemd or launchd passed (socket activation), else
 binds ``--socket`` (default ``$XDG_RUNTIME_DIR/squibd.sock``, else
@@ -22,7 +22,14 @@ import trio
 
 from squibd import __version__
 from squibd.api import ApiContext
-from squibd.config import ConfigError, DaemonConfig, default_socket_path, load_config
+from squibd.config import (
+    ON_SHUTDOWN_MODES,
+    ConfigError,
+    DaemonConfig,
+    default_socket_path,
+    load_config,
+)
+from squibd.metrics import Metrics
 from squibd.server import (
     DaemonAlreadyRunning,
     Notifier,
@@ -35,37 +42,45 @@ from squibd.server import (
 from squibd.snapshot.errors import SnapshotError
 from squibd.snapshot.paths import set_daemon_roots
 
+from ._logging import setup_logging
+
 __all__ = ["build_parser", "main"]
 
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
-_LOG_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-#: journald adds its own timestamps (systemd.exec(5): $JOURNAL_STREAM is set for it).
-_JOURNAL_FORMAT: Final = "%(levelname)s %(name)s: %(message)s"
 
 log = logging.getLogger("squibd")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The daemon's argument parser."""
+    """The daemon's argument parser (command-line flags override the configuration file)."""
     parser = argparse.ArgumentParser(
         prog="squibd",
         description="Save and restore running KVM virtual machines; JSON-RPC over a Unix socket.",
         epilog="Offline tools: squibd --describe-snapshot PATH, squibd --rebase-snapshot ..., "
         "squibd --page-server ... (each has its own --help).",
     )
-    parser.add_argument("--socket", help="listening socket path (default: %(default)s)",
-                        default=None)  # fmt: skip
-    parser.add_argument("--config", help="TOML configuration file")
+    parser.add_argument("--socket", default=None, help="listening socket path (default: "
+                        f"$XDG_RUNTIME_DIR/squibd.sock, else {default_socket_path({})})")
+    parser.add_argument("--config", help="TOML configuration file (default: none; every key "
+                        "has a default)")  # fmt: skip
     parser.add_argument("--debug-api", action="store_true", default=None,
-                        help="expose vm.read_memory and vm.write_memory")  # fmt: skip
+                        help="expose vm.read_memory and vm.write_memory (default: off)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                         help="log verbosity (default: info)")  # fmt: skip
     parser.add_argument("--state-dir", metavar="DIR",
-                        help="private state directory for commit journals (created 0700; "
-                        "default: /var/lib/squibd/state for root, else "
+                        help="private state directory: commit journals, shutdown saves "
+                        "(created 0700; default: /var/lib/squibd/state for root, else "
                         "$XDG_STATE_HOME/squibd)")  # fmt: skip
+    parser.add_argument("--log-format", choices=("text", "json"),
+                        help="text, or one JSON object per line (default: text; under "
+                        "journald each line carries its <priority>)")  # fmt: skip
+    parser.add_argument("--on-shutdown", choices=ON_SHUTDOWN_MODES,
+                        help="what SIGTERM does to the VMs (default: keep, which behaves as "
+                        "stop until VMs run in their own processes)")  # fmt: skip
+    parser.add_argument("--metrics-address", metavar="HOST:PORT",
+                        help="serve Prometheus metrics over HTTP here (default: off)")
     parser.add_argument("--version", action="version", version=f"squibd {__version__}")
     return parser
 
@@ -78,14 +93,11 @@ def _apply_overrides(config: DaemonConfig, args: argparse.Namespace) -> DaemonCo
         server = attrs.evolve(server, debug_api=True)
     if args.log_level is not None:
         server = attrs.evolve(server, log_level=args.log_level)
-    if getattr(args, "state_dir", None) is not None:
-        server = attrs.evolve(server, state_dir=args.state_dir)
+    for key in ("log_format", "state_dir", "on_shutdown", "metrics_address"):
+        value = getattr(args, key)
+        if value is not None:
+            server = attrs.evolve(server, **{key: value})
     return attrs.evolve(config, server=server)
-
-
-def _setup_logging(level: str) -> None:
-    fmt = _JOURNAL_FORMAT if os.environ.get("JOURNAL_STREAM") else _LOG_FORMAT
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
 
 
 def _recover(config: DaemonConfig) -> bool:
@@ -120,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"squibd: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    _setup_logging(config.server.log_level)
+    setup_logging(config.server.log_level, config.server.log_format)
     sockets = systemd_sockets() or launchd_sockets()
     owned: list[str] = []
     if sockets:
@@ -158,17 +170,58 @@ def main(argv: list[str] | None = None) -> int:
         quiesce_timeout_s=config.snapshot.quiesce_timeout_s,
         limits=attrs.asdict(config.limits),
         stores=config.stores,
+        state_dir=config.server.state_dir,
     )
+    if config.server.on_shutdown == "save":
+        from squibd.lifecycle import save_all
+
+        api.shutdown_hook = save_all
     server = Server(config, api, sockets, owned, Notifier.from_environ())
+    metrics = _start_metrics(config, api, server)
+    if metrics is False:  # could not listen: a configuration error
+
+        for sock in sockets:
+            sock.close()
+        return EXIT_FAILURE
     # Everything imported so far lives as long as the daemon: keep it out of the
     # collector's generations so full collections stay short (lower tail latency).
     gc.freeze()
     try:
-        trio.run(server.serve)
+        trio.run(_serve, api, server)
     finally:
         for sock in sockets:
             sock.close()
+        if isinstance(metrics, Metrics):
+            metrics.close()
     return EXIT_OK
+
+
+def _start_metrics(config: DaemonConfig, api: ApiContext, server: Server) -> Metrics | bool | None:
+    address = config.server.metrics_address
+    if address is None:
+        return None
+    metrics = Metrics()
+    metrics.watch_connections(lambda: server.connection_count)
+    try:
+        host, port = metrics.serve(address)
+    except OSError as exc:
+        print(f"squibd: cannot serve metrics on {address}: {exc.strerror or exc}",
+              file=sys.stderr)  # fmt: skip
+        return False
+    api.metrics = metrics
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return metrics
+
+
+async def _serve(api: ApiContext, server: Server) -> None:
+    """Restore the VMs saved at the last shutdown, then serve."""
+    from squibd.lifecycle import restore_saved
+
+    restored = await restore_saved(api)
+    if restored:
+        log.info("restored %d VM(s) saved at the last shutdown: %s", len(restored),
+                 ", ".join(restored))  # fmt: skip
+    await server.serve()
 
 
 if __name__ == "__main__":

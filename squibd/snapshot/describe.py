@@ -144,6 +144,11 @@ class Description:
     verify_mode: str = "none"
     errors: tuple[ErrorReport, ...] = ()
     notes: tuple[str, ...] = ()
+    #: The state file's optional metadata (``snapshot.create`` stores it).
+    created_at: str | None = None
+    vm_id: str | None = None
+    host: str | None = None
+    labels: dict[str, str] = attrs.field(factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -316,6 +321,11 @@ def _fill_from_state(fields: dict[str, Any], state: MicrovmState) -> None:
         devices=tuple((d.kind, d.id, d.mmio_slot) for d in state.device_states),
         manifest=ManifestSummary.of(state.memory),
     )  # fmt: skip
+    meta = getattr(state, "metadata", None)
+    if meta is not None:
+        fields.update(
+            created_at=meta.created_at, vm_id=meta.vm_id, host=meta.host, labels=dict(meta.labels)
+        )
 
 
 def _yes_no(value: bool | None) -> str:
@@ -342,6 +352,13 @@ def render_text(desc: Description) -> str:
             f"MMDS:              {'present' if desc.mmds_present else 'absent'}",
             f"devices:           {len(desc.devices)}",
             *(f"  - slot {slot}: {kind} {ident!r}" for kind, ident, slot in desc.devices),
+        ]
+    if desc.created_at is not None or desc.vm_id is not None or desc.labels:
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(desc.labels.items())) or "-"
+        lines += [
+            f"created:           {desc.created_at or '?'} on {desc.host or '?'}"
+            f" from VM {desc.vm_id or '?'}",
+            f"labels:            {labels}",
         ]
     if desc.manifest is not None:
         m = desc.manifest

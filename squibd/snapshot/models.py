@@ -30,6 +30,7 @@ __all__ = [
     "MmdsState",
     "MsrEntry",
     "Segment",
+    "SnapshotMetadata",
     "SysReg",
     "VmInfo",
     "X86MicrovmState",
@@ -58,6 +59,19 @@ class VmInfo:
     #: The guest-physical RAM layout the VM was created with (issue 14): "squibd"
     #: (default; files without the field) or "firecracker" (v1.13+ x86_64 gaps).
     memory_layout: str = "squibd"
+
+
+@attrs.frozen
+class SnapshotMetadata:
+    """Who took a snapshot, when and where, plus the caller's labels (optional in the file).
+
+    ``created_at`` is ISO 8601 UTC; ``vm_id`` is the id of the VM that was saved.
+    """
+
+    created_at: str | None = None
+    vm_id: str | None = None
+    host: str | None = None
+    labels: dict[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -250,6 +264,8 @@ class X86MicrovmState:
     device_states: tuple[DeviceState, ...]
     mmds_state: MmdsState | None
     memory: MemoryManifest
+    #: Optional (absent in files written before it existed).
+    metadata: SnapshotMetadata | None = None
 
 
 # --- aarch64 (for attached VMMs) ---------------------------------------------
@@ -300,6 +316,8 @@ class Aarch64MicrovmState:
     device_states: tuple[DeviceState, ...]
     mmds_state: MmdsState | None
     memory: MemoryManifest
+    #: Optional (absent in files written before it existed).
+    metadata: SnapshotMetadata | None = None
 
 
 MicrovmState = X86MicrovmState | Aarch64MicrovmState

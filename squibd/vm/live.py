@@ -219,7 +219,7 @@ class _LivePair:
             chunk_size=DEFAULT_CHUNK_SIZE,
             digests=self.digests.final(self.txn.mem_fd, extents, cancel),
         )
-        commit_state(self.txn, self.vm, captured, manifest)
+        commit_state(self.txn, self.vm, captured, manifest, self.request.metadata)
         return manifest
 
     def abort(self) -> None:

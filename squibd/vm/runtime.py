@@ -19,7 +19,7 @@ import trio
 
 from ..kvm.runner import install_signal_handler
 from ..snapshot.manifest import KIND_FULL
-from ..snapshot.models import VmInfo
+from ..snapshot.models import SnapshotMetadata, VmInfo
 from ._threads import IO_LIMITER_TOKENS, run_blocking
 from .build import build_fresh, check_config
 from .errors import (
@@ -305,6 +305,7 @@ class Runtime:
         pause_budget_ms: float = DEFAULT_PAUSE_BUDGET_MS,
         resume: bool = True,
         progress: Progress | None = None,
+        metadata: SnapshotMetadata | None = None,
     ) -> SaveResult:
         """Save the VM as a snapshot pair (SPEC section 5).
 
@@ -328,6 +329,8 @@ class Runtime:
             pause_budget_ms=pause_budget_ms,
             resume=resume,
         )
+        if metadata is not None:
+            request = attrs.evolve(request, metadata=metadata)
         self._not_busy(vm)
         vm.busy = _OP_SAVE
         try:

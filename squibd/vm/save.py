@@ -38,7 +38,7 @@ from ..snapshot.envelope import encode_state
 from ..snapshot.errors import Capture
 from ..snapshot.manifest import KIND_DIFF, KIND_FULL, MemoryManifest
 from ..snapshot.memwriter import WriterThreads, build_manifest, set_pair_xattr, write_memory
-from ..snapshot.models import X86MicrovmState
+from ..snapshot.models import SnapshotMetadata, X86MicrovmState
 from ..snapshot.paths import validate_path
 from ._threads import run_blocking, run_cancellable
 from .dirty import runs_of
@@ -73,6 +73,8 @@ class SaveRequest:
     max_passes: int
     pause_budget_ms: float
     resume: bool
+    #: Stored in the state file (labels, created_at, vm id, host); None: none stored.
+    metadata: SnapshotMetadata | None = None
 
     @property
     def kind(self) -> str:
@@ -169,12 +171,16 @@ def commit_pair(
             parent_pair_id=parent_pair_id,
             page_size=vm.page_size,
         )
-        commit_state(txn, vm, captured, manifest)
+        commit_state(txn, vm, captured, manifest, request.metadata)
     return manifest, int(result.pages_written)
 
 
 def commit_state(
-    txn: PairTransaction, vm: Vm, captured: CapturedState, manifest: MemoryManifest
+    txn: PairTransaction,
+    vm: Vm,
+    captured: CapturedState,
+    manifest: MemoryManifest,
+    metadata: SnapshotMetadata | None = None,
 ) -> None:
     """Tag the memory file with the manifest's pair id, encode the state, commit the pair.
 
@@ -188,6 +194,7 @@ def commit_state(
         device_states=(),
         mmds_state=None,
         memory=manifest,
+        metadata=metadata,
     )
     set_pair_xattr(txn.mem_fd, manifest.pair_id)
     txn.commit(encode_state(state))

@@ -124,7 +124,7 @@ def test_systemd_units_verify(sockdir: str) -> None:
         with open(os.path.join(REPO, "systemd", name)) as f:
             text = f.read()
         # verify checks that ExecStart exists: point it at this checkout's entry point.
-        text = text.replace("/usr/bin/squibd", os.path.join(REPO, ".venv", "bin", "squibd"))
+        text = text.replace("/usr/local/bin/squibd", os.path.join(REPO, ".venv", "bin", "squibd"))
         with open(os.path.join(sockdir, name), "w") as f:
             f.write(text)
     result = subprocess.run(

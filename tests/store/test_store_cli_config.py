@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from squibd.cli.ctl import build_parser, request_of
@@ -10,11 +12,12 @@ from squibd.config import ConfigError, parse_config
 
 @pytest.mark.parametrize(("argv", "method", "params"), [
     (["store", "push", "a.snap", "--store", "s", "--name", "x/y"], "store.push",
-     {"snapshot_path": "a.snap", "store": "s", "name": "x/y"}),
+     {"snapshot_path": os.path.abspath("a.snap"), "store": "s", "name": "x/y"}),
     (["store", "list", "--store", "s"], "store.list", {"store": "s", "prefix": ""}),
     (["store", "pull", "n", "--store", "s", "--snapshot-path", "p.snap",
       "--mem-file-path", "p.mem"], "store.pull",
-     {"store": "s", "name": "n", "snapshot_path": "p.snap", "mem_file_path": "p.mem"}),
+     {"store": "s", "name": "n", "snapshot_path": os.path.abspath("p.snap"),
+      "mem_file_path": os.path.abspath("p.mem")}),
     (["store", "restore", "vm1", "n", "--store", "s", "--eager", "--resume"], "store.restore",
      {"vm_id": "vm1", "store": "s", "name": "n", "lazy": False, "resume_vm": True,
       "track_dirty_pages": False}),
