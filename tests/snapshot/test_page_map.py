@@ -128,10 +128,12 @@ def _assert_same(a: GuestMemory, b: GuestMemory) -> None:
         assert np.array_equal(mine, other)
 
 
-def test_alternating_pages_beyond_the_old_limit_save_load_and_rebase(tmp_path: Path) -> None:
-    """A real save of every other page of 2600 MiB (333k extents: the 1.0.0 manifest would
-    exceed the limit), loaded through load's pair check and mapping, then rebased."""
-    regions = _regions_for(2600)
+def test_alternating_pages_save_load_and_rebase_through_the_page_map(tmp_path: Path) -> None:
+    """A real save of every other page of 1100 MiB (141k extents), loaded through load's pair
+    check and mapping, then rebased. The 1.0.0 list form grows linearly with the extents (at
+    this size it is already over 40% of the limit; 2500 MiB measured 9.93 MB); the page map
+    stays small. ``test_worst_dirty_pattern_of_the_largest_guest_fits_the_state_file`` covers the limit."""
+    regions = _regions_for(1100)
     with _memory(regions) as memory:
         for region in memory.regions:  # every other page, each starting with its number
             words = np.frombuffer(region.view, dtype=np.uint64).reshape(-1, PAGE // 8)
@@ -140,7 +142,7 @@ def test_alternating_pages_beyond_the_old_limit_save_load_and_rebase(tmp_path: P
             del words
         full = _save(memory, tmp_path / "full.snap", "Full")
         assert len(full.extents) > PAGE_MAP_MIN_EXTENTS
-        assert len(encode_body(_state(full))) > STATE_SIZE_LIMIT  # the 1.0.0 form
+        assert len(encode_body(_state(full))) > 0.4 * STATE_SIZE_LIMIT  # the 1.0.0 form
         stored = read_state_file(str(tmp_path / "full.snap")).memory
         assert stored.page_map is not None and stored.stored_extents == ()
         assert stored.extents == full.extents and stored.pair_id == full.pair_id

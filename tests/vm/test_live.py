@@ -23,6 +23,8 @@ pytestmark = pytest.mark.kvm
 
 MEM_MIB = 128
 WRITER = GuestSpec("memwriter", {"working_set_mib": 16, "stride_pages": 1})
+#: memwriter counts one write per page: past this, each vCPU has touched the whole set.
+WORKING_SET_PAGES = 16 * 1024 * 1024 // 4096
 #: More than the 4 MiB ``small_tmpfs`` holds.
 OVER_TMPFS = 5 * 1024 * 1024
 
@@ -30,7 +32,8 @@ OVER_TMPFS = 5 * 1024 * 1024
 async def _running_writer(runtime: Runtime, vm_id: str, *, track: bool = True) -> Vm:
     vm = await runtime.create_vm(vm_id, 2, MEM_MIB, track, WRITER)
     await runtime.start(vm_id)
-    await wait_progress_beyond(vm, [0, 0])
+    # The whole working set exists before a save starts (a Full writes touched RAM only).
+    await wait_progress_beyond(vm, [WORKING_SET_PAGES, WORKING_SET_PAGES])
     return vm
 
 
