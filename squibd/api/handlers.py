@@ -86,6 +86,7 @@ def _to_info(d: VmDescription) -> VmInfo:
         guest_program=d.guest_program,
         error=d.error,
         guest_progress_stale=d.guest_progress_stale,
+        process_id=d.process_id,
     )
 
 

@@ -184,6 +184,8 @@ class VmInfo:
     error: str | None = None
     #: true when guest_progress is the last known value, not read for this answer.
     guest_progress_stale: bool = False
+    #: pid of the process that runs the VM (its VM process; the daemon's own when in-process).
+    process_id: int | None = None
 
 
 @attrs.frozen

@@ -23,7 +23,7 @@ pages from the first instruction.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final, cast
 
 import trio
 
@@ -41,6 +41,9 @@ from .errors import PairMismatch
 from .machine import Vm
 from .memory import GuestMemory, MemoryLayoutError, layout_regions
 from .models import BACKEND_FILE, BACKEND_UFFD, MemBackend, Progress
+
+#: Builds a File load's VM elsewhere (``remote.ProcessVms.restored``'s signature).
+RestoreFile = Callable[..., Any]
 
 __all__ = ["load_snapshot"]
 
@@ -93,12 +96,15 @@ async def load_snapshot(
     progress: Progress | None = None,
     admit: Callable[[VmInfo], Awaitable[None]] | None = None,
     peer_limiter: trio.CapacityLimiter | None = None,
+    restore_file: RestoreFile | None = None,
 ) -> Vm:
     """Build VM ``vm_id`` from a pair (see the module doc).
 
     ``admit(vm_info)`` is awaited once the state file is read, before any
     memory is mapped: the runtime refuses there a VM over its limits.
     ``peer_limiter`` bounds the threads waiting on page servers (default: ``limiter``).
+    ``restore_file`` builds the VM of a File load instead of ``build_restored``
+    (issue 11: in its own VM process, ``remote.ProcessVms.restored``).
 
     Raises:
         InvalidPath: a path breaks SPEC section 10.
@@ -133,19 +139,31 @@ async def load_snapshot(
     _report(progress, "map-memory")
     token = trio.lowlevel.current_trio_token()
     try:
-        vm = await run_blocking(
-            lambda: build_restored(
-                vm_id,
-                state.vm_info,
-                state.vm_state,
-                state.vcpu_states,
-                memory,
-                track_dirty_pages=track_dirty_pages,
-                token=token,
-                quiesce_timeout_s=quiesce_timeout_s,
-            ),
-            limiter,
-        )
+        if restore_file is not None and uffd_session is None:
+            restore = restore_file
+            return_vm = await run_blocking(
+                lambda: restore(
+                    vm_id, state.vm_info, state.vm_state, state.vcpu_states, memory,
+                    backend_path, track_dirty_pages=track_dirty_pages, token=token,
+                    quiesce_timeout_s=quiesce_timeout_s,
+                ),
+                limiter,
+            )  # fmt: skip
+            vm = cast(Vm, return_vm)
+        else:
+            vm = await run_blocking(
+                lambda: build_restored(
+                    vm_id,
+                    state.vm_info,
+                    state.vm_state,
+                    state.vcpu_states,
+                    memory,
+                    track_dirty_pages=track_dirty_pages,
+                    token=token,
+                    quiesce_timeout_s=quiesce_timeout_s,
+                ),
+                limiter,
+            )
     except BaseException as error:
         if uffd_session is not None:
             uffd_session.close()
