@@ -16,6 +16,11 @@ and issue 5. Example (all keys)::
     shutdown_grace_s = 30
     debug_api = false
     log_level = "info"
+    vm_isolation = "inprocess"    # issue 11: or "process" (one VM process per VM)
+    state_dir = "/run/squibd/state"   # VM-process sockets and records (default shown)
+    stop_vms_on_exit = false      # VM processes outlive the daemon; a new one re-attaches
+    vm_user = "nobody"            # VM processes drop to this user ("" keeps root)
+    vm_seccomp = true             # and apply their seccomp filter
 
     [snapshot]
     allowed_roots = ["/var/lib/squibd"]
@@ -113,6 +118,17 @@ class ServerConfig:
     shutdown_grace_s: float = attrs.field(default=DEFAULT_SHUTDOWN_GRACE_S, validator=_positive)
     debug_api: bool = False
     log_level: str = attrs.field(default="info", validator=attrs.validators.in_(_LOG_LEVELS))
+    #: Issue 11: run each VM in its own VM process ("process") or in the daemon ("inprocess").
+    vm_isolation: str = attrs.field(
+        default="inprocess", validator=attrs.validators.in_(("process", "inprocess"))
+    )
+    #: Issue 11: private directory of VM-process sockets and records (``squibd.vmm.statedir``).
+    state_dir: str | None = None
+    #: Issue 11: whether VM processes stop with the daemon (else a new daemon re-attaches).
+    stop_vms_on_exit: bool = False
+    #: Issue 11: VM processes drop to this user (name or uid; "" keeps root) and apply seccomp.
+    vm_user: str = "nobody"
+    vm_seccomp: bool = True
 
     def effective_allowed_uids(self) -> frozenset[int]:
         """The allow list: configured uids, else the daemon's own uid and root."""

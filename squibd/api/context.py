@@ -50,6 +50,12 @@ class ApiContext:
     converter: cattrs.Converter = attrs.field(factory=make_wire_converter)
     #: Serves vm.create's ``api_socket`` (set by the server; None: not available).
     api_sockets: ApiSocketHost | None = None
+    #: Issue 11: ``[server]`` vm_isolation, state_dir, stop_vms_on_exit and the
+    #: VM processes' confinement (``squibd.vmm.confine``).
+    vm_isolation: str = "inprocess"
+    state_dir: str | None = None
+    stop_vms_on_exit: bool = False
+    vm_confine: dict[str, Any] | None = None
     _runtime: Runtime | None = attrs.field(default=None, init=False)
 
     @property
@@ -66,7 +72,10 @@ class ApiContext:
                 from squibd.vm.limits import RuntimeLimits
 
                 kwargs["limits"] = RuntimeLimits(**limits)
-            self._runtime = Runtime(**kwargs)
+            self._runtime = Runtime(
+                vm_isolation=self.vm_isolation, state_dir=self.state_dir,
+                stop_vms_on_exit=self.stop_vms_on_exit, confine=self.vm_confine, **kwargs,
+            )  # fmt: skip
         return self._runtime
 
     @property
@@ -78,6 +87,11 @@ class ApiContext:
     def kvm_available() -> bool:
         """Whether ``/dev/kvm`` can be opened for reading and writing."""
         return os.access(KVM_DEVICE, os.R_OK | os.W_OK)
+
+    async def startup(self) -> None:
+        """Issue 11: start the warm zygote and re-attach the VM processes of a previous daemon."""
+        if self.vm_isolation == "process":
+            await self.runtime.reattach()
 
     async def aclose(self) -> None:
         """Destroy every VM (daemon shutdown)."""

@@ -32,6 +32,7 @@ from squibd.server import (
     systemd_sockets,
 )
 from squibd.snapshot.errors import SnapshotError
+from squibd.vmm.statedir import vm_process_settings
 
 __all__ = ["build_parser", "main"]
 
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="expose vm.read_memory and vm.write_memory")  # fmt: skip
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                         help="log verbosity (default: info)")  # fmt: skip
+    parser.add_argument("--state-dir", default=None,
+                        help="private directory of VM-process sockets and records (issue 11)")
+    parser.add_argument("--vm-isolation", choices=("process", "inprocess"), default=None,
+                        help="one VM process per VM, or VMs inside the daemon")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"squibd {__version__}")
     return parser
 
@@ -72,6 +77,10 @@ def _apply_overrides(config: DaemonConfig, args: argparse.Namespace) -> DaemonCo
         server = attrs.evolve(server, debug_api=True)
     if args.log_level is not None:
         server = attrs.evolve(server, log_level=args.log_level)
+    if args.state_dir is not None:
+        server = attrs.evolve(server, state_dir=args.state_dir)
+    if args.vm_isolation is not None:
+        server = attrs.evolve(server, vm_isolation=args.vm_isolation)
     return attrs.evolve(config, server=server)
 
 
@@ -131,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         allowed_roots=config.snapshot.allowed_roots,
         quiesce_timeout_s=config.snapshot.quiesce_timeout_s,
         limits=attrs.asdict(config.limits),
+        **vm_process_settings(config.server),
     )
     server = Server(config, api, sockets, owned, Notifier.from_environ())
     # Everything imported so far lives as long as the daemon: keep it out of the

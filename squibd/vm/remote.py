@@ -540,7 +540,6 @@ def spawn_remote(
                                                  "params": dict(guest.params)},
             "build_guest": vm_state is None,
             "listen": paths.socket,
-            "record": paths.record,
             "confine": confine,
         }  # fmt: skip
         if vm_state is not None and vcpu_states is not None:
@@ -581,8 +580,19 @@ def spawn_remote(
             os.close(shadow_file_fd)
     if vm_state is not None:
         vm.state = VmState.PAUSED
+    if paths.record is not None:
+        _write_record(paths.record, {"pid": pid, "vm_id": vm_id, "socket": paths.socket})
     vm.connect()
     return vm
+
+
+def _write_record(path: str, record: dict[str, Any]) -> None:
+    """Write a VM process's record atomically (what a restarted daemon looks for)."""
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
 
 
 def _init_error(vm_id: str, kind: str, message: str) -> Exception:

@@ -24,7 +24,6 @@ a daemon restart does not stop guests); otherwise it exits.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import mmap
 import os
@@ -113,7 +112,7 @@ class VmServer:
         self.runners: list[VcpuRunner] = []
         self.log_enabled = False
         self.listen_path: str | None = None
-        self.record_path: str | None = None
+        self.test_hooks = False
         #: What the daemon asked to keep across its restart (``note``).
         self.notes: dict[str, Any] = {}
         self.init_params: dict[str, Any] = {}
@@ -171,7 +170,6 @@ class VmServer:
             for vcpu in self.vcpus
         ]
         self.listen_path = message.get("listen")
-        self.record_path = message.get("record")
         return {
             "pid": os.getpid(),
             "host_addrs": [region.host_addr for region in self.memory.regions],
@@ -331,7 +329,13 @@ class VmServer:
 
     def op_note(self, request_id: int, message: Message) -> Message:
         self.notes.update(message["notes"])
-        self._write_record()
+        return {}
+
+    def op_debug_syscall(self, request_id: int, message: Message) -> Message:
+        # Test hook (init's confine.test_hooks): make a syscall the filter forbids.
+        if not self.test_hooks:
+            raise RequestError("UnknownOp", "debug_syscall is a test hook, not enabled")
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
         return {}
 
     def op_describe(self, request_id: int, message: Message) -> Message:
@@ -363,19 +367,6 @@ class VmServer:
     def op_shutdown(self, request_id: int, message: Message) -> Message:
         raise SystemExit(0)
 
-    def _write_record(self) -> None:
-        if self.record_path is None:
-            return
-        record = {"pid": os.getpid(), "vm_id": self.vm_id, "socket": self.listen_path}
-        record.update(self.notes)
-        tmp = self.record_path + ".tmp"
-        with contextlib.suppress(OSError):
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(record, f)
-            os.replace(tmp, self.record_path)
-
-    # --- main loop ----------------------------------------------------------------------
-
     def _listen(self) -> socket.socket | None:
         assert self.listen_path is not None
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -398,10 +389,9 @@ class VmServer:
                 self.channel.send(reply)
 
     def bind_listener(self) -> None:
-        """Create the re-attach socket now (before the daemon may die), and the record."""
+        """Create the re-attach socket now (before privileges are dropped)."""
         if self.listen_path is not None:
             self._listener = self._listen()
-        self._write_record()
 
 
 def serve_fd(fd: int, confine: bool = True) -> int:
@@ -429,16 +419,17 @@ def serve_fd(fd: int, confine: bool = True) -> int:
         _log.exception("VM init failed")
         channel.send(error_reply(request_id, type(error).__name__, str(error)))
         return 1
+    server.bind_listener()
+    listener = getattr(server, "_listener", None)
     if confine and message.get("confine") is not None:
         from .confine import apply_confinement
 
+        server.test_hooks = bool(message["confine"].get("test_hooks"))
         try:
             result["confinement"] = apply_confinement(message["confine"])
         except Exception as error:
             channel.send(error_reply(request_id, "Confinement", str(error)))
             return 1
-    server.bind_listener()
-    listener = getattr(server, "_listener", None)
     channel.send(ok_reply(request_id, result))
     try:
         if listener is not None:
