@@ -1,0 +1,248 @@
+"""Issue 11: one VM, one process (real KVM, real processes)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from squibd.snapshot.rebase import rebase
+from squibd.vm.models import GuestSpec, MemBackend
+from squibd.vm.remote import RemoteVm
+from squibd.vm.runtime import Runtime
+from tests.server.helpers import blocking_call, start_daemon
+from tests.vm._helpers import PROGRESS_TIMEOUT_S, wait_progress_beyond
+
+pytestmark = pytest.mark.kvm
+
+#: Bound on waiting for a daemon or VM state change on a loaded host.
+WAIT_S = 60.0
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def _wait_exit(pid: int) -> None:
+    """Block until process ``pid`` has exited (pidfd: no polling)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        select.select([fd], [], [], WAIT_S)
+    finally:
+        os.close(fd)
+
+
+def _call(path: str, method: str, params: Any = None) -> Any:
+    reply = blocking_call(path, method, params, timeout=WAIT_S)
+    assert "error" not in reply, reply
+    return reply["result"]
+
+
+def _describe_until(path: str, vm_id: str, predicate: Any) -> dict[str, Any]:
+    """vm.describe until ``predicate`` holds (each call is a real round trip; bounded)."""
+    for _ in range(10_000):
+        info = _call(path, "vm.describe", {"vm_id": vm_id})
+        if predicate(info):
+            return info
+    raise AssertionError(f"{vm_id}: condition never held; last {info}")
+
+
+@contextlib.contextmanager
+def _reaped(pids: list[int]) -> Iterator[list[int]]:
+    """Kill (by pid) every VM process the test started that is still alive at the end."""
+    try:
+        yield pids
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(WAIT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _create(path: str, vm_id: str) -> int:
+    _call(path, "vm.create", {"vm_id": vm_id, "vcpu_count": 1, "mem_size_mib": 64,
+                              "guest": {"program": "counter"}, "track_dirty_pages": True})  # fmt: skip
+    info = _call(path, "vm.start", {"vm_id": vm_id})
+    assert info["process_id"] not in (None, os.getpid())
+    return int(info["process_id"])
+
+
+def test_sigkill_of_one_vm_process_leaves_the_other_and_the_daemon(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    proc, path = start_daemon(str(tmp_path), "--vm-isolation", "process", "--state-dir", str(state))
+    with _reaped([]) as pids:
+        try:
+            pids += [_create(path, "a"), _create(path, "b")]
+            before = _describe_until(path, "b", lambda i: i["guest_progress"][0] > 0)
+            os.kill(pids[0], signal.SIGKILL)
+            _wait_exit(pids[0])
+            dead = _describe_until(path, "a", lambda i: i["error"] is not None)
+            assert "SIGKILL" in dead["error"], dead
+            assert _call(path, "daemon.status")["vm_count"] == 2
+            progress = before["guest_progress"][0]
+            _describe_until(path, "b", lambda i: i["guest_progress"][0] > progress)
+            assert _call(path, "vm.describe", {"vm_id": "b"})["error"] is None
+            _call(path, "vm.destroy", {"vm_id": "a"})
+            _call(path, "vm.destroy", {"vm_id": "b"})
+            _wait_exit(pids[1])
+            assert not list((state / "vms").iterdir())
+        finally:
+            _stop(proc)
+
+
+def test_daemon_sigkill_and_restart_reattaches_running_vms(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    args = ("--vm-isolation", "process", "--state-dir", str(state))
+    first, path = start_daemon(str(tmp_path), *args)
+    with _reaped([]) as pids:
+        try:
+            pids += [_create(path, "a"), _create(path, "b")]
+            seen = {
+                vm: _describe_until(path, vm, lambda i: i["guest_progress"][0] > 0)
+                for vm in ("a", "b")
+            }
+            first.kill()
+            first.wait()
+            assert all(os.path.exists(f"/proc/{pid}") for pid in pids)
+            os.unlink(path)
+            second, path = start_daemon(str(tmp_path), *args)
+        finally:
+            _stop(first)
+        try:
+            assert _call(path, "vm.list")["vms"] and sorted(
+                vm["vm_id"] for vm in _call(path, "vm.list")["vms"]
+            ) == ["a", "b"]
+            for vm_id, pid in zip(("a", "b"), pids, strict=True):
+                info = _call(path, "vm.describe", {"vm_id": vm_id})
+                assert info["process_id"] == pid and info["state"] == "Running"
+                assert info["guest_progress"][0] > seen[vm_id]["guest_progress"][0]
+                d = tmp_path / vm_id
+                d.mkdir()
+                for kind, name in (("Full", "f"), ("Diff", "d")):
+                    _call(path, "snapshot.create", {
+                        "vm_id": vm_id, "snapshot_type": kind,
+                        "snapshot_path": str(d / f"{name}.snap"),
+                        "mem_file_path": str(d / f"{name}.mem"),
+                    })  # fmt: skip
+                rebase(str(d / "f.snap"), [str(d / "d.snap")], str(d / "r.snap"),
+                       str(d / "r.mem"), base_mem=str(d / "f.mem"),
+                       diff_mems=[str(d / "d.mem")])  # fmt: skip
+                _call(path, "vm.pause", {"vm_id": vm_id})
+                paused = _call(path, "vm.describe", {"vm_id": vm_id})["guest_progress"]
+                _call(path, "snapshot.create", {
+                    "vm_id": vm_id, "snapshot_type": "Diff",
+                    "snapshot_path": str(d / "e.snap"), "mem_file_path": str(d / "e.mem"),
+                })  # fmt: skip
+                rebase(str(d / "r.snap"), [str(d / "e.snap")], str(d / "s.snap"),
+                       str(d / "s.mem"), base_mem=str(d / "r.mem"),
+                       diff_mems=[str(d / "e.mem")])  # fmt: skip
+                loaded = _call(path, "snapshot.load", {
+                    "vm_id": f"{vm_id}-restored", "snapshot_path": str(d / "s.snap"),
+                    "mem_backend": {"backend_type": "File", "backend_path": str(d / "s.mem")},
+                })  # fmt: skip
+                pids.append(int(loaded["process_id"]))
+                assert loaded["guest_progress"] == paused
+                _call(path, "vm.resume", {"vm_id": f"{vm_id}-restored"})
+                _describe_until(
+                    path, f"{vm_id}-restored", lambda i: i["guest_progress"][0] > paused[0]
+                )
+            for vm_id in ("a", "b", "a-restored", "b-restored"):
+                _call(path, "vm.destroy", {"vm_id": vm_id})
+        finally:
+            _stop(second)
+
+
+async def test_vm_process_is_confined_and_a_forbidden_syscall_kills_only_it() -> None:
+    rt = Runtime(
+        quiesce_timeout_s=30.0, vm_isolation="process",
+        confine={"user": "nobody", "seccomp": True, "test_hooks": True},
+    )  # fmt: skip
+    try:
+        victim = await rt.create_vm("victim", 1, 64, False, GuestSpec("counter"))
+        other = await rt.create_vm("other", 1, 64, False, GuestSpec("counter"))
+        assert isinstance(victim, RemoteVm)
+        status = _status(victim.process_id)
+        assert status["Seccomp"].strip() == "2"
+        nobody = str(65534)
+        assert status["Uid"].split() == [nobody] * 4
+        await rt.start("victim")
+        await rt.start("other")
+        await wait_progress_beyond(other, [0])
+        with pytest.raises(Exception, match="ProcessGone"):
+            await trio.to_thread.run_sync(lambda: victim._conn.call("debug_syscall"))
+        with trio.fail_after(PROGRESS_TIMEOUT_S):
+            await victim.wait_failed()
+        assert "SIGSYS" in (rt.describe("victim").error or "")
+        await wait_progress_beyond(other, other.guest_progress())
+        assert rt.describe("other").error is None
+    finally:
+        await rt.aclose()
+
+
+async def test_quiesce_timeout_across_the_boundary_resumes_the_vm() -> None:
+    from squibd.snapshot.errors import QuiesceTimeout
+
+    rt = Runtime(quiesce_timeout_s=0.5, vm_isolation="process")
+    try:
+        vm = await rt.create_vm("q", 2, 64, False, GuestSpec("counter"))
+        await rt.start("q")
+        await wait_progress_beyond(vm, [0, 0])
+        await trio.to_thread.run_sync(lambda: vm.arm_stall(1))
+        assert await trio.to_thread.run_sync(lambda: vm.wait_stalled(1, WAIT_S))
+        with pytest.raises(QuiesceTimeout):
+            await rt.pause("q")
+        assert rt.describe("q").state == "Running"
+        before = vm.guest_progress()
+        await wait_progress_beyond(vm, [before[0], -1])
+        await trio.to_thread.run_sync(lambda: vm.release_stall(1))
+        await wait_progress_beyond(vm, vm.guest_progress())
+        await rt.pause("q")
+        assert rt.describe("q").state == "Paused"
+    finally:
+        await rt.aclose()
+
+
+async def test_file_load_in_a_vm_process_saves_what_the_guest_wrote(tmp_path: Path) -> None:
+    """A File restore maps the file privately in the VM process; the daemon's shadow follows."""
+    rt = Runtime(quiesce_timeout_s=30.0, vm_isolation="process")
+    try:
+        vm = await rt.create_vm("src", 1, 64, False, GuestSpec("memwriter", {"working_set_mib": 8}))
+        await rt.start("src")
+        await wait_progress_beyond(vm, [0])
+        await rt.save("src", "Full", str(tmp_path / "f.snap"), str(tmp_path / "f.mem"))
+        await rt.destroy("src")
+        loaded = await rt.load("dst", str(tmp_path / "f.snap"),
+                               MemBackend("File", str(tmp_path / "f.mem")), resume_vm=True)  # fmt: skip
+        assert isinstance(loaded, RemoteVm) and loaded.shadowed
+        await wait_progress_beyond(loaded, loaded.guest_progress())
+        await rt.save("dst", "Full", str(tmp_path / "g.snap"), str(tmp_path / "g.mem"),
+                      resume=False)  # fmt: skip
+        with open(tmp_path / "g.mem", "rb") as f:
+            saved = f.read()
+        region = loaded.memory.regions[0]
+        live = await trio.to_thread.run_sync(lambda: loaded.read_memory(0, region.size))
+        assert saved[: region.size] == live
+        assert saved != (tmp_path / "f.mem").read_bytes()
+    finally:
+        await rt.aclose()
