@@ -683,6 +683,10 @@ def attach_remote(
         token=token,
     )
     vm._last_pair_id = d["notes"].get("last_pair_id")
+    # What the previous daemon harvested but did not save is lost with it: the
+    # next Diff conservatively takes every page (correct, not minimal).
+    for index, region in enumerate(memory.regions):
+        vm.dirty.mark(index, 0, region.size)
     vm._log_enabled = bool(d["log_enabled"])
     if d["error"] is not None:
         vm.error = str(d["error"])

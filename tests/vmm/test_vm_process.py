@@ -90,7 +90,9 @@ def _create(path: str, vm_id: str) -> int:
 
 def test_sigkill_of_one_vm_process_leaves_the_other_and_the_daemon(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    proc, path = start_daemon(str(tmp_path), "--vm-isolation", "process", "--state-dir", str(state))
+    proc, path = start_daemon(
+        str(tmp_path), "--vm-isolation", "process", "--state-dir", str(state), "--log-level", "warning"
+    )
     with _reaped([]) as pids:
         try:
             pids += [_create(path, "a"), _create(path, "b")]
@@ -113,7 +115,7 @@ def test_sigkill_of_one_vm_process_leaves_the_other_and_the_daemon(tmp_path: Pat
 
 def test_daemon_sigkill_and_restart_reattaches_running_vms(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    args = ("--vm-isolation", "process", "--state-dir", str(state))
+    args = ("--vm-isolation", "process", "--state-dir", str(state), "--log-level", "warning")
     first, path = start_daemon(str(tmp_path), *args)
     with _reaped([]) as pids:
         try:
@@ -125,15 +127,15 @@ def test_daemon_sigkill_and_restart_reattaches_running_vms(tmp_path: Path) -> No
             first.kill()
             first.wait()
             assert all(os.path.exists(f"/proc/{pid}") for pid in pids)
-            os.unlink(path)
-            second, path = start_daemon(str(tmp_path), *args)
+            (tmp_path / "again").mkdir()
+            second, path = start_daemon(str(tmp_path / "again"), *args)
         finally:
             _stop(first)
         try:
             assert _call(path, "vm.list")["vms"] and sorted(
                 vm["vm_id"] for vm in _call(path, "vm.list")["vms"]
             ) == ["a", "b"]
-            for vm_id, pid in zip(("a", "b"), pids, strict=True):
+            for vm_id, pid in zip(("a", "b"), list(pids), strict=True):
                 info = _call(path, "vm.describe", {"vm_id": vm_id})
                 assert info["process_id"] == pid and info["state"] == "Running"
                 assert info["guest_progress"][0] > seen[vm_id]["guest_progress"][0]
@@ -161,6 +163,8 @@ def test_daemon_sigkill_and_restart_reattaches_running_vms(tmp_path: Path) -> No
                     "vm_id": f"{vm_id}-restored", "snapshot_path": str(d / "s.snap"),
                     "mem_backend": {"backend_type": "File", "backend_path": str(d / "s.mem")},
                 })  # fmt: skip
+                assert loaded
+                loaded = _call(path, "vm.describe", {"vm_id": f"{vm_id}-restored"})
                 pids.append(int(loaded["process_id"]))
                 assert loaded["guest_progress"] == paused
                 _call(path, "vm.resume", {"vm_id": f"{vm_id}-restored"})
