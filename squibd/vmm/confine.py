@@ -47,7 +47,7 @@ ALLOWED_SYSCALLS: Final = (
 def seccomp_available() -> bool:
     """Whether pyseccomp and libseccomp load here."""
     try:
-        import pyseccomp  # noqa: F401
+        import pyseccomp  # type: ignore[import-untyped]  # noqa: F401
     except (ImportError, OSError):
         return False
     return True

@@ -131,7 +131,8 @@ class VmServer:
     def init(self, message: Message, fds: list[int]) -> Message:
         """Map memory, build the KVM VM, restore state or write the guest program."""
         self.vm_id = str(message["vm_id"])
-        self.init_params = {k: v for k, v in message.items() if k not in ("vm_state", "vcpu_states")}
+        skip = ("vm_state", "vcpu_states")
+        self.init_params = {k: v for k, v in message.items() if k not in skip}
         regions = [MemoryRegion(*r) for r in message["regions"]]
         self.shared = message["memory"] == "shared"
         self.memory = map_memory(regions, fds, self.shared)

@@ -4,8 +4,8 @@ A fresh Python interpreter with squibd's KVM code imported takes far longer
 than ``snapshot.load`` may (issue 11: 20 ms at 1 GiB), so the daemon keeps
 one warm zygote. It reads ``spawn`` requests (each carrying one end of a
 fresh socketpair) from its control socket, forks, and answers the child's
-pid. The child starts its own session (it is not killed with the daemon's
-process group) and serves its VM on that socket (``process.serve_fd``).
+pid. The child starts its own process group (it is not killed with the
+daemon's) and serves its VM on that socket (``process.serve_fd``).
 
 The zygote is the VM processes' parent, so it alone learns how they end:
 it reaps them on SIGCHLD and reports ``{"event": "exited", "pid", "status"}``
@@ -48,12 +48,13 @@ def run(fd: int) -> int:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_w)
     while True:
-        readable, _, _ = select.select([channel.sock, wake_r], [], [])
+        sock_fd = channel.sock.fileno()
+        readable, _, _ = select.select([sock_fd, wake_r], [], [])
         if wake_r in readable:
             with contextlib.suppress(BlockingIOError):
                 os.read(wake_r, 4096)
             _reap(channel)
-        if channel.sock not in readable:
+        if sock_fd not in readable:
             continue
         try:
             message, fds = channel.receive()
@@ -74,7 +75,12 @@ def run(fd: int) -> int:
                 os.close(wake_r)
                 os.close(wake_w)
                 channel.sock.close()
-                os.setsid()
+                # Its own process group: signals to the daemon's group (a
+                # terminal's ^C, systemd's KillMode=mixed/control-group) skip
+                # it. Not its own session: with sched_autogroup a new session
+                # is a new scheduling group, which measured 5x slower
+                # quiesce wake-ups on a loaded host (bench/vm_process.py).
+                os.setpgid(0, 0)
                 code = serve_fd(fds[0])
             finally:
                 os._exit(code)

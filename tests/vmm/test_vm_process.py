@@ -81,8 +81,10 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _create(path: str, vm_id: str) -> int:
-    _call(path, "vm.create", {"vm_id": vm_id, "vcpu_count": 1, "mem_size_mib": 64,
-                              "guest": {"program": "counter"}, "track_dirty_pages": True})  # fmt: skip
+    _call(path, "vm.create", {
+        "vm_id": vm_id, "vcpu_count": 1, "mem_size_mib": 64,
+        "guest": {"program": "counter"}, "track_dirty_pages": True,
+    })  # fmt: skip
     info = _call(path, "vm.start", {"vm_id": vm_id})
     assert info["process_id"] not in (None, os.getpid())
     return int(info["process_id"])
@@ -90,9 +92,8 @@ def _create(path: str, vm_id: str) -> int:
 
 def test_sigkill_of_one_vm_process_leaves_the_other_and_the_daemon(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    proc, path = start_daemon(
-        str(tmp_path), "--vm-isolation", "process", "--state-dir", str(state), "--log-level", "warning"
-    )
+    args = ("--vm-isolation", "process", "--state-dir", str(state), "--log-level", "warning")
+    proc, path = start_daemon(str(tmp_path), *args)
     with _reaped([]) as pids:
         try:
             pids += [_create(path, "a"), _create(path, "b")]
@@ -168,8 +169,9 @@ def test_daemon_sigkill_and_restart_reattaches_running_vms(tmp_path: Path) -> No
                 pids.append(int(loaded["process_id"]))
                 assert loaded["guest_progress"] == paused
                 _call(path, "vm.resume", {"vm_id": f"{vm_id}-restored"})
+                floor = paused[0]
                 _describe_until(
-                    path, f"{vm_id}-restored", lambda i: i["guest_progress"][0] > paused[0]
+                    path, f"{vm_id}-restored", lambda i, f=floor: i["guest_progress"][0] > f
                 )
             for vm_id in ("a", "b", "a-restored", "b-restored"):
                 _call(path, "vm.destroy", {"vm_id": vm_id})
@@ -236,8 +238,8 @@ async def test_file_load_in_a_vm_process_saves_what_the_guest_wrote(tmp_path: Pa
         await wait_progress_beyond(vm, [0])
         await rt.save("src", "Full", str(tmp_path / "f.snap"), str(tmp_path / "f.mem"))
         await rt.destroy("src")
-        loaded = await rt.load("dst", str(tmp_path / "f.snap"),
-                               MemBackend("File", str(tmp_path / "f.mem")), resume_vm=True)  # fmt: skip
+        backend = MemBackend("File", str(tmp_path / "f.mem"))
+        loaded = await rt.load("dst", str(tmp_path / "f.snap"), backend, resume_vm=True)
         assert isinstance(loaded, RemoteVm) and loaded.shadowed
         await wait_progress_beyond(loaded, loaded.guest_progress())
         await rt.save("dst", "Full", str(tmp_path / "g.snap"), str(tmp_path / "g.mem"),
