@@ -63,6 +63,11 @@ __all__ = ["RemoteVm", "attach_remote", "spawn_remote"]
 _log = logging.getLogger(__name__)
 _U64: Final = struct.Struct("<Q")
 _CONVERTER: Final = make_state_converter(detailed_validation=False)
+# cattrs generates its hooks on first use: do it here, once, so that a VM
+# process forked from the warm zygote does not pay for it on every load.
+for _cls in (X86VmState, X86VcpuState):
+    _CONVERTER.get_structure_hook(_cls)
+    _CONVERTER.get_unstructure_hook(_cls)
 #: How long a closing VM process gets to exit after ``shutdown`` before SIGKILL.
 _SHUTDOWN_GRACE_S: Final = 5.0
 _IOV_MAX: Final = 1024

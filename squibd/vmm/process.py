@@ -55,6 +55,11 @@ _log = logging.getLogger(__name__)
 _PROT_RW: Final = mmap.PROT_READ | mmap.PROT_WRITE
 _MAP_NORESERVE: Final[int] = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _CONVERTER: Final = make_state_converter(detailed_validation=False)
+# cattrs generates its hooks on first use: do it here, once, so that a VM
+# process forked from the warm zygote does not pay for it on every load.
+for _cls in (X86VmState, X86VcpuState):
+    _CONVERTER.get_structure_hook(_cls)
+    _CONVERTER.get_unstructure_hook(_cls)
 
 
 class RequestError(Exception):

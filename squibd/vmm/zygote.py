@@ -16,6 +16,7 @@ control socket; its VM processes carry on (re-parented to init).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import select
 import signal
@@ -44,6 +45,11 @@ def _reap(channel: Channel) -> None:
 def run(fd: int) -> int:
     """Serve spawn requests on control socket ``fd`` until it closes."""
     channel = Channel(socket.socket(fileno=fd))
+    # Everything imported lives as long as the zygote and its VM processes:
+    # frozen, the collector never walks it, so a forked child does not
+    # copy-on-write the whole inherited heap at its first collection.
+    gc.collect()
+    gc.freeze()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_w)
