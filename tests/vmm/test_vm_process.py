@@ -252,3 +252,31 @@ async def test_file_load_in_a_vm_process_saves_what_the_guest_wrote(tmp_path: Pa
         assert saved != (tmp_path / "f.mem").read_bytes()
     finally:
         await rt.aclose()
+
+
+def test_an_unresponsive_vm_process_blocks_neither_the_daemon_nor_other_vms(
+    tmp_path: Path,
+) -> None:
+    """A VM process that answers nothing (stopped here; a stalled page server alike)."""
+    state = tmp_path / "state"
+    args = ("--vm-isolation", "process", "--state-dir", str(state), "--log-level", "warning")
+    proc, path = start_daemon(str(tmp_path), *args)
+    with _reaped([]) as pids:
+        try:
+            pids += [_create(path, "stuck"), _create(path, "fine")]
+            before = _describe_until(path, "fine", lambda i: i["guest_progress"][0] > 0)
+            os.kill(pids[0], signal.SIGSTOP)
+            try:
+                assert _call(path, "daemon.status")["vm_count"] == 2
+                progress = before["guest_progress"][0]
+                _describe_until(path, "fine", lambda i: i["guest_progress"][0] > progress)
+                assert _call(path, "vm.describe", {"vm_id": "stuck"})["error"] is None
+                reply = blocking_call(path, "vm.pause", {"vm_id": "stuck"}, timeout=WAIT_S)
+                assert "QuiesceTimeout" in str(reply.get("error")), reply
+                assert _call(path, "vm.pause", {"vm_id": "fine"})["state"] == "Paused"
+            finally:
+                os.kill(pids[0], signal.SIGCONT)
+            for vm_id in ("stuck", "fine"):
+                _call(path, "vm.destroy", {"vm_id": vm_id})
+        finally:
+            _stop(proc)
