@@ -723,8 +723,9 @@ class ProcessVms:
     host: ZygoteHost = attrs.field(factory=ZygoteHost)
 
     def warm(self) -> None:
-        """Start the zygote now (blocking), so that the first VM does not pay for it."""
+        """Start the zygote and a spare VM process now, so that the first VM does not pay."""
         self.host.ensure_started()
+        self.host.prefork()
 
     def fresh(
         self,

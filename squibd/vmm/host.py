@@ -202,6 +202,7 @@ class ZygoteHost:
         self._conn: Connection | None = None
         self._statuses: dict[int, int] = {}
         self._status_cond = threading.Condition(self._lock)
+        self._spare: tuple[int, Channel] | None = None
 
     def ensure_started(self) -> Connection:
         """Start the zygote unless running (blocking: worker threads)."""
@@ -231,9 +232,40 @@ class ZygoteHost:
     def spawn(self) -> tuple[int, Channel]:
         """A new VM process and the daemon's end of its socket (blocking).
 
+        One spare VM process is kept forked ahead (it opens KVM while it
+        waits for ``init``); it is handed out here and the next is forked in
+        the background.
+
         Raises:
             RequestFailed: the zygote refused or is gone.
         """
+        with self._lock:
+            spare, self._spare = self._spare, None
+        self._refill()
+        if spare is not None:
+            pid, channel = spare
+            if self.wait_status(pid, 0) is None:
+                return spare
+            channel.close()
+        return self._fork()
+
+    def prefork(self) -> None:
+        """Fork the spare VM process now (in the background)."""
+        self._refill()
+
+    def _refill(self) -> None:
+        def work() -> None:
+            with contextlib.suppress(Exception):
+                spare = self._fork()
+                with self._lock:
+                    if self._spare is None and self._conn is not None:
+                        self._spare = spare
+                        return
+                spare[1].close()  # not needed any more: it exits on EOF
+
+        threading.Thread(target=work, name="vmm-spare", daemon=True).start()
+
+    def _fork(self) -> tuple[int, Channel]:
         conn = self.ensure_started()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -261,6 +293,9 @@ class ZygoteHost:
         with self._lock:
             conn, proc = self._conn, self._proc
             self._conn = self._proc = None
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare[1].close()
         if conn is not None:
             conn.close()
         if proc is not None:

@@ -36,6 +36,7 @@ from typing import Any, Final
 import numpy as np
 
 from ..kvm import guest as kvm_guest
+from ..kvm.errors import VcpuLimitExceeded
 from ..kvm.runner import VcpuRunner, install_signal_handler
 from ..kvm.system import Kvm
 from ..kvm.vcpu import Vcpu
@@ -43,7 +44,7 @@ from ..kvm.vm import KvmVm
 from ..snapshot.codec import make_state_converter
 from ..snapshot.manifest import MemoryRegion
 from ..snapshot.models import X86VcpuState, X86VmState
-from ..vm.build import _open_kvm
+from ..vm.build import _close_all, _open_kvm
 from ..vm.errors import InvalidVmConfig
 from ..vm.memory import GuestMemory, GuestRegion, _mapping_address
 from .channel import Channel, ChannelClosed
@@ -118,6 +119,7 @@ class VmServer:
         self.log_enabled = False
         self.listen_path: str | None = None
         self.test_hooks = False
+        self._prepared: tuple[Kvm, KvmVm] | None = None
         #: What the daemon asked to keep across its restart (``note``).
         self.notes: dict[str, Any] = {}
         self.init_params: dict[str, Any] = {}
@@ -146,9 +148,7 @@ class VmServer:
         # A private mapping (File restore) always logs: the daemon copies the
         # pages the guest diverged from the file (``vm/remote.py``).
         self.log_enabled = track or not self.shared
-        self.kvm, self.kvm_vm, self.vcpus = _open_kvm(
-            self.vm_id, vcpu_count, self.memory, self.log_enabled
-        )
+        self.kvm, self.kvm_vm, self.vcpus = self._open_kvm(vcpu_count)
         guest = message.get("guest")
         if message.get("vm_state") is not None:
             self.kvm_vm.restore_vm_state(_CONVERTER.structure(message["vm_state"], X86VmState))
@@ -180,6 +180,53 @@ class VmServer:
             "pid": os.getpid(),
             "host_addrs": [region.host_addr for region in self.memory.regions],
         }
+
+    def prepare(self) -> None:
+        """Open KVM and create the VM with its in-kernel devices before ``init`` arrives.
+
+        A spare VM process does this while it waits (``host.ZygoteHost``), so
+        that a load does not pay for it.
+        """
+        kvm = Kvm.open()
+        try:
+            kvm_vm = KvmVm.create(kvm)
+            try:
+                kvm_vm.setup_x86()
+            except BaseException:
+                kvm_vm.close()
+                raise
+        except BaseException:
+            kvm.close()
+            raise
+        self._prepared = (kvm, kvm_vm)
+
+    def _open_kvm(self, vcpu_count: int) -> tuple[Kvm, KvmVm, list[Vcpu]]:
+        assert self.memory is not None
+        prepared, self._prepared = self._prepared, None
+        if prepared is None:
+            return _open_kvm(self.vm_id, vcpu_count, self.memory, self.log_enabled)
+        kvm, kvm_vm = prepared
+        vcpus: list[Vcpu] = []
+        try:
+            if vcpu_count > kvm.max_vcpus:
+                raise InvalidVmConfig(
+                    self.vm_id,
+                    f"vcpu_count {vcpu_count} exceeds the {kvm.max_vcpus} vCPUs KVM allows here",
+                )
+            for slot, region in enumerate(self.memory.regions):
+                kvm_vm.set_memory_region(
+                    slot, region.guest_addr, region.size, region.host_addr,
+                    log_dirty=self.log_enabled,
+                )  # fmt: skip
+            for index in range(vcpu_count):
+                vcpus.append(Vcpu.create(kvm_vm, index))
+        except VcpuLimitExceeded as error:
+            _close_all(vcpus, kvm_vm, kvm)
+            raise InvalidVmConfig(self.vm_id, str(error)) from error
+        except BaseException:
+            _close_all(vcpus, kvm_vm, kvm)
+            raise
+        return kvm, kvm_vm, vcpus
 
     # --- vCPU callbacks (vCPU threads) ------------------------------------------------
 
@@ -405,6 +452,8 @@ def serve_fd(fd: int, confine: bool = True) -> int:
     install_signal_handler()
     channel = Channel(socket.socket(fileno=fd))
     server = VmServer(channel)
+    with contextlib.suppress(Exception):  # init opens KVM itself then (and reports why not)
+        server.prepare()
     try:
         message, fds = channel.receive()
     except ChannelClosed:
