@@ -280,3 +280,37 @@ def test_an_unresponsive_vm_process_blocks_neither_the_daemon_nor_other_vms(
                 _call(path, "vm.destroy", {"vm_id": vm_id})
         finally:
             _stop(proc)
+
+
+@pytest.mark.parametrize("stop_vms_on_exit", [False, True])
+async def test_stop_vms_on_exit_decides_whether_vm_processes_outlive_the_daemon(
+    tmp_path: Path, stop_vms_on_exit: bool
+) -> None:
+    state = str(tmp_path / "state")
+    first = Runtime(quiesce_timeout_s=30.0, vm_isolation="process", state_dir=state,
+                    stop_vms_on_exit=stop_vms_on_exit)  # fmt: skip
+    with _reaped([]) as pids:
+        try:
+            vm = await first.create_vm("kept", 1, 64, True, GuestSpec("counter"))
+            assert isinstance(vm, RemoteVm)
+            pids.append(vm.process_id)
+            await first.start("kept")
+            await wait_progress_beyond(vm, [0])
+        finally:
+            await first.aclose()
+        if stop_vms_on_exit:
+            await trio.to_thread.run_sync(_wait_exit, pids[0])
+            assert not os.path.exists(f"/proc/{pids[0]}/status") or "Z" in _status(pids[0])["State"]
+            return
+        second = Runtime(quiesce_timeout_s=30.0, vm_isolation="process", state_dir=state)
+        try:
+            assert await second.reattach() == ["kept"]
+            again = second.get("kept")
+            assert isinstance(again, RemoteVm) and again.process_id == pids[0]
+            assert second.describe("kept").state == "Running"
+            await wait_progress_beyond(again, again.guest_progress())
+            await second.pause("kept")
+            await second.destroy("kept")
+            await trio.to_thread.run_sync(_wait_exit, pids[0])
+        finally:
+            await second.aclose()
