@@ -16,7 +16,7 @@ import trio
 
 from squibd.snapshot.rebase import rebase
 from squibd.vm.models import GuestSpec, MemBackend
-from squibd.vm.remote import RemoteVm
+from squibd.vm.remote import RemoteVm, find_records
 from squibd.vm.runtime import Runtime
 from tests.server.helpers import blocking_call, start_daemon
 from tests.vm._helpers import PROGRESS_TIMEOUT_S, wait_progress_beyond
@@ -60,11 +60,17 @@ def _describe_until(path: str, vm_id: str, predicate: Any) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _reaped(pids: list[int]) -> Iterator[list[int]]:
-    """Kill (by pid) every VM process the test started that is still alive at the end."""
+def _reaped(pids: list[int], state: Path | str | None = None) -> Iterator[list[int]]:
+    """Kill (by pid) every VM process the test started that is still alive at the end.
+
+    Those listed, and those whose records are left under ``state`` (a failed test).
+    """
     try:
         yield pids
     finally:
+        if state is not None:
+            for record in find_records(str(state)):
+                pids.append(int(record["pid"]))
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -94,7 +100,7 @@ def test_sigkill_of_one_vm_process_leaves_the_other_and_the_daemon(tmp_path: Pat
     state = tmp_path / "state"
     args = ("--vm-isolation", "process", "--state-dir", str(state), "--log-level", "warning")
     proc, path = start_daemon(str(tmp_path), *args)
-    with _reaped([]) as pids:
+    with _reaped([], state) as pids:
         try:
             pids += [_create(path, "a"), _create(path, "b")]
             before = _describe_until(path, "b", lambda i: i["guest_progress"][0] > 0)
@@ -118,7 +124,7 @@ def test_daemon_sigkill_and_restart_reattaches_running_vms(tmp_path: Path) -> No
     state = tmp_path / "state"
     args = ("--vm-isolation", "process", "--state-dir", str(state), "--log-level", "warning")
     first, path = start_daemon(str(tmp_path), *args)
-    with _reaped([]) as pids:
+    with _reaped([], state) as pids:
         try:
             pids += [_create(path, "a"), _create(path, "b")]
             seen = {
@@ -261,7 +267,7 @@ def test_an_unresponsive_vm_process_blocks_neither_the_daemon_nor_other_vms(
     state = tmp_path / "state"
     args = ("--vm-isolation", "process", "--state-dir", str(state), "--log-level", "warning")
     proc, path = start_daemon(str(tmp_path), *args)
-    with _reaped([]) as pids:
+    with _reaped([], state) as pids:
         try:
             pids += [_create(path, "stuck"), _create(path, "fine")]
             before = _describe_until(path, "fine", lambda i: i["guest_progress"][0] > 0)
@@ -289,7 +295,7 @@ async def test_stop_vms_on_exit_decides_whether_vm_processes_outlive_the_daemon(
     state = str(tmp_path / "state")
     first = Runtime(quiesce_timeout_s=30.0, vm_isolation="process", state_dir=state,
                     stop_vms_on_exit=stop_vms_on_exit)  # fmt: skip
-    with _reaped([]) as pids:
+    with _reaped([], state) as pids:
         try:
             vm = await first.create_vm("kept", 1, 64, True, GuestSpec("counter"))
             assert isinstance(vm, RemoteVm)
