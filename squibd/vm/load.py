@@ -130,8 +130,14 @@ async def load_snapshot(
         await admit(state.vm_info)
     _report(progress, "check-pair")
     uffd_session: UffdBackend | None = None
+    lazy_pair_id: str | None = None
     if mem_backend.backend_type == BACKEND_FILE:
         memory = await run_blocking(lambda: _map_file(vm_id, state, backend_path), limiter)
+    elif restore_file is not None:
+        # The VM process registers its own memory with the page server; the
+        # daemon keeps an empty shadow (``remote.py``).
+        memory = await run_blocking(lambda: GuestMemory.anonymous(state.memory.regions), limiter)
+        lazy_pair_id = state.memory.pair_id
     else:
         memory, uffd_session = await _map_uffd(
             state, backend_path, limiter, peer_limiter if peer_limiter is not None else limiter
@@ -145,9 +151,9 @@ async def load_snapshot(
                 lambda: restore(
                     vm_id, state.vm_info, state.vm_state, state.vcpu_states, memory,
                     backend_path, track_dirty_pages=track_dirty_pages, token=token,
-                    quiesce_timeout_s=quiesce_timeout_s,
+                    quiesce_timeout_s=quiesce_timeout_s, lazy_pair_id=lazy_pair_id,
                 ),
-                limiter,
+                limiter if lazy_pair_id is None or peer_limiter is None else peer_limiter,
             )  # fmt: skip
             vm = cast(Vm, return_vm)
         else:

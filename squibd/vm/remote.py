@@ -47,12 +47,12 @@ from ..snapshot.codec import make_state_converter
 from ..snapshot.errors import QuiesceTimeout
 from ..snapshot.memwriter import RegionSource
 from ..snapshot.models import VmInfo, X86VcpuState, X86VmState
-from ..uffd import UffdBackend
+from ..uffd import UffdBackend, UffdError
 from ..vmm.channel import Channel
 from ..vmm.host import Connection, RequestFailed, ZygoteHost, describe_status
 from ..vmm.protocol import Message
 from .dirty import DirtySet, runs_of
-from .errors import InvalidVmConfig, VmFailed
+from .errors import GuestMemoryUnavailable, InvalidVmConfig, VmFailed
 from .guest_access import GuestAccess, ProgressProbe, ProgressReading
 from .machine import PAGE_SIZE, CapturedState
 from .memory import MIB, GuestMemory, layout_name
@@ -141,6 +141,10 @@ class RemoteVm:
     _progress_addrs: tuple[int, ...] = attrs.field(repr=False)
     #: The process maps a memory file privately: ``memory`` is a shadow (module doc).
     shadowed: bool = False
+    #: A page server serves the process's memory (a Uffd load): the shadow starts
+    #: empty and is filled whole before the first Full save (``populate_lazy``).
+    page_served: bool = False
+    _unsynced: bool = attrs.field(init=False, default=False, repr=False)
     _host: ZygoteHost | None = attrs.field(default=None, repr=False)
     _state_files: tuple[str, ...] = attrs.field(default=(), repr=False)
     dirty: DirtySet = attrs.field(init=False, repr=False)
@@ -163,6 +167,7 @@ class RemoteVm:
     )
 
     def __attrs_post_init__(self) -> None:
+        self._unsynced = self.page_served
         self._log_enabled = self.track_dirty_pages
         self.dirty = DirtySet(
             tuple(region.size for region in self.memory.regions), self.track_dirty_pages
@@ -265,10 +270,15 @@ class RemoteVm:
         await self._conn.acall("wait_heartbeats", count=count)
 
     def _event_from_thread(self, message: Message) -> None:
-        if message.get("event") == "vcpu_error":
+        event = message.get("event")
+        if event == "vcpu_error":
             text = f"vCPU {message['index']} stopped: {message['message']}"
-            with contextlib.suppress(trio.RunFinishedError):
-                self._token.run_sync_soon(self._enter_error, text)
+        elif event == "failed":
+            text = str(message["message"])
+        else:
+            return
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._enter_error, text)
 
     def _closed_from_thread(self, reason: str) -> None:
         if self._closed or self._detached:
@@ -438,11 +448,37 @@ class RemoteVm:
 
     @property
     def lazy(self) -> bool:
-        """A VM process's memory is never lazy here."""
-        return False
+        """Whether a page server serves this VM's memory (a Uffd load)."""
+        return self.page_served
 
     async def populate_lazy(self, stall_s: float) -> None:
-        """Nothing to fault in."""
+        """Fill the shadow of a Uffd-loaded VM whole, once, before its first Full save.
+
+        Copies from the VM process in 16 MiB steps (each faults its pages in
+        there, served by the page server), in a worker thread.
+
+        Raises:
+            GuestMemoryUnavailable: a step got nothing for ``stall_s`` (the
+                thread is abandoned; it ends when the page is served or the
+                VM process goes).
+        """
+        if not self._unsynced:
+            return
+        step = 16 * MIB
+        for index, region in enumerate(self.memory.regions):
+            for offset in range(0, region.size, step):
+                length = min(step, region.size - offset)
+                local = region.host_addr + offset
+                remote = self._host_addrs[index] + offset
+
+                def copy(local: int = local, remote: int = remote, length: int = length) -> None:
+                    _vm_copy(self.process_id, [local], [remote], [length], write=False)
+
+                with trio.move_on_after(stall_s):
+                    await trio.to_thread.run_sync(copy, abandon_on_cancel=True)
+                    continue
+                raise GuestMemoryUnavailable(self.vm_id, stall_s)
+        self._unsynced = False
 
     # --- teardown (worker thread) ----------------------------------------
 
@@ -452,6 +488,8 @@ class RemoteVm:
             return
         self._closed = True
         if not self._conn.closed:
+            if self.page_served:
+                self._conn.send("release_lazy")
             self._conn.send("shutdown")
         if not self._conn.join(_SHUTDOWN_GRACE_S):
             with contextlib.suppress(ProcessLookupError):
@@ -519,8 +557,12 @@ def spawn_remote(
     vcpu_states: Sequence[X86VcpuState] | None = None,
     state_dir: str | None = None,
     confine: dict[str, Any] | None = None,
+    page_server: tuple[str, str | None] | None = None,
 ) -> RemoteVm:
     """Start a VM process for ``memory`` (blocking; closes ``memory`` on failure).
+
+    ``page_server``: ``(socket path, pair_id)`` of a Uffd load: the process
+    registers its own memory with it; ``memory`` is the daemon's empty shadow.
 
     ``shadow_file_fd``: the memory file of a File restore (the process maps it
     privately; ``memory`` is then the daemon's shadow mapping of it). The fd is closed.
@@ -531,8 +573,11 @@ def spawn_remote(
     try:
         pid, channel = host.spawn()
         conn = Connection(channel, on_event=lambda _m: None, on_closed=lambda _r: None)
-        shared = shadow_file_fd is None
-        fds = [r.fd for r in memory.regions if r.fd is not None] if shared else [shadow_file_fd]
+        shared = shadow_file_fd is None and page_server is None
+        fds: list[int | None] = (
+            [r.fd for r in memory.regions if r.fd is not None] if shared else [shadow_file_fd]
+        )
+        kind = "shared" if shared else "private" if page_server is None else "uffd"
         message: dict[str, Any] = {
             "op": "init",
             "id": 1,
@@ -540,7 +585,9 @@ def spawn_remote(
             "vcpu_count": vcpu_count,
             "track_dirty_pages": track_dirty_pages,
             "regions": [[r.guest_addr, r.size, r.file_offset] for r in memory.regions],
-            "memory": "shared" if shared else "private",
+            "memory": kind,
+            "page_server": None if page_server is None else page_server[0],
+            "pair_id": None if page_server is None else page_server[1],
             "guest": None if guest is None else {"program": guest.program,
                                                  "params": dict(guest.params)},
             "build_guest": vm_state is None,
@@ -568,6 +615,7 @@ def spawn_remote(
             host_addrs=tuple(result["host_addrs"]),
             progress_addrs=_progress_addrs(guest, vcpu_count),
             shadowed=not shared,
+            page_served=page_server is not None,
             host=host,
             state_files=tuple(p for p in (paths.socket, paths.record) if p is not None),
             token=token,
@@ -603,6 +651,14 @@ def _write_record(path: str, record: dict[str, Any]) -> None:
 def _init_error(vm_id: str, kind: str, message: str) -> Exception:
     if kind in ("InvalidVmConfig", "GuestProgramError", "ValueError", "KeyError"):
         return InvalidVmConfig(vm_id, message)
+    from .. import uffd
+
+    error_class = getattr(uffd, kind, None)
+    if isinstance(error_class, type) and issubclass(error_class, uffd.UffdError):
+        # The page server's answer to the VM process, with its own message.
+        error = error_class.__new__(error_class)
+        Exception.__init__(error, message)
+        return error
     if kind in ("KvmError", "VcpuLimitExceeded"):
         from ..kvm.errors import KvmError
 
@@ -766,13 +822,16 @@ class ProcessVms:
         track_dirty_pages: bool,
         token: trio.lowlevel.TrioToken,
         quiesce_timeout_s: float,
+        lazy_pair_id: str | None = None,
     ) -> RemoteVm:
         """A Paused VM in its own process restored over memory file ``mem_path`` (blocking).
 
         ``memory`` is the daemon's private mapping of the file (the shadow);
-        the caller keeps it if this raises.
+        the caller keeps it if this raises. With ``lazy_pair_id`` (a Uffd
+        load), ``mem_path`` is the page server's socket and ``memory`` an
+        empty anonymous shadow.
         """
-        fd = os.open(mem_path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(mem_path, os.O_RDONLY | os.O_CLOEXEC) if lazy_pair_id is None else None
         guest = None if info.guest_program is None else GuestSpec(
             info.guest_program, dict(info.guest_params)
         )
@@ -783,8 +842,9 @@ class ProcessVms:
                 shadow_file_fd=fd, quiesce_timeout_s=quiesce_timeout_s, token=token,
                 vm_state=vm_state, vcpu_states=vcpu_states,
                 state_dir=self.state_dir, confine=self.confine,
+                page_server=None if lazy_pair_id is None else (mem_path, lazy_pair_id),
             )  # fmt: skip
-        except InvalidVmConfig:
+        except (InvalidVmConfig, UffdError):
             raise
         except RequestFailed as error:
             from ..kvm.errors import KvmError

@@ -44,8 +44,10 @@ from ..kvm.vm import KvmVm
 from ..snapshot.codec import make_state_converter
 from ..snapshot.manifest import MemoryRegion
 from ..snapshot.models import X86VcpuState, X86VmState
+from ..uffd import UffdBackend
 from ..vm.build import _close_all, _open_kvm
 from ..vm.errors import InvalidVmConfig
+from ..vm.guest_access import release_lazy_pages
 from ..vm.memory import GuestMemory, GuestRegion, _mapping_address
 from .channel import Channel, ChannelClosed
 from .protocol import Message, error_reply, ok_reply
@@ -120,6 +122,7 @@ class VmServer:
         self.listen_path: str | None = None
         self.test_hooks = False
         self._prepared: tuple[Kvm, KvmVm] | None = None
+        self.page_server: UffdBackend | None = None
         #: What the daemon asked to keep across its restart (``note``).
         self.notes: dict[str, Any] = {}
         self.init_params: dict[str, Any] = {}
@@ -142,7 +145,20 @@ class VmServer:
         self.init_params = {k: v for k, v in message.items() if k not in skip}
         regions = [MemoryRegion(*r) for r in message["regions"]]
         self.shared = message["memory"] == "shared"
-        self.memory = map_memory(regions, fds, self.shared)
+        if message["memory"] == "uffd":
+            for fd in fds:
+                os.close(fd)
+            self.memory = GuestMemory.anonymous(regions)
+            try:
+                self.page_server = UffdBackend.connect(
+                    str(message["page_server"]), self.memory,
+                    expected_pair_id=message.get("pair_id"),
+                )  # fmt: skip
+            except BaseException:
+                self.memory.close()
+                raise
+        else:
+            self.memory = map_memory(regions, fds, self.shared)
         vcpu_count = int(message["vcpu_count"])
         track = bool(message["track_dirty_pages"])
         # A private mapping (File restore) always logs: the daemon copies the
@@ -300,6 +316,17 @@ class VmServer:
             self._paused = False
             for runner in self.runners:
                 runner.start()
+            if self.page_server is not None:
+                self.page_server.start_monitor(self._page_server_died)
+
+    def _page_server_died(self, reason: str) -> None:
+        text = f"page server died: {reason}"
+        with self._lock:
+            if self.error is None:
+                self.error = text
+        for runner in self.runners:
+            runner.request_pause()
+        self._send({"event": "failed", "message": text})
 
     def op_pause(self, request_id: int, message: Message) -> Message | None:
         with self._lock:
@@ -416,6 +443,15 @@ class VmServer:
             "host_addrs": [region.host_addr for region in self.memory.regions],
             "uid": os.getuid(),
         }
+
+    def op_release_lazy(self, request_id: int, message: Message) -> Message:
+        # Teardown of a Uffd-loaded VM: unregister its memory from the
+        # userfaultfd so that every access still waiting for a page (here, or
+        # the daemon's process_vm_readv) returns (zeros) and nothing keeps
+        # this process's memory from going away.
+        if self.page_server is not None and self.memory is not None:
+            release_lazy_pages(self.page_server.uffd.fd, self.memory)
+        return {}
 
     def op_shutdown(self, request_id: int, message: Message) -> Message:
         raise SystemExit(0)

@@ -320,3 +320,82 @@ async def test_stop_vms_on_exit_decides_whether_vm_processes_outlive_the_daemon(
             await trio.to_thread.run_sync(_wait_exit, pids[0])
         finally:
             await second.aclose()
+
+
+def test_uffd_load_in_a_vm_process_saves_and_reports_page_server_death(tmp_path: Path) -> None:
+    from squibd.vm.errors import VmFailed
+    from tests.hostile._peers import save_counter_pair
+    from tests.vm.test_uffd_load import _start_page_server
+
+    snap, _mem = save_counter_pair(tmp_path)
+    socket_path = tmp_path / "ps.sock"
+    server = _start_page_server(Path(snap), socket_path)
+
+    async def run() -> None:
+        rt = Runtime(quiesce_timeout_s=30.0, vm_isolation="process")
+        try:
+            vm = await rt.load("lazy", snap, MemBackend("Uffd", str(socket_path)),
+                               resume_vm=True)  # fmt: skip
+            assert isinstance(vm, RemoteVm) and vm.lazy
+            progress = await trio.to_thread.run_sync(vm.guest_progress)
+            await wait_progress_beyond(vm, progress)
+            out = tmp_path / "out"
+            out.mkdir()
+            await rt.save("lazy", "Full", str(out / "f.snap"), str(out / "f.mem"), resume=False)
+            size = vm.memory.regions[0].size
+            live = await trio.to_thread.run_sync(lambda: vm.read_memory(0, size))
+            with open(out / "f.mem", "rb") as f:
+                assert f.read(len(live)) == live
+            await rt.resume("lazy")
+            server.kill()
+            with trio.fail_after(PROGRESS_TIMEOUT_S):
+                await vm.wait_failed()
+            assert "page server" in (rt.describe("lazy").error or "")
+            with pytest.raises(VmFailed):
+                await rt.resume("lazy")
+            await rt.destroy("lazy")
+        finally:
+            await rt.aclose()
+
+    try:
+        trio.run(run)
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_a_vm_process_on_a_stalled_page_server_blocks_nothing_else(tmp_path: Path) -> None:
+    from tests.hostile._peers import StallingPageServer, save_counter_pair
+
+    snap, _mem = save_counter_pair(tmp_path)
+    page_server = StallingPageServer(str(tmp_path / "ps.sock"))
+    state = tmp_path / "state"
+    args = ("--vm-isolation", "process", "--state-dir", str(state), "--log-level", "warning")
+    (tmp_path / "d").mkdir()
+    proc, path = start_daemon(str(tmp_path / "d"), *args)
+    with _reaped([], state) as pids:
+        try:
+            pids.append(_create(path, "other"))
+            _call(path, "snapshot.load", {
+                "vm_id": "lazy", "snapshot_path": snap, "resume_vm": True,
+                "mem_backend": {"backend_type": "Uffd", "backend_path": page_server.path},
+            })  # fmt: skip
+            lazy = _call(path, "vm.describe", {"vm_id": "lazy"})
+            pids.append(int(lazy["process_id"]))
+            assert lazy["guest_progress"] is None and lazy["guest_progress_stale"] is True
+            assert _call(path, "daemon.status")["vm_count"] == 2
+            before = _call(path, "vm.describe", {"vm_id": "other"})["guest_progress"][0]
+            _describe_until(path, "other", lambda i: i["guest_progress"][0] > before)
+            out = tmp_path / "out"
+            out.mkdir()
+            reply = blocking_call(path, "snapshot.create", {
+                "vm_id": "lazy", "snapshot_type": "Full",
+                "snapshot_path": str(out / "o.snap"), "mem_file_path": str(out / "o.mem"),
+            }, timeout=WAIT_S)  # fmt: skip
+            assert reply["error"]["data"]["kind"] == "GuestMemoryUnavailable", reply
+            assert list(out.iterdir()) == []
+            _call(path, "vm.destroy", {"vm_id": "lazy"})
+            _call(path, "vm.destroy", {"vm_id": "other"})
+        finally:
+            _stop(proc)
+            page_server.close()
