@@ -145,6 +145,7 @@ class RemoteVm:
     #: empty and is filled whole before the first Full save (``populate_lazy``).
     page_served: bool = False
     _unsynced: bool = attrs.field(init=False, default=False, repr=False)
+    _resync_on_harvest: bool = attrs.field(init=False, default=False, repr=False)
     _host: ZygoteHost | None = attrs.field(default=None, repr=False)
     _state_files: tuple[str, ...] = attrs.field(default=(), repr=False)
     dirty: DirtySet = attrs.field(init=False, repr=False)
@@ -330,6 +331,8 @@ class RemoteVm:
             self._log_enabled = enabled
 
     def _harvest(self) -> list[Words]:
+        if self._resync_on_harvest:
+            self._full_sync()
         result = self._call("harvest")
         words = [np.frombuffer(raw, dtype="<u8").astype(np.uint64) for raw in result["words"]]
         if self.shadowed:
@@ -351,6 +354,17 @@ class RemoteVm:
             return None
         self.harvest_kvm()
         return self.dirty.words()
+
+    def _full_sync(self) -> None:
+        """Copy the whole memory from the process (blocking; a re-attached shadow)."""
+        _vm_copy(
+            self.process_id,
+            [region.host_addr for region in self.memory.regions],
+            list(self._host_addrs),
+            [region.size for region in self.memory.regions],
+            write=False,
+        )
+        self._unsynced = self._resync_on_harvest = False
 
     def _sync_shadow(self, words: Sequence[Words]) -> None:
         local: list[int] = []
@@ -718,13 +732,15 @@ def attach_remote(
     from ..vmm.process import map_memory
 
     regions = [MemoryRegion(*r) for r in init["regions"]]
-    shared = init["memory"] == "shared"
-    if not shared:
-        # The process maps its file privately; the daemon cannot rebuild the
-        # shadow of a file it no longer knows: such a VM is not re-attached.
-        channel.close()
-        return None
-    memory = map_memory(regions, fds, shared=True)
+    kind = init["memory"]
+    if kind == "shared":
+        memory = map_memory(regions, fds, shared=True)
+    elif kind == "private":  # the process's memory file, mapped privately again
+        memory = map_memory(regions, fds, shared=False)
+    else:
+        for fd in fds:
+            os.close(fd)
+        memory = GuestMemory.anonymous(regions)
     guest = None if init.get("guest") is None else GuestSpec(
         init["guest"]["program"], dict(init["guest"]["params"])
     )
@@ -742,7 +758,13 @@ def attach_remote(
         progress_addrs=_progress_addrs(guest, int(init["vcpu_count"])),
         state_files=(sock_path, str(record["_path"])),
         token=token,
+        shadowed=kind != "shared",
+        page_served=kind == "uffd",
     )
+    if kind != "shared":
+        # What the guest wrote before this daemon came is unknown here: the
+        # first harvest copies the whole memory from the process first.
+        vm._unsynced = vm._resync_on_harvest = True
     vm._last_pair_id = d["notes"].get("last_pair_id")
     # What the previous daemon harvested but did not save is lost with it: the
     # next Diff conservatively takes every page (correct, not minimal).

@@ -123,6 +123,7 @@ class VmServer:
         self.test_hooks = False
         self._prepared: tuple[Kvm, KvmVm] | None = None
         self.page_server: UffdBackend | None = None
+        self.file_fd: int | None = None
         #: What the daemon asked to keep across its restart (``note``).
         self.notes: dict[str, Any] = {}
         self.init_params: dict[str, Any] = {}
@@ -158,6 +159,8 @@ class VmServer:
                 self.memory.close()
                 raise
         else:
+            if not self.shared:  # kept for a re-attaching daemon's shadow
+                self.file_fd = os.dup(fds[0])
             self.memory = map_memory(regions, fds, self.shared)
         vcpu_count = int(message["vcpu_count"])
         track = bool(message["track_dirty_pages"])
@@ -424,7 +427,10 @@ class VmServer:
     def op_attach(self, request_id: int, message: Message) -> None:
         # The reply carries the memfds: a new daemon maps the same memory.
         assert self.memory is not None
-        fds = [r.fd for r in self.memory.regions if r.fd is not None] if self.shared else []
+        if self.shared:
+            fds = [r.fd for r in self.memory.regions if r.fd is not None]
+        else:
+            fds = [self.file_fd] if self.file_fd is not None else []
         self._send(ok_reply(request_id, self._description()), fds)
         return None
 

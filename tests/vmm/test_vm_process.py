@@ -131,6 +131,17 @@ def test_daemon_sigkill_and_restart_reattaches_running_vms(tmp_path: Path) -> No
                 vm: _describe_until(path, vm, lambda i: i["guest_progress"][0] > 0)
                 for vm in ("a", "b")
             }
+            pre = tmp_path / "pre"
+            pre.mkdir()
+            _call(path, "snapshot.create", {
+                "vm_id": "a", "snapshot_path": str(pre / "f.snap"),
+                "mem_file_path": str(pre / "f.mem"),
+            })  # fmt: skip
+            _call(path, "snapshot.load", {
+                "vm_id": "c", "snapshot_path": str(pre / "f.snap"), "resume_vm": True,
+                "mem_backend": {"backend_type": "File", "backend_path": str(pre / "f.mem")},
+            })  # fmt: skip
+            c_seen = _describe_until(path, "c", lambda i: i["guest_progress"][0] > 0)
             first.kill()
             first.wait()
             assert all(os.path.exists(f"/proc/{pid}") for pid in pids)
@@ -139,9 +150,23 @@ def test_daemon_sigkill_and_restart_reattaches_running_vms(tmp_path: Path) -> No
         finally:
             _stop(first)
         try:
-            assert _call(path, "vm.list")["vms"] and sorted(
-                vm["vm_id"] for vm in _call(path, "vm.list")["vms"]
-            ) == ["a", "b"]
+            assert sorted(vm["vm_id"] for vm in _call(path, "vm.list")["vms"]) == ["a", "b", "c"]
+            # A File-loaded VM re-attached: its save copies what the guest wrote.
+            c_info = _call(path, "vm.describe", {"vm_id": "c"})
+            assert c_info["guest_progress"][0] > c_seen["guest_progress"][0]
+            _call(path, "vm.pause", {"vm_id": "c"})
+            c_paused = _call(path, "vm.describe", {"vm_id": "c"})["guest_progress"]
+            _call(path, "snapshot.create", {
+                "vm_id": "c", "snapshot_path": str(pre / "c.snap"),
+                "mem_file_path": str(pre / "c.mem"),
+            })  # fmt: skip
+            _call(path, "snapshot.load", {
+                "vm_id": "c2", "snapshot_path": str(pre / "c.snap"),
+                "mem_backend": {"backend_type": "File", "backend_path": str(pre / "c.mem")},
+            })  # fmt: skip
+            assert _call(path, "vm.describe", {"vm_id": "c2"})["guest_progress"] == c_paused
+            _call(path, "vm.destroy", {"vm_id": "c"})
+            _call(path, "vm.destroy", {"vm_id": "c2"})
             for vm_id, pid in zip(("a", "b"), list(pids), strict=True):
                 info = _call(path, "vm.describe", {"vm_id": vm_id})
                 assert info["process_id"] == pid and info["state"] == "Running"
