@@ -20,6 +20,10 @@ and issue 5. Example (all keys)::
     state_dir = "/var/lib/squibd/state"  # journals + their key, shutdown saves; created 0700
     on_shutdown = "keep"          # "keep" | "save" | "stop" (see README "Host shutdown")
     metrics_address = "127.0.0.1:9464"    # Prometheus listener; absent = off
+    vm_isolation = "inprocess"    # issue 11: or "process" (one VM process per VM)
+    stop_vms_on_exit = false      # VM processes outlive the daemon; a new one re-attaches
+    vm_user = "nobody"            # VM processes drop to this user ("" keeps root)
+    vm_seccomp = true             # and apply their seccomp filter
 
     [snapshot]
     allowed_roots = ["/var/lib/squibd"]
@@ -155,6 +159,15 @@ class ServerConfig:
     def effective_state_dir(self) -> str:
         """The state directory (always set: ``state_dir`` defaults to :func:`default_state_dir`)."""
         return self.state_dir
+    #: Issue 11: run each VM in its own VM process ("process") or in the daemon ("inprocess").
+    vm_isolation: str = attrs.field(
+        default="inprocess", validator=attrs.validators.in_(("process", "inprocess"))
+    )
+    #: Issue 11: whether VM processes stop with the daemon (else a new daemon re-attaches).
+    stop_vms_on_exit: bool = False
+    #: Issue 11: VM processes drop to this user (name or uid; "" keeps root) and apply seccomp.
+    vm_user: str = "nobody"
+    vm_seccomp: bool = True
 
     def effective_allowed_uids(self) -> frozenset[int]:
         """The allow list: configured uids, else the daemon's own uid and root."""

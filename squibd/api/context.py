@@ -62,6 +62,11 @@ class ApiContext:
     metrics: Metrics | None = None
     #: Runs first in :meth:`aclose` (``on_shutdown = "save"`` saves every VM there).
     shutdown_hook: Callable[[ApiContext], Awaitable[None]] | None = None
+    #: Issue 11: ``[server]`` vm_isolation, state_dir, stop_vms_on_exit and the
+    #: VM processes' confinement (``squibd.vmm.confine``).
+    vm_isolation: str = "inprocess"
+    stop_vms_on_exit: bool = False
+    vm_confine: dict[str, Any] | None = None
     _runtime: Runtime | None = attrs.field(default=None, init=False)
 
     @property
@@ -78,7 +83,10 @@ class ApiContext:
                 from squibd.vm.limits import RuntimeLimits
 
                 kwargs["limits"] = RuntimeLimits(**limits)
-            self._runtime = Runtime(**kwargs)
+            self._runtime = Runtime(
+                vm_isolation=self.vm_isolation, state_dir=self.state_dir,
+                stop_vms_on_exit=self.stop_vms_on_exit, confine=self.vm_confine, **kwargs,
+            )  # fmt: skip
         return self._runtime
 
     @property
@@ -90,6 +98,11 @@ class ApiContext:
     def kvm_available() -> bool:
         """Whether ``/dev/kvm`` can be opened for reading and writing."""
         return os.access(KVM_DEVICE, os.R_OK | os.W_OK)
+
+    async def startup(self) -> None:
+        """Issue 11: start the warm zygote and re-attach the VM processes of a previous daemon."""
+        if self.vm_isolation == "process":
+            await self.runtime.reattach()
 
     async def aclose(self) -> None:
         """Run the shutdown hook, then destroy every VM (daemon shutdown)."""

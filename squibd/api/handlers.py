@@ -88,6 +88,7 @@ def _to_info(api: ApiContext, d: VmDescription) -> VmInfo:
         error=d.error,
         guest_progress_stale=d.guest_progress_stale,
         restored_from=api.restored_from.get(d.vm_id),
+        process_id=d.process_id,
     )
 
 

@@ -214,6 +214,8 @@ class VmInfo:
     guest_progress_stale: bool = False
     #: The state file the daemon restored this VM from at its start (on_shutdown = "save").
     restored_from: str | None = None
+    #: pid of the process that runs the VM (its VM process; the daemon's own when in-process).
+    process_id: int | None = None
 
 
 @attrs.frozen

@@ -24,6 +24,7 @@ _OFFLINE_MODES = {
     "--rebase-snapshot": "squibd.cli.rebase",
     "--page-server": "squibd.cli.pageserver",
     "--firecracker-api-socket": "squibd.cli.firecracker",
+    "--vm-process": "squibd.vmm.process",
 }
 
 

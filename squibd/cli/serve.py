@@ -41,6 +41,7 @@ from squibd.server import (
 )
 from squibd.snapshot.errors import SnapshotError
 from squibd.snapshot.paths import set_daemon_roots
+from squibd.vmm.statedir import vm_process_settings
 
 from ._logging import setup_logging
 
@@ -70,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                         help="log verbosity (default: info)")  # fmt: skip
     parser.add_argument("--state-dir", metavar="DIR",
-                        help="private state directory: commit journals, shutdown saves "
-                        "(created 0700; default: /var/lib/squibd/state for root, else "
-                        "$XDG_STATE_HOME/squibd)")  # fmt: skip
+                        help="private state directory: commit journals, shutdown saves, "
+                        "VM-process records (created 0700; default: /var/lib/squibd/state "
+                        "for root, else $XDG_STATE_HOME/squibd)")  # fmt: skip
     parser.add_argument("--log-format", choices=("text", "json"),
                         help="text, or one JSON object per line (default: text; under "
                         "journald each line carries its <priority>)")  # fmt: skip
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "stop until VMs run in their own processes)")  # fmt: skip
     parser.add_argument("--metrics-address", metavar="HOST:PORT",
                         help="serve Prometheus metrics over HTTP here (default: off)")
+    parser.add_argument("--vm-isolation", choices=("process", "inprocess"), default=None,
+                        help="one VM process per VM, or VMs inside the daemon "
+                        "(default: inprocess)")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"squibd {__version__}")
     return parser
 
@@ -93,7 +97,8 @@ def _apply_overrides(config: DaemonConfig, args: argparse.Namespace) -> DaemonCo
         server = attrs.evolve(server, debug_api=True)
     if args.log_level is not None:
         server = attrs.evolve(server, log_level=args.log_level)
-    for key in ("log_format", "state_dir", "on_shutdown", "metrics_address"):
+    for key in ("log_format", "state_dir", "on_shutdown", "metrics_address",
+                "vm_isolation"):
         value = getattr(args, key)
         if value is not None:
             server = attrs.evolve(server, **{key: value})
@@ -171,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         limits=attrs.asdict(config.limits),
         stores=config.stores,
         state_dir=config.server.state_dir,
+        **vm_process_settings(config.server),
     )
     if config.server.on_shutdown == "save":
         from squibd.lifecycle import save_all

@@ -100,6 +100,7 @@ class Server:
     ) -> None:
         """Serve until stopped; reports ``self`` through ``task_status`` once accepting."""
         self._calls_idle.set()
+        await self.api.startup()
         listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in self.sockets]
         try:
             async with trio.open_nursery() as calls:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final, cast
 
 import trio
 
@@ -44,6 +44,9 @@ from .errors import PairMismatch
 from .machine import Vm
 from .memory import GuestMemory, MemoryLayoutError, layout_regions
 from .models import BACKEND_FILE, BACKEND_UFFD, MemBackend, Progress
+
+#: Builds a File load's VM elsewhere (``remote.ProcessVms.restored``'s signature).
+RestoreFile = Callable[..., Any]
 
 __all__ = ["load_snapshot"]
 
@@ -106,12 +109,15 @@ async def load_snapshot(
     progress: Progress | None = None,
     admit: Callable[[VmInfo], Awaitable[None]] | None = None,
     peer_limiter: trio.CapacityLimiter | None = None,
+    restore_file: RestoreFile | None = None,
 ) -> Vm:
     """Build VM ``vm_id`` from a pair (see the module doc).
 
     ``admit(vm_info)`` is awaited once the state file is read, before any
     memory is mapped: the runtime refuses there a VM over its limits.
     ``peer_limiter`` bounds the threads waiting on page servers (default: ``limiter``).
+    ``restore_file`` builds the VM of a File load instead of ``build_restored``
+    (issue 11: in its own VM process, ``remote.ProcessVms.restored``).
 
     Raises:
         InvalidPath: a path breaks SPEC section 10.
@@ -138,8 +144,14 @@ async def load_snapshot(
         await admit(state.vm_info)
     _report(progress, "check-pair")
     uffd_session: UffdBackend | None = None
+    lazy_pair_id: str | None = None
     if mem_backend.backend_type == BACKEND_FILE:
         memory = await run_blocking(lambda: _map_file(vm_id, state, backend_path), limiter)
+    elif restore_file is not None:
+        # The VM process registers its own memory with the page server; the
+        # daemon keeps an empty shadow (``remote.py``).
+        memory = await run_blocking(lambda: GuestMemory.anonymous(state.memory.regions), limiter)
+        lazy_pair_id = state.memory.pair_id
     else:
         memory, uffd_session = await _map_uffd(
             state, backend_path, limiter, peer_limiter if peer_limiter is not None else limiter
@@ -147,19 +159,31 @@ async def load_snapshot(
     _report(progress, "map-memory")
     token = trio.lowlevel.current_trio_token()
     try:
-        vm = await run_blocking(
-            lambda: build_restored(
-                vm_id,
-                state.vm_info,
-                state.vm_state,
-                state.vcpu_states,
-                memory,
-                track_dirty_pages=track_dirty_pages,
-                token=token,
-                quiesce_timeout_s=quiesce_timeout_s,
-            ),
-            limiter,
-        )
+        if restore_file is not None and uffd_session is None:
+            restore = restore_file
+            return_vm = await run_blocking(
+                lambda: restore(
+                    vm_id, state.vm_info, state.vm_state, state.vcpu_states, memory,
+                    backend_path, track_dirty_pages=track_dirty_pages, token=token,
+                    quiesce_timeout_s=quiesce_timeout_s, lazy_pair_id=lazy_pair_id,
+                ),
+                limiter if lazy_pair_id is None or peer_limiter is None else peer_limiter,
+            )  # fmt: skip
+            vm = cast(Vm, return_vm)
+        else:
+            vm = await run_blocking(
+                lambda: build_restored(
+                    vm_id,
+                    state.vm_info,
+                    state.vm_state,
+                    state.vcpu_states,
+                    memory,
+                    track_dirty_pages=track_dirty_pages,
+                    token=token,
+                    quiesce_timeout_s=quiesce_timeout_s,
+                ),
+                limiter,
+            )
     except BaseException as error:
         if uffd_session is not None:
             uffd_session.close()

@@ -373,6 +373,7 @@ class Vm:
             guest_progress_stale=reading.stale,
             error=self.error,
             last_pair_id=self.last_pair_id,
+            process_id=os.getpid(),
         )
 
     def attach_page_server(self, backend: UffdBackend) -> None:

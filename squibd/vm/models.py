@@ -93,6 +93,8 @@ class VmDescription:
     #: True when ``guest_progress`` is the last known value, not a read made
     #: for this answer (the read did not complete in time, or was not tried).
     guest_progress_stale: bool = False
+    #: pid of the process running the VM (issue 11; the daemon's own for an in-process VM).
+    process_id: int | None = None
 
 
 @attrs.frozen

@@ -12,7 +12,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import attrs
 import trio
@@ -47,6 +47,7 @@ from .models import (
     VmDescription,
     VmState,
 )
+from .remote import ProcessVms
 from .save import SaveRequest, save_stop_and_copy
 from .writer_pool import WriterPool
 
@@ -89,6 +90,14 @@ class Runtime:
     limits: RuntimeLimits = attrs.field(factory=RuntimeLimits)
     memory_timeout_s: float = DEFAULT_MEMORY_TIMEOUT_S
     page_server_stall_s: float = DEFAULT_PAGE_SERVER_STALL_S
+    #: Issue 11: ``"process"`` runs each VM in its own VM process, ``"inprocess"`` here.
+    vm_isolation: str = "inprocess"
+    #: Issue 11: where VM processes keep their re-attach sockets and records.
+    state_dir: str | None = None
+    #: Issue 11: whether daemon shutdown stops the VM processes (else they keep running).
+    stop_vms_on_exit: bool = False
+    #: Issue 11: the VM processes' privilege drop and seccomp (``squibd.vmm.confine``).
+    confine: dict[str, Any] | None = None
     _vms: dict[str, Vm] = attrs.field(init=False, factory=dict)
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
     #: Helper threads of the memory writers of every save (bounded, visible here).
@@ -110,6 +119,38 @@ class Runtime:
     @_limiter.default
     def _make_limiter(self) -> trio.CapacityLimiter:
         return trio.CapacityLimiter(self.io_threads)
+
+    _process_vms: ProcessVms | None = attrs.field(init=False, default=None)
+
+    @property
+    def process_vms(self) -> ProcessVms | None:
+        """The VM-process factory when ``vm_isolation == "process"``."""
+        if self.vm_isolation != "process":
+            return None
+        if self._process_vms is None:
+            self._process_vms = ProcessVms(state_dir=self.state_dir, confine=self.confine)
+        return self._process_vms
+
+    async def reattach(self) -> builtins.list[str]:
+        """Re-attach the VM processes a previous daemon left under ``state_dir`` (issue 11).
+
+        Also starts the warm zygote. Returns the ids of the VMs found.
+        """
+        factory = self.process_vms
+        if factory is None:
+            return []
+        token = trio.lowlevel.current_trio_token()
+        await run_blocking(factory.warm, self._limiter)
+        found = await run_blocking(
+            lambda: factory.reattach(quiesce_timeout_s=self.quiesce_timeout_s, token=token),
+            self._limiter,
+        )
+        for vm in found:
+            if vm.vm_id in self._vms:
+                await run_blocking(vm.detach, self._limiter)
+                continue
+            self._vms[vm.vm_id] = cast(Vm, vm)
+        return [vm.vm_id for vm in found]
 
     def __attrs_post_init__(self) -> None:
         # The vCPU pause signal needs a Python handler installed from the main
@@ -186,8 +227,15 @@ class Runtime:
         reservation = self._admit(vm_id, vcpu_count, mem_size_mib)
         try:
 
+            factory = self.process_vms
+
             def build() -> Vm:
                 check_fd_headroom(vm_id, vcpu_count, self.limits.fd_reserve)
+                if factory is not None:
+                    return cast(Vm, factory.fresh(
+                        vm_id, vcpu_count, mem_size_mib, track_dirty_pages, spec, token=token,
+                        quiesce_timeout_s=self.quiesce_timeout_s, memory_layout=memory_layout,
+                    ))  # fmt: skip
                 return build_fresh(
                     vm_id,
                     vcpu_count,
@@ -229,7 +277,13 @@ class Runtime:
         self._vms.clear()
         async with trio.open_nursery() as nursery:
             for vm in vms:
-                nursery.start_soon(run_blocking, vm.close, self._limiter)
+                detach = getattr(vm, "detach", None)
+                if detach is not None and not self.stop_vms_on_exit and self.state_dir:
+                    nursery.start_soon(run_blocking, detach, self._limiter)
+                else:
+                    nursery.start_soon(run_blocking, vm.close, self._limiter)
+        if self._process_vms is not None:
+            await run_blocking(self._process_vms.close, self._limiter)
 
     # --- lifecycle -------------------------------------------------------
 
@@ -398,6 +452,9 @@ class Runtime:
                         progress=progress,
                         admit=admit,
                         peer_limiter=self._peer_limiter,
+                        restore_file=(
+                            self.process_vms.restored if self.process_vms is not None else None
+                        ),
                     ),
                 )
             finally:

@@ -132,7 +132,8 @@ def test_alternating_pages_save_load_and_rebase_through_the_page_map(tmp_path: P
     """A real save of every other page of 1100 MiB (141k extents), loaded through load's pair
     check and mapping, then rebased. The 1.0.0 list form grows linearly with the extents (at
     this size it is already over 40% of the limit; 2500 MiB measured 9.93 MB); the page map
-    stays small. ``test_worst_dirty_pattern_of_the_largest_guest_fits_the_state_file`` covers the limit."""
+    stays small. ``test_worst_dirty_pattern_of_the_largest_guest_fits_the_state_file``
+    covers the limit."""
     regions = _regions_for(1100)
     with _memory(regions) as memory:
         for region in memory.regions:  # every other page, each starting with its number

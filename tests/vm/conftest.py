@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -9,6 +10,9 @@ from pathlib import Path
 import pytest
 
 from squibd.vm.runtime import Runtime
+
+#: Issue 11: ``SQUIBD_TEST_VM_ISOLATION=process`` runs these tests against VM processes.
+VM_ISOLATION = os.environ.get("SQUIBD_TEST_VM_ISOLATION", "inprocess")
 
 #: Short enough that a test provoking a quiesce timeout stays fast.
 TEST_QUIESCE_TIMEOUT_S = 0.5
@@ -20,7 +24,7 @@ PATIENT_QUIESCE_TIMEOUT_S = 30.0
 @pytest.fixture
 async def runtime() -> AsyncIterator[Runtime]:
     """A fresh runtime; every VM it still holds is destroyed afterwards."""
-    rt = Runtime(quiesce_timeout_s=PATIENT_QUIESCE_TIMEOUT_S)
+    rt = Runtime(quiesce_timeout_s=PATIENT_QUIESCE_TIMEOUT_S, vm_isolation=VM_ISOLATION)
     try:
         yield rt
     finally:
@@ -30,7 +34,7 @@ async def runtime() -> AsyncIterator[Runtime]:
 @pytest.fixture
 async def impatient_runtime() -> AsyncIterator[Runtime]:
     """A runtime whose quiesce scope is short: for tests that provoke a timeout."""
-    rt = Runtime(quiesce_timeout_s=TEST_QUIESCE_TIMEOUT_S)
+    rt = Runtime(quiesce_timeout_s=TEST_QUIESCE_TIMEOUT_S, vm_isolation=VM_ISOLATION)
     try:
         yield rt
     finally:

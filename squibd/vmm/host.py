@@ -1,0 +1,306 @@
+"""Daemon side of VM processes: the zygote client and the per-VM connection.
+
+``ZygoteHost`` starts the zygote (once, in a worker thread) and asks it for
+VM processes; it keeps the wait status of every VM process that ended, for
+the error message of its VM. ``Connection`` is the daemon's end of one VM
+process's socket: requests from any thread (blocking) or from trio
+(awaitable), replies matched by id, events and the end of the stream handed
+to callbacks, all read by one reader thread per VM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import trio
+
+from .channel import Channel, ChannelClosed
+from .protocol import Message, ProtocolError, request
+
+__all__ = ["Connection", "RequestFailed", "ZygoteHost", "describe_status"]
+
+#: How long the end of a VM process's stream waits for its wait status.
+STATUS_WAIT_S: Final = 2.0
+
+
+class RequestFailed(Exception):
+    """The VM process answered a request with an error, or is gone."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+def describe_status(status: int) -> str:
+    """A wait status in words: ``killed by SIGKILL`` or ``exited with status 3``."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        return f"killed by {name}"
+    if os.WIFEXITED(status):
+        return f"exited with status {os.WEXITSTATUS(status)}"
+    return f"ended with wait status {status}"
+
+
+class _Pending:
+    def __init__(self, token: trio.lowlevel.TrioToken | None) -> None:
+        self.token = token
+        self.thread_event = threading.Event()
+        self.trio_event: trio.Event | None = trio.Event() if token is not None else None
+        self.reply: Message | None = None
+        self.error: RequestFailed | None = None
+
+    def complete(self, reply: Message | None, error: RequestFailed | None) -> None:
+        self.reply, self.error = reply, error
+        self.thread_event.set()
+        if self.token is not None and self.trio_event is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self.token.run_sync_soon(self.trio_event.set)
+
+    def result(self) -> Message:
+        if self.error is not None:
+            raise self.error
+        assert self.reply is not None
+        if not self.reply.get("ok"):
+            err = self.reply.get("error") or {}
+            raise RequestFailed(str(err.get("type", "Error")), str(err.get("message", "")))
+        result: Message = self.reply.get("result") or {}
+        return result
+
+
+class Connection:
+    """The daemon's end of one VM process (see the module doc)."""
+
+    def __init__(
+        self,
+        channel: Channel,
+        *,
+        on_event: Callable[[Message], None],
+        on_closed: Callable[[str], None],
+    ) -> None:
+        self.channel = channel
+        self._on_event = on_event
+        self._on_closed = on_closed
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._closed_reason: str | None = None
+        self.last_fds: list[int] = []
+        self._reader = threading.Thread(target=self._read, name="vmm-reader", daemon=True)
+
+    def start(self) -> None:
+        """Start the reader thread."""
+        self._reader.start()
+
+    def _begin(self, op: str, token: trio.lowlevel.TrioToken | None, params: dict[str, Any],
+               fds: Sequence[int] = ()) -> _Pending:  # fmt: skip
+        pending = _Pending(token)
+        with self._lock:
+            request_id = next(self._ids)
+            if self._closed_reason is not None:
+                pending.complete(None, RequestFailed("ProcessGone", self._closed_reason))
+                return pending
+            self._pending[request_id] = pending
+        try:
+            self.channel.send(request(request_id, op, **params), fds)
+        except ChannelClosed as error:
+            with self._lock:
+                self._pending.pop(request_id, None)
+            pending.complete(None, RequestFailed("ProcessGone", str(error)))
+        return pending
+
+    def call(self, op: str, fds: Sequence[int] = (), **params: Any) -> Message:
+        """Send a request and block (worker thread) for its result.
+
+        Raises:
+            RequestFailed: the process answered an error or died.
+        """
+        pending = self._begin(op, None, params, fds)
+        pending.thread_event.wait()
+        return pending.result()
+
+    def send(self, op: str, **params: Any) -> None:
+        """Send a request without waiting (its reply is dropped)."""
+        self._begin(op, None, params)
+
+    async def acall(self, op: str, **params: Any) -> Message:
+        """Send a request and await its result on trio.
+
+        On cancellation the request is abandoned (its reply is dropped).
+        """
+        pending = self._begin(op, trio.lowlevel.current_trio_token(), params)
+        assert pending.trio_event is not None
+        await pending.trio_event.wait()
+        return pending.result()
+
+    def _read(self) -> None:
+        reason = "connection closed"
+        try:
+            while True:
+                message, fds = self.channel.receive()
+                request_id = message.get("id")
+                if request_id is None:
+                    for fd in fds:
+                        os.close(fd)
+                    self._on_event(message)
+                    continue
+                with self._lock:
+                    pending = self._pending.pop(int(request_id), None)
+                if pending is None:
+                    for fd in fds:
+                        os.close(fd)
+                    continue
+                self.last_fds = fds
+                pending.complete(message, None)
+        except ChannelClosed as error:
+            reason = f"connection closed ({error})"
+        except ProtocolError as error:
+            reason = f"protocol error: {error}"
+        with self._lock:
+            self._closed_reason = reason
+            pending_all = list(self._pending.values())
+            self._pending.clear()
+        for pending in pending_all:
+            pending.complete(None, RequestFailed("ProcessGone", reason))
+        self._on_closed(reason)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the stream ended."""
+        return self._closed_reason is not None
+
+    def close(self) -> None:
+        """Close the socket (the reader thread then ends)."""
+        self.channel.close()
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait for the reader thread to end; True if it did."""
+        if self._reader.is_alive():
+            self._reader.join(timeout_s)
+        return not self._reader.is_alive()
+
+
+class ZygoteHost:
+    """The warm zygote of one daemon and the wait statuses it reports."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+        self._statuses: dict[int, int] = {}
+        self._status_cond = threading.Condition(self._lock)
+        self._spare: tuple[int, Channel] | None = None
+
+    def ensure_started(self) -> Connection:
+        """Start the zygote unless running (blocking: worker threads)."""
+        with self._lock:
+            if self._conn is not None and not self._conn.closed:
+                return self._conn
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "squibd.vmm.zygote", "--fd", str(theirs.fileno())],
+                    pass_fds=(theirs.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                )
+            finally:
+                theirs.close()
+            conn = Connection(Channel(ours), on_event=self._event, on_closed=lambda _r: None)
+            conn.start()
+            self._conn = conn
+            return conn
+
+    def _event(self, message: Message) -> None:
+        if message.get("event") == "exited":
+            with self._status_cond:
+                self._statuses[int(message["pid"])] = int(message["status"])
+                self._status_cond.notify_all()
+
+    def spawn(self) -> tuple[int, Channel]:
+        """A new VM process and the daemon's end of its socket (blocking).
+
+        One spare VM process is kept forked ahead (it opens KVM while it
+        waits for ``init``); it is handed out here and the next is forked in
+        the background.
+
+        Raises:
+            RequestFailed: the zygote refused or is gone.
+        """
+        with self._lock:
+            spare, self._spare = self._spare, None
+        self._refill()
+        if spare is not None:
+            pid, channel = spare
+            if self.wait_status(pid, 0) is None:
+                return spare
+            channel.close()
+        return self._fork()
+
+    def prefork(self) -> None:
+        """Fork the spare VM process now (in the background)."""
+        self._refill()
+
+    def _refill(self) -> None:
+        def work() -> None:
+            with contextlib.suppress(Exception):
+                spare = self._fork()
+                with self._lock:
+                    if self._spare is None and self._conn is not None:
+                        self._spare = spare
+                        return
+                spare[1].close()  # not needed any more: it exits on EOF
+
+        threading.Thread(target=work, name="vmm-spare", daemon=True).start()
+
+    def _fork(self) -> tuple[int, Channel]:
+        conn = self.ensure_started()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            result = conn.call("spawn", fds=[theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return int(result["pid"]), Channel(ours)
+
+    def wait_status(self, pid: int, timeout_s: float = STATUS_WAIT_S) -> int | None:
+        """The wait status of VM process ``pid`` once the zygote reaped it (None: not known)."""
+        with self._status_cond:
+            self._status_cond.wait_for(lambda: pid in self._statuses, timeout_s)
+            return self._statuses.get(pid)
+
+    @property
+    def pid(self) -> int | None:
+        """The zygote's pid, once started."""
+        return self._proc.pid if self._proc is not None else None
+
+    def close(self) -> None:
+        """Stop the zygote (its VM processes carry on). Blocking."""
+        with self._lock:
+            conn, proc = self._conn, self._proc
+            self._conn = self._proc = None
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare[1].close()
+        if conn is not None:
+            conn.close()
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

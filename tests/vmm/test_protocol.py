@@ -1,0 +1,95 @@
+"""The VMM protocol codec (sans-IO) and its fd transport, without KVM."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+import msgpack
+import pytest
+
+from squibd.config import ConfigError, parse_config
+from squibd.vmm.channel import Channel, ChannelClosed
+from squibd.vmm.host import describe_status
+from squibd.vmm.protocol import (
+    MAX_FRAME,
+    VERSION,
+    FrameDecoder,
+    ProtocolError,
+    encode,
+    error_reply,
+    ok_reply,
+    request,
+)
+
+
+def test_frames_survive_any_split() -> None:
+    messages = [
+        request(1, "pause"),
+        ok_reply(1, {"words": [b"\x01" * 16]}),
+        error_reply(2, "NotLogging", "off"),
+        {"event": "vcpu_error", "index": 0},
+    ]
+    stream = b"".join(encode(m) for m in messages)
+    for step in (1, 3, 7, len(stream)):
+        decoder = FrameDecoder()
+        out = []
+        for start in range(0, len(stream), step):
+            decoder.feed(stream[start : start + step])
+            while (message := decoder.next()) is not None:
+                out.append(message)
+        assert out == [{"v": VERSION, **m} for m in messages]
+        assert decoder.pending == 0
+
+
+def test_other_version_oversize_and_garbage_are_refused() -> None:
+    decoder = FrameDecoder()
+    body = msgpack.packb({"v": VERSION + 1, "id": 1, "op": "pause"})
+    decoder.feed(struct.pack("<I", len(body)) + body)
+    with pytest.raises(ProtocolError, match="version"):
+        decoder.next()
+    decoder = FrameDecoder()
+    decoder.feed(struct.pack("<I", MAX_FRAME + 1))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decoder.next()
+    decoder = FrameDecoder()
+    decoder.feed(struct.pack("<I", 3) + msgpack.packb([1, 2]))
+    with pytest.raises(ProtocolError, match="not a map"):
+        decoder.next()
+
+
+def test_channel_passes_fds_with_their_message() -> None:
+    a, b = socket.socketpair()
+    left, right = Channel(a), Channel(b)
+    r, w = os.pipe()
+    try:
+        left.send(request(1, "attach"))
+        left.send(ok_reply(1), [w])
+        first, fds1 = right.receive()
+        second, fds2 = right.receive()
+        assert first["op"] == "attach" and fds1 == []
+        assert second["fds"] == 1 and len(fds2) == 1
+        os.write(fds2[0], b"x")
+        assert os.read(r, 1) == b"x"
+        os.close(fds2[0])
+        left.close()
+        with pytest.raises(ChannelClosed):
+            right.receive()
+    finally:
+        right.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_wait_status_in_words() -> None:
+    assert describe_status(9) == "killed by SIGKILL"
+    assert describe_status(3 << 8) == "exited with status 3"
+
+
+def test_vm_isolation_config_is_checked() -> None:
+    config = parse_config({"server": {"vm_isolation": "process", "stop_vms_on_exit": True}})
+    assert config.server.vm_isolation == "process" and config.server.stop_vms_on_exit
+    assert parse_config({}).server.vm_isolation == "inprocess"
+    with pytest.raises(ConfigError, match="vm_isolation"):
+        parse_config({"server": {"vm_isolation": "container"}})
