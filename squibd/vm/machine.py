@@ -44,7 +44,7 @@ from .guest_access import (
     release_lazy_pages,
 )
 from .memory import MIB, GuestMemory, layout_name
-from .models import GuestSpec, VmDescription, VmState
+from .models import GuestSpec, VmDescription, VmState, describe_vm, vm_info_of
 from .quiesce import VcpuGate, quiesce
 
 __all__ = ["MAX_VCPUS", "PAGE_SIZE", "CapturedState", "Vm"]
@@ -347,14 +347,7 @@ class Vm:
 
     def vm_info(self) -> VmInfo:
         """How the VM was created, for the state file."""
-        return VmInfo(
-            mem_size_mib=self.mem_size_mib,
-            vcpu_count=self.vcpu_count,
-            track_dirty_pages=self.track_dirty_pages,
-            guest_program=self.guest.program if self.guest else None,
-            guest_params=dict(self.guest.params) if self.guest else {},
-            memory_layout=self.memory_layout,
-        )
+        return vm_info_of(self)
 
     def describe(self, progress: ProgressReading | None = None) -> VmDescription:
         """What the VM is and does; ``progress`` from :meth:`read_progress` (else the last known).
@@ -362,19 +355,7 @@ class Vm:
         Never touches guest memory: safe on the trio thread.
         """
         reading = progress if progress is not None else self._probe.cached()
-        return VmDescription(
-            vm_id=self.vm_id,
-            state=str(self.state),
-            vcpu_count=self.vcpu_count,
-            mem_size_mib=self.mem_size_mib,
-            track_dirty_pages=self.track_dirty_pages,
-            guest_program=self.guest.program if self.guest else None,
-            guest_progress=reading.values,
-            guest_progress_stale=reading.stale,
-            error=self.error,
-            last_pair_id=self.last_pair_id,
-            process_id=os.getpid(),
-        )
+        return describe_vm(self, str(self.state), reading.values, reading.stale, os.getpid())
 
     def attach_page_server(self, backend: UffdBackend) -> None:
         """Serve this VM's memory from ``backend``; closed after the vCPUs stop.

@@ -7,10 +7,13 @@ Everything here is a frozen attrs value; the runtime objects (``Vm``,
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Final, Protocol
 
 import attrs
+
+if TYPE_CHECKING:
+    from ..snapshot.models import VmInfo
 
 __all__ = [
     "BACKEND_FILE",
@@ -24,7 +27,10 @@ __all__ = [
     "Progress",
     "SaveResult",
     "VmDescription",
+    "VmFacts",
     "VmState",
+    "describe_vm",
+    "vm_info_of",
 ]
 
 #: SPEC section 6: the quiesce cancel scope lasts 1 s by default.
@@ -120,3 +126,61 @@ class SaveResult:
     pass_limit_reached: bool = False
     #: Wall time of the whole save, request to commit.
     duration_ms: float = 0.0
+
+
+class VmFacts(Protocol):
+    """What both VM handles (in-process ``Vm``, VM-process ``RemoteVm``) know of themselves."""
+
+    @property
+    def vm_id(self) -> str: ...
+    @property
+    def vcpu_count(self) -> int: ...
+    @property
+    def mem_size_mib(self) -> int: ...
+    @property
+    def track_dirty_pages(self) -> bool: ...
+    @property
+    def guest(self) -> GuestSpec | None: ...
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def last_pair_id(self) -> str | None: ...
+    @property
+    def memory_layout(self) -> str: ...
+
+
+def vm_info_of(vm: VmFacts) -> VmInfo:
+    """How ``vm`` was created, for its state file."""
+    from ..snapshot.models import VmInfo
+
+    return VmInfo(
+        mem_size_mib=vm.mem_size_mib,
+        vcpu_count=vm.vcpu_count,
+        track_dirty_pages=vm.track_dirty_pages,
+        guest_program=vm.guest.program if vm.guest else None,
+        guest_params=dict(vm.guest.params) if vm.guest else {},
+        memory_layout=vm.memory_layout,
+    )
+
+
+def describe_vm(
+    vm: VmFacts,
+    state: str,
+    progress: Sequence[int] | None,
+    stale: bool,
+    process_id: int | None,
+) -> VmDescription:
+    """``vm.describe``'s view of ``vm`` (``progress``: last read or known counters)."""
+    return VmDescription(
+        vm_id=vm.vm_id,
+        state=state,
+        vcpu_count=vm.vcpu_count,
+        mem_size_mib=vm.mem_size_mib,
+        track_dirty_pages=vm.track_dirty_pages,
+        guest_program=vm.guest.program if vm.guest else None,
+        guest_progress=None if progress is None else list(progress),
+        guest_progress_stale=stale,
+        error=vm.error,
+        last_pair_id=vm.last_pair_id,
+        process_id=process_id,
+    )

@@ -56,7 +56,7 @@ from .errors import GuestMemoryUnavailable, InvalidVmConfig, VmFailed
 from .guest_access import GuestAccess, ProgressProbe, ProgressReading
 from .machine import PAGE_SIZE, CapturedState
 from .memory import MIB, GuestMemory, layout_name
-from .models import GuestSpec, VmDescription, VmState
+from .models import GuestSpec, VmDescription, VmState, describe_vm, vm_info_of
 
 __all__ = ["RemoteVm", "attach_remote", "spawn_remote"]
 
@@ -430,31 +430,12 @@ class RemoteVm:
 
     def vm_info(self) -> VmInfo:
         """How the VM was created, for the state file."""
-        return VmInfo(
-            mem_size_mib=self.mem_size_mib,
-            vcpu_count=self.vcpu_count,
-            track_dirty_pages=self.track_dirty_pages,
-            guest_program=self.guest.program if self.guest else None,
-            guest_params=dict(self.guest.params) if self.guest else {},
-            memory_layout=self.memory_layout,
-        )
+        return vm_info_of(self)
 
     def describe(self, progress: ProgressReading | None = None) -> VmDescription:
         """What the VM is and does (never touches guest memory)."""
         reading = progress if progress is not None else self._probe.cached()
-        return VmDescription(
-            vm_id=self.vm_id,
-            state=str(self.state),
-            vcpu_count=self.vcpu_count,
-            mem_size_mib=self.mem_size_mib,
-            track_dirty_pages=self.track_dirty_pages,
-            guest_program=self.guest.program if self.guest else None,
-            guest_progress=reading.values,
-            guest_progress_stale=reading.stale,
-            error=self.error,
-            last_pair_id=self.last_pair_id,
-            process_id=self.process_id,
-        )
+        return describe_vm(self, str(self.state), reading.values, reading.stale, self.process_id)
 
     def attach_page_server(self, backend: UffdBackend) -> None:
         """Not supported across the process boundary (the runtime loads Uffd in-process)."""
