@@ -35,7 +35,7 @@ from typing import Final
 import attrs
 
 from .commit import PairTransaction, StepHook
-from .digest import DEFAULT_ALGORITHM, digest_function
+from .digest import DEFAULT_ALGORITHM, file_chunk_digests, read_pieces
 from .envelope import encode_state, read_state_file
 from .errors import MemoryIo
 from .manifest import DEFAULT_CHUNK_SIZE, KIND_DIFF, KIND_FULL, Extent, MemoryManifest, iter_chunks
@@ -135,15 +135,6 @@ def _split_at_regions(extents: Sequence[Extent], manifest: MemoryManifest) -> tu
     return tuple(out)
 
 
-def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
-    got = 0
-    while got < len(view):
-        read = os.preadv(fd, [view[got:]], offset + got)
-        if read == 0:
-            raise MemoryIo(errno.EIO)  # the file ended inside an extent: truncated
-        got += read
-
-
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     done = 0
     while done < len(view):
@@ -165,10 +156,9 @@ def _copy_extents(src: int, dst: int, extents: Sequence[Extent], span_limit: int
         if len(pending) == 1:
             _copy_range(src, dst, pending[0].offset, pending[0].length)
         elif pending:
-            base = pending[0].offset
-            _pread_exact(src, buffer[: pending[-1].end - base], base)
-            for extent in pending:
-                _pwrite_all(dst, buffer[extent.offset - base : extent.end - base], extent.offset)
+            views = read_pieces(src, buffer, [(e.offset, e.length) for e in pending])
+            for extent, view in zip(pending, views, strict=True):
+                _pwrite_all(dst, view, extent.offset)
         pending.clear()
 
     try:
@@ -183,31 +173,6 @@ def _copy_extents(src: int, dst: int, extents: Sequence[Extent], span_limit: int
         flush()
     finally:
         buffer.release()
-
-
-def _digests(fd: int, extents: tuple[Extent, ...], algorithm: str, chunk_size: int) -> bytes:
-    """One digest per ``iter_chunks`` piece, reading each window's pieces at once."""
-    hash_of = digest_function(algorithm)
-    out: list[bytes] = []
-    buffer = memoryview(bytearray(chunk_size))
-    group: list[Extent] = []
-
-    def flush() -> None:
-        if group:
-            base = group[0].offset
-            _pread_exact(fd, buffer[: group[-1].end - base], base)
-            out.extend(hash_of(buffer[c.offset - base : c.end - base]) for c in group)
-            group.clear()
-
-    try:
-        for chunk in iter_chunks(extents, chunk_size):
-            if group and chunk.offset // chunk_size != group[0].offset // chunk_size:
-                flush()
-            group.append(chunk)
-        flush()
-    finally:
-        buffer.release()
-    return b"".join(out)
 
 
 def rebase(
@@ -288,7 +253,7 @@ def _merge(
             extents = _split_at_regions(
                 merge_extents([e for s in states for e in s.memory.extents]), last.memory
             )
-            digests = _digests(txn.mem_fd, extents, DEFAULT_ALGORITHM, DEFAULT_CHUNK_SIZE)
+            digests = file_chunk_digests(txn.mem_fd, extents)
         except OSError as error:
             raise MemoryIo(error) from error
         manifest = attrs.evolve(
