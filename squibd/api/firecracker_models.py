@@ -17,6 +17,7 @@ from typing import Final, Literal
 
 import attrs
 
+from ..snapshot.compat import MAX_VCPUS
 from .wire import wire_field
 
 __all__ = [
@@ -38,8 +39,9 @@ __all__ = [
 #: Firecracker's machine configuration before any PUT: 1 vCPU, 128 MiB.
 DEFAULT_VCPU_COUNT: Final = 1
 DEFAULT_MEM_SIZE_MIB: Final = 128
-#: firecracker.yaml, MachineConfiguration.vcpu_count: 1 to 32.
-FC_MAX_VCPUS: Final = 32
+#: firecracker.yaml, MachineConfiguration.vcpu_count: 1 to 32, the same as squibd's own
+#: limit (``snapshot.compat.MAX_VCPUS``), which is the one in force.
+FC_MAX_VCPUS: Final = MAX_VCPUS
 #: ``kernel_image_path`` of a built-in guest program: ``builtin:counter``.
 BUILTIN_PREFIX: Final = "builtin:"
 #: The largest guest accepted here, in MiB (as vm.create: 1 TiB).

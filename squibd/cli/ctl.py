@@ -42,6 +42,7 @@ from squibd.client import AsyncClient, DaemonUnreachable, SquibdError
 from squibd.client._common import SOCKET_ENV
 from squibd.config import default_socket_path
 from squibd.protocol_files import DOCUMENTS, protocol_document
+from squibd.snapshot.models import DEFAULT_PROGRAM, PROGRAM_NAMES
 
 from ._client import CallFailed
 from ._progress import Bar
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                         dest="mem_size_mib", help="guest RAM in MiB")  # fmt: skip
     create.add_argument("--track-dirty-pages", action="store_true",
                         help="track dirty pages (needed for Diff snapshots)")  # fmt: skip
-    create.add_argument("--program", choices=("counter", "memwriter"), default="counter",
+    create.add_argument("--program", choices=PROGRAM_NAMES, default=DEFAULT_PROGRAM,
                         help="built-in guest program")  # fmt: skip
     create.add_argument("--guest-param", type=_guest_param, action="append", default=[],
                         metavar="NAME=INT", help="guest parameter (repeatable)")  # fmt: skip

@@ -48,6 +48,7 @@ from .layout import (
 from .programs import (
     CONTROL_CHECK_INTERVAL,
     HEARTBEAT_PORT,
+    PROGRAM_NAMES,
     STALL_PORT,
     counter_program,
     memwriter_program,
@@ -74,7 +75,8 @@ __all__ = [
     "progress_addr",
 ]
 
-PROGRAMS: Final = ("counter", "memwriter")
+#: The built-in program names (defined once, in ``squibd.snapshot.models``).
+PROGRAMS: Final = PROGRAM_NAMES
 #: The lower of the x86 32-bit MMIO gap starts squibd.vm.memory lays RAM out
 #: around: 0xD000_0000 (squibd layout), 0xC000_0000 (Firecracker v1.13+ layout).
 #: The working set stays below both, so it fits whichever layout the VM has.

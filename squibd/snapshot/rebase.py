@@ -38,7 +38,7 @@ from .commit import PairTransaction, StepHook
 from .digest import DEFAULT_ALGORITHM, file_chunk_digests, read_pieces
 from .envelope import encode_state, read_state_file
 from .errors import MemoryIo
-from .manifest import DEFAULT_CHUNK_SIZE, KIND_DIFF, KIND_FULL, Extent, MemoryManifest, iter_chunks
+from .manifest import DEFAULT_CHUNK_SIZE, KIND_DIFF, KIND_FULL, Extent, MemoryManifest
 from .memerrors import MemoryInputInvalid, MemoryPairMismatch
 from .memwriter import merge_extents, set_pair_xattr
 from .models import MicrovmState

@@ -24,7 +24,6 @@ OS errors. The module also offers two comparisons tests and tools use:
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Sequence
 from typing import Final, Protocol
