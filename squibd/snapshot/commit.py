@@ -197,7 +197,8 @@ class PairTransaction:
     def __attrs_post_init__(self) -> None:
         try:
             self._check_and_open_dirs()
-            if not reserve_paths(self._keys, for_save=True):
+            if not reserve_paths(self._keys, for_save=True, cancel=self.cancel):
+                self.check_cancelled()  # the wait ended because of a cancel
                 raise Io(errno.EBUSY)
             self._reserved = True
             try:
