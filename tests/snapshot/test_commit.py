@@ -18,7 +18,6 @@ from pathlib import Path
 import attrs
 import pytest
 
-from squibd.demo_format import sample_manifest, sample_x86_state
 from squibd.snapshot import commit as commit_module
 from squibd.snapshot.commit import (
     COMMIT_STEPS,
@@ -50,6 +49,7 @@ from squibd.snapshot.journal import (
     temp_path_for,
 )
 from squibd.snapshot.statedir import StateDir, configure_state_dir
+from tests.snapshot._states import sample_manifest, sample_x86_state
 
 OLD_MEM = b"old memory page " * 512
 NEW_MEM = b"NEW" * 5000

@@ -168,10 +168,10 @@ def test_a_reader_without_a_usable_state_dir_still_reads_state_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An offline reader whose state dir cannot exist has no journals: reads go on."""
-    from squibd.demo_format import sample_manifest, sample_x86_state
     from squibd.snapshot import statedir
     from squibd.snapshot.envelope import read_state_file
     from squibd.snapshot.journal import recover_all
+    from tests.snapshot._states import sample_manifest, sample_x86_state
 
     snap = tmp_path / "a.snap"
     snap.write_bytes(encode_state(sample_x86_state(1, 1, manifest=sample_manifest(1))))

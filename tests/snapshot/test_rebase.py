@@ -17,7 +17,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from squibd.demo_format import minimal_x86_state, minimal_x86_vcpu
 from squibd.snapshot.bitmap import HOST_PAGE_SIZE, DirtyBitmap
 from squibd.snapshot.commit import (
     COMMIT_POINT,
@@ -34,6 +33,7 @@ from squibd.snapshot.memwriter import build_manifest, new_pair_id, set_pair_xatt
 from squibd.snapshot.rebase import memory_path_for, rebase
 from squibd.snapshot.verify import verify
 from squibd.vm.memory import GuestMemory
+from tests.snapshot._states import minimal_x86_state, minimal_x86_vcpu
 from tests.snapshot.memfiles import assert_same_content, small_tmpfs
 
 PAGE = HOST_PAGE_SIZE
