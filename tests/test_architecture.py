@@ -20,7 +20,7 @@ RULES: tuple[tuple[frozenset[str], tuple[str, ...]], ...] = (
         frozenset({"snapshot", "store", "rpc"}),
         ("trio", "squibd.vm", "squibd.vmm", "squibd.kvm", "squibd.server", "squibd.api"),
     ),
-    (frozenset({"vm", "kvm"}), ("squibd.rpc", "squibd.server", "squibd.api")),
+    (frozenset({"vm", "vmm", "kvm"}), ("squibd.rpc", "squibd.server", "squibd.api")),
 )
 
 
