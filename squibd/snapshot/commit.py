@@ -333,6 +333,8 @@ class PairTransaction:
             AtomicCommitFailed: the commit record or a rename failed. If the
                 memory file was already renamed, the journal stays and the
                 next recovery completes the new pair.
+            PairCancelled: ``cancel`` was set before the commit record (pair
+                untouched).
         """
         if self._done or self.state_dir is None:
             raise Io(errno.EBADF)
