@@ -13,6 +13,7 @@ from typing import Any, Final, Literal
 import attrs
 import cattrs
 
+from ..kvm.guest import PROGRAM_PARAMETERS
 from ..snapshot.compat import MAX_VCPUS
 from ..snapshot.models import PROGRAM_NAMES, ProgramName
 from .wire import FieldValueError, WireTypeError, wire_field
@@ -129,12 +130,8 @@ class GuestParams:
     params: dict[str, int] = attrs.field(factory=dict)
 
 
-#: The integer parameters of each built-in guest program (squibd/kvm/guest.py:
-#: counter takes none; memwriter's working set size, stride and write rate).
-GUEST_PARAMETERS: Final[dict[str, tuple[str, ...]]] = {
-    "counter": (),
-    "memwriter": ("working_set_mib", "stride_pages", "write_rate_pages_per_sec"),
-}
+#: The integer parameters of each built-in guest program (defined by the KVM backend).
+GUEST_PARAMETERS: Final[dict[str, tuple[str, ...]]] = PROGRAM_PARAMETERS
 
 
 def _structure_guest(value: Any, _type: Any) -> GuestParams:

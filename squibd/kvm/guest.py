@@ -65,6 +65,7 @@ __all__ = [
     "HEARTBEAT_PORT",
     "MAX_GUEST_VCPUS",
     "PROGRAMS",
+    "PROGRAM_PARAMETERS",
     "PROGRESS_BASE",
     "STALL_PORT",
     "WORKING_SET_BASE",
@@ -89,6 +90,11 @@ _MEMWRITER_DEFAULTS: Final = {
     "working_set_mib": 16,
     "stride_pages": 1,
     "write_rate_pages_per_sec": 0,
+}
+#: The integer parameters each built-in program takes (counter none; memwriter's
+#: working set size, stride and write rate), keyed by ``PROGRAM_NAMES``.
+PROGRAM_PARAMETERS: Final[dict[str, tuple[str, ...]]] = {
+    name: tuple(_MEMWRITER_DEFAULTS) if name == "memwriter" else () for name in PROGRAM_NAMES
 }
 
 
