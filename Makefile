@@ -37,7 +37,7 @@ clean:
 # describe a corrupted copy.
 .PHONY: demo-format
 demo-format: $(STAMP)
-	$(PY) -m squibd.demo_format
+	$(PY) scripts/demo_format.py
 
 # Install for a host (issue 13): a private venv under $(PREFIX)/lib/squibd holding a
 # regular (not editable) install of this tree, squibd and squibctl linked into

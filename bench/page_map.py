@@ -18,7 +18,6 @@ import _common
 import attrs
 import numpy as np
 
-from squibd.demo_format import minimal_x86_state, minimal_x86_vcpu
 from squibd.snapshot.codec import encode_body
 from squibd.snapshot.envelope import STATE_SIZE_LIMIT, decode_state, encode_state
 from squibd.snapshot.manifest import (
@@ -29,6 +28,7 @@ from squibd.snapshot.manifest import (
     page_map_runs,
     page_map_windows,
 )
+from squibd.snapshot.minimal import minimal_x86_state, minimal_x86_vcpu
 from squibd.vm.memory import x86_layout
 
 PAGE = 4096

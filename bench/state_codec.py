@@ -14,15 +14,17 @@ Run: ``python bench/state_codec.py [--quick]``; one JSON object on the last line
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import _common
 import msgpack
 from crcmod import _crcfunpy
 
-from squibd.demo_format import sample_x86_state
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from squibd.snapshot.codec import encode_body
 from squibd.snapshot.envelope import CRC64_IS_C_EXTENSION, crc64, decode_state, encode_state
+from tests.snapshot._states import sample_x86_state
 
 #: The largest VM SPEC allows (sections 3 and 9).
 VCPUS = 32

@@ -41,7 +41,6 @@ WORKERS = 4
 
 def _pair(directory: str, name: str, size: int) -> str:
     """A committed-looking Full pair of random content, written directly."""
-    from squibd.demo_format import minimal_x86_state, minimal_x86_vcpu
     from squibd.snapshot.digest import manifest_digests
     from squibd.snapshot.envelope import encode_state
     from squibd.snapshot.manifest import (
@@ -51,6 +50,7 @@ def _pair(directory: str, name: str, size: int) -> str:
         MemoryManifest,
         MemoryRegion,
     )
+    from squibd.snapshot.minimal import minimal_x86_state, minimal_x86_vcpu
     from squibd.snapshot.pairing import new_pair_id, set_pair_xattr
 
     mem = os.path.join(directory, f"{name}.mem")

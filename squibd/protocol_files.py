@@ -11,7 +11,7 @@ import importlib.resources
 import json
 from typing import Final
 
-__all__ = ["DOCUMENTS", "protocol_document"]
+__all__ = ["DOCUMENTS", "packaged_document", "protocol_document"]
 
 #: The documents by name.
 DOCUMENTS: Final = ("openrpc.json", "errors.json")
@@ -27,6 +27,12 @@ def _generated(name: str) -> str:
     return json.dumps({"kinds": TEMPLATES}, indent=2, ensure_ascii=False) + "\n"
 
 
+def packaged_document(name: str) -> str | None:
+    """The text of a document installed as package data, or None (a source checkout)."""
+    resource = importlib.resources.files("squibd").joinpath("protocol", name)
+    return resource.read_text(encoding="utf-8") if resource.is_file() else None
+
+
 def protocol_document(name: str) -> str:
     """The text of ``openrpc.json`` or ``errors.json``.
 
@@ -35,7 +41,5 @@ def protocol_document(name: str) -> str:
     """
     if name not in DOCUMENTS:
         raise ValueError(f"unknown protocol document {name!r}; one of {', '.join(DOCUMENTS)}")
-    resource = importlib.resources.files("squibd").joinpath("protocol", name)
-    if resource.is_file():
-        return resource.read_text(encoding="utf-8")
-    return _generated(name)
+    packaged = packaged_document(name)
+    return packaged if packaged is not None else _generated(name)

@@ -38,6 +38,7 @@ from squibd.rpc import RpcError
 from .context import ApiContext, CallInfo
 from .errors import internal_error, map_exception
 from .firecracker_models import (
+    BUILTIN_IMAGES,
     BUILTIN_PREFIX,
     DEFAULT_MEM_SIZE_MIB,
     DEFAULT_VCPU_COUNT,
@@ -345,7 +346,7 @@ class FirecrackerApp:
             if self._guest is None:
                 raise _Fault(
                     "Cannot start the microVM without a boot source: PUT /boot-source with "
-                    "kernel_image_path builtin:counter or builtin:memwriter first"
+                    f"kernel_image_path {BUILTIN_IMAGES} first"
                 )
             await self._create(self._machine, self._guest)
             try:

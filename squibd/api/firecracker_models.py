@@ -17,9 +17,12 @@ from typing import Final, Literal
 
 import attrs
 
+from ..snapshot.compat import MAX_VCPUS
+from ..snapshot.models import PROGRAM_NAMES
 from .wire import wire_field
 
 __all__ = [
+    "BUILTIN_IMAGES",
     "BUILTIN_PREFIX",
     "DEFAULT_MEM_SIZE_MIB",
     "DEFAULT_VCPU_COUNT",
@@ -38,10 +41,13 @@ __all__ = [
 #: Firecracker's machine configuration before any PUT: 1 vCPU, 128 MiB.
 DEFAULT_VCPU_COUNT: Final = 1
 DEFAULT_MEM_SIZE_MIB: Final = 128
-#: firecracker.yaml, MachineConfiguration.vcpu_count: 1 to 32.
-FC_MAX_VCPUS: Final = 32
+#: firecracker.yaml, MachineConfiguration.vcpu_count: 1 to 32, the same as squibd's own
+#: limit (``snapshot.compat.MAX_VCPUS``), which is the one in force.
+FC_MAX_VCPUS: Final = MAX_VCPUS
 #: ``kernel_image_path`` of a built-in guest program: ``builtin:counter``.
 BUILTIN_PREFIX: Final = "builtin:"
+#: The accepted ``kernel_image_path`` values, for messages.
+BUILTIN_IMAGES: Final = " or ".join(BUILTIN_PREFIX + name for name in PROGRAM_NAMES)
 #: The largest guest accepted here, in MiB (as vm.create: 1 TiB).
 _MAX_MEM_SIZE_MIB: Final = 1024 * 1024
 
@@ -66,7 +72,7 @@ class FcMachineConfig:
 class FcBootSource:
     """``PUT /boot-source`` (firecracker.yaml ``BootSource``)."""
 
-    kernel_image_path: str = wire_field(description="builtin:counter or builtin:memwriter")
+    kernel_image_path: str = wire_field(description=BUILTIN_IMAGES)
     boot_args: str | None = wire_field(default=None, description="NAME=INT guest parameters")
     initrd_path: str | None = wire_field(default=None, description="an initrd (refused)")
 

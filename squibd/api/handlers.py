@@ -67,8 +67,6 @@ __all__ = [
 ]
 
 _MS_PER_S: Final = 1000.0
-#: The pair transaction's step after which a rebase can no longer be rolled back.
-_COMMIT_STEP: Final = "committed"
 
 
 def _path(api: ApiContext, path: str, what: str, *, socket: bool = False) -> str:
@@ -261,19 +259,15 @@ async def snapshot_describe(
     return description.to_json()
 
 
-class _RebaseCancelled(Exception):
-    """Raised inside the rebase thread to abort its pair transaction before commit."""
-
-
 async def snapshot_rebase(
     api: ApiContext, call: CallInfo, params: RebaseParams
 ) -> RebaseResult:
     """Merge a Diff onto its Full base into a new Full pair (in a worker thread).
 
-    Cancellation sets a flag that the pair transaction's step hook checks at
-    each step before ``committed``: the transaction then aborts (temps
-    removed, previous output pair intact). A cancel that arrives after the
-    commit is too late, and the call succeeds.
+    Cancellation sets the pair transaction's cancel event, checked between
+    the merge's pieces and at each step before the commit point: the
+    transaction then aborts (temps removed, previous output pair intact). A
+    cancel that arrives after the commit is too late, and the call succeeds.
     """
     base = _path(api, params.base_snapshot_path, "base_snapshot_path")
     if (params.diff_snapshot_path is None) == (params.diff_snapshot_paths is None):
@@ -294,16 +288,9 @@ async def snapshot_rebase(
     out_mem = default_memory_path(out)
     if params.output_mem_file_path is not None:
         out_mem = _path(api, params.output_mem_file_path, "output_mem_file_path")
-    committed = threading.Event()
 
     def work(cancel: threading.Event) -> None:
-        def step(name: str) -> None:
-            if name == _COMMIT_STEP:
-                committed.set()
-            elif cancel.is_set() and not committed.is_set():
-                raise _RebaseCancelled
-
-        rebase(base, diffs, out, out_mem, step_hook=step, allowed_roots=api.allowed_roots)
+        rebase(base, diffs, out, out_mem, allowed_roots=api.allowed_roots, cancel=cancel)
 
     started = time.monotonic()
     # Cancelled before the commit step: the transaction aborts and Cancelled

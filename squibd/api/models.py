@@ -13,6 +13,9 @@ from typing import Any, Final, Literal
 import attrs
 import cattrs
 
+from ..kvm.guest import PROGRAM_PARAMETERS
+from ..snapshot.compat import MAX_VCPUS
+from ..snapshot.models import PROGRAM_NAMES, ProgramName
 from .wire import FieldValueError, WireTypeError, wire_field
 
 __all__ = [
@@ -47,8 +50,6 @@ __all__ = [
 
 #: Issue 5: vm_id is 1-64 characters of [A-Za-z0-9_-].
 VM_ID_PATTERN: Final = r"[A-Za-z0-9_-]{1,64}"
-#: SPEC section 9: vcpu_count 1-32.
-MAX_VCPUS: Final = 32
 #: Issue 5: vm.read_memory reads at most 1 MiB.
 MAX_MEMORY_ACCESS: Final = 1024 * 1024
 #: Issue 10: vm.write_memory writes at most 764 KiB, so that the request (the data as
@@ -123,18 +124,14 @@ class GuestParams:
     ``{"program": "memwriter", "pages": 64}`` (see :func:`register_model_hooks`).
     """
 
-    program: Literal["counter", "memwriter"] = wire_field(
+    program: ProgramName = wire_field(
         description="the built-in guest program"
     )
     params: dict[str, int] = attrs.field(factory=dict)
 
 
-#: The integer parameters of each built-in guest program (squibd/kvm/guest.py:
-#: counter takes none; memwriter's working set size, stride and write rate).
-GUEST_PARAMETERS: Final[dict[str, tuple[str, ...]]] = {
-    "counter": (),
-    "memwriter": ("working_set_mib", "stride_pages", "write_rate_pages_per_sec"),
-}
+#: The integer parameters of each built-in guest program (defined by the KVM backend).
+GUEST_PARAMETERS: Final[dict[str, tuple[str, ...]]] = PROGRAM_PARAMETERS
 
 
 def _structure_guest(value: Any, _type: Any) -> GuestParams:
@@ -143,10 +140,9 @@ def _structure_guest(value: Any, _type: Any) -> GuestParams:
     if "program" not in value:
         raise KeyError("program")
     program = value["program"]
-    if program not in ("counter", "memwriter") or not isinstance(program, str):
-        raise FieldValueError(
-            "program", f"expected one of 'counter', 'memwriter', got {program!r}"
-        )
+    if not isinstance(program, str) or program not in PROGRAM_NAMES:
+        names = ", ".join(repr(name) for name in PROGRAM_NAMES)
+        raise FieldValueError("program", f"expected one of {names}, got {program!r}")
     params: dict[str, int] = {}
     allowed = GUEST_PARAMETERS[program]
     for key, item in value.items():
@@ -158,7 +154,7 @@ def _structure_guest(value: Any, _type: Any) -> GuestParams:
         if isinstance(item, bool) or not isinstance(item, int) or item < 0:
             raise FieldValueError(key, f"expected a non-negative integer, got {item!r}")
         params[key] = item
-    return GuestParams("counter" if program == "counter" else "memwriter", params)
+    return GuestParams(PROGRAM_NAMES[PROGRAM_NAMES.index(program)], params)
 
 
 def register_model_hooks(converter: cattrs.Converter) -> None:

@@ -6,6 +6,8 @@ import argparse
 import os
 from typing import Any, Final
 
+from ._commands import help_of
+
 __all__ = ["AREA", "LONG", "add_parser", "request_of"]
 
 #: The subcommand group (squibctl's extension interface, see ``ctl.py``).
@@ -25,29 +27,29 @@ def add_parser(sub: Any) -> None:
     """Add the ``store`` subcommands to squibctl's subparsers."""
     store = sub.add_parser("store", help="snapshot stores (S3, file://)").add_subparsers(
         dest="verb", required=True)
-    push = store.add_parser("push", help="store.push: upload a committed local pair")
+    push = store.add_parser("push", help=help_of("store.push"))
     push.add_argument("snapshot_path", type=_path)
     push.add_argument("--store", required=True)
     push.add_argument("--name", required=True)
-    listing = store.add_parser("list", help="store.list")
+    listing = store.add_parser("list", help=help_of("store.list"))
     listing.add_argument("--store", required=True)
     listing.add_argument("--prefix", default="")
-    pull = store.add_parser("pull", help="store.pull: materialise a stored snapshot locally")
+    pull = store.add_parser("pull", help=help_of("store.pull"))
     pull.add_argument("name")
     pull.add_argument("--store", required=True)
     pull.add_argument("--snapshot-path", required=True, type=_path)
     pull.add_argument("--mem-file-path", required=True, type=_path)
-    restore = store.add_parser("restore", help="store.restore: run a VM from a store")
+    restore = store.add_parser("restore", help=help_of("store.restore"))
     restore.add_argument("vm_id")
     restore.add_argument("name")
     restore.add_argument("--store", required=True)
     restore.add_argument("--eager", action="store_true", help="pull everything first")
     restore.add_argument("--resume", action="store_true", dest="resume_vm")
     restore.add_argument("--track-dirty-pages", action="store_true")
-    delete = store.add_parser("delete", help="store.delete")
+    delete = store.add_parser("delete", help=help_of("store.delete"))
     delete.add_argument("name")
     delete.add_argument("--store", required=True)
-    gc = store.add_parser("gc", help="store.gc: delete unreferenced chunks")
+    gc = store.add_parser("gc", help=help_of("store.gc"))
     gc.add_argument("--store", required=True)
     gc.add_argument("--grace-s", type=int, default=3600)
     for sp in (push, pull, restore):

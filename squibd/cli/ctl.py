@@ -1,12 +1,14 @@
 """``squibctl``: drive a running squibd from the command line (built on :mod:`squibd.client`).
 
 Subcommands mirror the JSON-RPC methods (``squibctl vm create ...``,
-``squibctl snapshot create ...``). The socket comes from ``--socket``, else
-``$SQUIBD_SOCKET``, else the daemon's default. Output is for humans unless
-``--json`` is given anywhere on the command line (then: the method's result,
-as JSON, on stdout). Relative paths are resolved against the working
-directory before they are sent. ``snapshot create/load/rebase`` show one
-progress bar (bytes, rate, ETA) on a terminal, or with ``--progress``;
+``squibctl snapshot create ...``): the command of each method, and its help
+line (the method's summary), come from :mod:`squibd.cli._commands`. The
+socket comes from ``--socket``, else ``$SQUIBD_SOCKET``, else the daemon's
+default. Output is for humans unless ``--json`` is given anywhere on the
+command line (then: the method's result, as JSON, on stdout). Relative paths
+are resolved against the working directory before they are sent. Long-running
+methods (``snapshot create/load/rebase``) show one progress bar (bytes, rate,
+ETA) on a terminal, or with ``--progress``;
 Ctrl-C during them asks the daemon to cancel, and the daemon rolls back.
 
 Exit codes: 0 success, 1 error (the daemon's fault_message on stderr; also a
@@ -42,8 +44,10 @@ from squibd.client import AsyncClient, DaemonUnreachable, SquibdError
 from squibd.client._common import SOCKET_ENV
 from squibd.config import default_socket_path
 from squibd.protocol_files import DOCUMENTS, protocol_document
+from squibd.snapshot.models import DEFAULT_PROGRAM, PROGRAM_NAMES
 
 from ._client import CallFailed
+from ._commands import command_of, help_of, long_running_methods, method_of
 from ._progress import Bar
 from ._render import render
 
@@ -132,18 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return made
 
-    parser(sub, "status", "daemon.status: version, pid, uptime, VMs, KVM")
+    def command(parent: Any, method: str, note: str = "") -> argparse.ArgumentParser:
+        """The subcommand of ``method``: its name and help derived from the method table."""
+        return parser(parent, command_of(method)[-1], help_of(method, note))
+
+    command(sub, "daemon.status")
 
     vm = parser(sub, "vm", "VM lifecycle").add_subparsers(dest="verb", required=True,
                                                           metavar="VERB")  # fmt: skip
-    create = parser(vm, "create", "vm.create: a NotStarted VM running a built-in guest")
+    create = command(vm, "vm.create")
     create.add_argument("vm_id")
     create.add_argument("--vcpus", type=int, default=1, dest="vcpu_count", help="vCPUs")
     create.add_argument("--mem-mib", "--mem-size-mib", type=int, default=128,
                         dest="mem_size_mib", help="guest RAM in MiB")  # fmt: skip
     create.add_argument("--track-dirty-pages", action="store_true",
                         help="track dirty pages (needed for Diff snapshots)")  # fmt: skip
-    create.add_argument("--program", choices=("counter", "memwriter"), default="counter",
+    create.add_argument("--program", choices=PROGRAM_NAMES, default=DEFAULT_PROGRAM,
                         help="built-in guest program")  # fmt: skip
     create.add_argument("--guest-param", type=_guest_param, action="append", default=[],
                         metavar="NAME=INT", help="guest parameter (repeatable)")  # fmt: skip
@@ -152,20 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--memory-layout", choices=("squibd", "firecracker"), default=None,
                         help="guest RAM layout (default: squibd)")  # fmt: skip
     for verb in ("start", "pause", "resume", "destroy", "describe"):
-        parser(vm, verb, f"vm.{verb}").add_argument("vm_id")
-    parser(vm, "list", "vm.list")
-    read = parser(vm, "read-memory", "vm.read_memory (squibd --debug-api)")
+        command(vm, f"vm.{verb}").add_argument("vm_id")
+    command(vm, "vm.list")
+    read = command(vm, "vm.read_memory", "needs squibd --debug-api")
     read.add_argument("vm_id")
     read.add_argument("guest_addr", type=_int)
     read.add_argument("length", type=_int)
-    write = parser(vm, "write-memory", "vm.write_memory (squibd --debug-api)")
+    write = command(vm, "vm.write_memory", "needs squibd --debug-api")
     write.add_argument("vm_id")
     write.add_argument("guest_addr", type=_int)
     write.add_argument("data_hex", help="bytes to write, in hex")
 
     snap = parser(sub, "snapshot", "snapshots").add_subparsers(dest="verb", required=True,
                                                                metavar="VERB")  # fmt: skip
-    screate = parser(snap, "create", "snapshot.create: save a VM as a Full or Diff pair")
+    screate = command(snap, "snapshot.create")
     screate.add_argument("vm_id")
     screate.add_argument("--snapshot-path", required=True, type=_path, help="the state file")
     screate.add_argument("--mem-file-path", required=True, type=_path, help="the memory file")
@@ -174,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     screate.add_argument("--live", action="store_true", help="pre-copy while the guest runs")
     screate.add_argument("--label", type=_label, action="append", default=[],
                          metavar="KEY=VALUE", help="label stored in the state file (repeatable)")
-    load = parser(snap, "load", "snapshot.load: create a VM from a pair")
+    load = command(snap, "snapshot.load")
     load.add_argument("vm_id")
     load.add_argument("--snapshot-path", required=True, type=_path, help="the state file")
     backend = load.add_mutually_exclusive_group(required=True)
@@ -183,13 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--track-dirty-pages", action="store_true",
                       help="track dirty pages (needed for Diff snapshots of the loaded VM)")
     load.add_argument("--resume", action="store_true", dest="resume_vm", help="run it after")
-    describe = parser(snap, "describe", "snapshot.describe (exit 1 when damaged)")
+    describe = command(snap, "snapshot.describe", "exit 1 when damaged")
     describe.add_argument("snapshot_path", type=_path)
     describe.add_argument("--mem-file-path", "--memory-file", type=_path,
                           help="its memory file (default: beside it)")  # fmt: skip
     describe.add_argument("--verify", choices=("none", "size", "full"), default="none",
                           help="check the memory file: size (and pair) or full digests")
-    rebase = parser(snap, "rebase", "snapshot.rebase: merge a Diff chain onto its Full")
+    rebase = command(snap, "snapshot.rebase")
     rebase.add_argument("--base", "--base-snapshot-path", required=True, type=_path,
                         dest="base_snapshot_path", help="the Full state file")  # fmt: skip
     rebase.add_argument("--diff", "--diff-snapshot-path", required=True, type=_path,
@@ -203,11 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in (screate, load, rebase):
         sp.add_argument("--progress", action="store_true", default=None,
                         help="show a progress bar even when stderr is not a terminal")  # fmt: skip
-    slist = parser(snap, "list", "snapshot.list: pairs under the allowed roots")
+    slist = command(snap, "snapshot.list")
     slist.add_argument("--root", type=_path, help="only this directory")
     slist.add_argument("--vm-id", help="only pairs saved from this VM")
     slist.add_argument("--label", help="KEY=VALUE, or KEY: only pairs with that label")
-    sdelete = parser(snap, "delete", "snapshot.delete: remove a pair crash-safely")
+    sdelete = command(snap, "snapshot.delete")
     sdelete.add_argument("snapshot_path", type=_path)
     sdelete.add_argument("--force", action="store_true",
                          help="delete even when a Diff depends on it")  # fmt: skip
@@ -238,7 +246,7 @@ def request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             method, params = ext.request_of(args)
             return method, params
     if area == "status":
-        return "daemon.status", {}
+        return method_of((area,)), {}
     if area == "call":
         params = json.loads(args.params)
         if not isinstance(params, dict):
@@ -261,19 +269,19 @@ def _vm_request(args: argparse.Namespace, verb: str) -> tuple[str, dict[str, Any
             params["api_socket"] = args.api_socket
         if args.memory_layout is not None:
             params["memory_layout"] = args.memory_layout
-        return "vm.create", params
+        return method_of(("vm", verb)), params
     if verb == "list":
-        return "vm.list", {}
+        return method_of(("vm", verb)), {}
     if verb == "read-memory":
-        return "vm.read_memory", {
+        return method_of(("vm", verb)), {
             "vm_id": args.vm_id, "guest_addr": args.guest_addr, "length": args.length,
         }  # fmt: skip
     if verb == "write-memory":
         data = base64.b64encode(bytes.fromhex(args.data_hex)).decode()
-        return "vm.write_memory", {
+        return method_of(("vm", verb)), {
             "vm_id": args.vm_id, "guest_addr": args.guest_addr, "data_base64": data,
         }  # fmt: skip
-    return f"vm.{verb}", {"vm_id": args.vm_id}
+    return method_of(("vm", verb)), {"vm_id": args.vm_id}
 
 
 def _snapshot_request(args: argparse.Namespace, verb: str) -> tuple[str, dict[str, Any]]:
@@ -286,7 +294,7 @@ def _snapshot_request(args: argparse.Namespace, verb: str) -> tuple[str, dict[st
         }  # fmt: skip
         if args.label:
             params["labels"] = dict(args.label)
-        return "snapshot.create", params
+        return method_of(("snapshot", verb)), params
     if verb == "load":
         params = {
             "vm_id": args.vm_id, "snapshot_path": args.snapshot_path,
@@ -296,17 +304,18 @@ def _snapshot_request(args: argparse.Namespace, verb: str) -> tuple[str, dict[st
             params["mem_backend"] = {"backend_type": "Uffd", "backend_path": args.uffd_socket}
         else:
             params["mem_backend"] = {"backend_type": "File", "backend_path": args.mem_file_path}
-        return "snapshot.load", params
+        return method_of(("snapshot", verb)), params
     if verb == "describe":
         params = {"snapshot_path": args.snapshot_path, "verify": args.verify}
         if args.mem_file_path is not None:
             params["mem_file_path"] = args.mem_file_path
-        return "snapshot.describe", params
+        return method_of(("snapshot", verb)), params
     if verb == "list":
         params = {k: v for k in ("root", "vm_id", "label") if (v := getattr(args, k)) is not None}
-        return "snapshot.list", params
+        return method_of(("snapshot", verb)), params
     if verb == "delete":
-        return "snapshot.delete", {"snapshot_path": args.snapshot_path, "force": args.force}
+        params = {"snapshot_path": args.snapshot_path, "force": args.force}
+        return method_of(("snapshot", verb)), params
     params = {
         "base_snapshot_path": args.base_snapshot_path,
         "output_snapshot_path": args.output_snapshot_path,
@@ -318,7 +327,7 @@ def _snapshot_request(args: argparse.Namespace, verb: str) -> tuple[str, dict[st
         params["diff_snapshot_paths"] = diffs
     if args.output_mem_file_path is not None:
         params["output_mem_file_path"] = args.output_mem_file_path
-    return "snapshot.rebase", params
+    return method_of(("snapshot", verb)), params
 
 
 async def _run_call(
@@ -363,9 +372,6 @@ async def _run_call(
     return result[0].unwrap()
 
 
-_LONG: Final = frozenset({"snapshot.create", "snapshot.load", "snapshot.rebase"})
-
-
 def socket_path(args: argparse.Namespace) -> str:
     """``--socket``, else ``$SQUIBD_SOCKET``, else the daemon's default."""
     return str(args.socket or os.environ.get(SOCKET_ENV) or default_socket_path())
@@ -375,7 +381,9 @@ async def _amain(args: argparse.Namespace, method: str, params: dict[str, Any]) 
     forced = getattr(args, "progress", None)
     show = forced if forced is not None else sys.stderr.isatty() and not args.json
     async with AsyncClient(socket_path(args)) as client:
-        long_running = _LONG.union(*(getattr(ext, "LONG", ()) for ext in _extensions()))
+        long_running = long_running_methods().union(
+            *(getattr(ext, "LONG", ()) for ext in _extensions())
+        )
         if method in long_running and show:
             console = Console(stderr=True, force_terminal=bool(forced) or None)
             with Bar(console, method) as bar:

@@ -7,6 +7,8 @@ import os
 from collections.abc import Callable
 from typing import Any, Final, Generic, Literal, TypeVar
 
+from ..snapshot.models import DEFAULT_PROGRAM
+
 __all__ = [
     "CANCELLED",
     "DaemonUnreachable",
@@ -166,7 +168,7 @@ class TypedMethods(Generic[_R]):
         """
         params: dict[str, Any] = {
             "vm_id": vm_id, "vcpu_count": vcpu_count, "mem_size_mib": mem_size_mib,
-            "guest": guest or {"program": "counter"}, "track_dirty_pages": track_dirty_pages,
+            "guest": guest or {"program": DEFAULT_PROGRAM}, "track_dirty_pages": track_dirty_pages,
         }  # fmt: skip
         params.update(_drop_none(api_socket=api_socket, memory_layout=memory_layout))
         return self._invoke("vm.create", params)

@@ -1,7 +1,7 @@
 """The KVM backend: VMs, vCPUs and their threads, built-in guest programs.
 
 Synchronous code; each vCPU runs ``KVM_RUN`` in its own OS thread
-(:class:`VcpuRunner`). See ``docs/interfaces.md`` ("KVM backend").
+(:class:`VcpuRunner`). See ``docs/ARCHITECTURE.md`` ("The parts").
 """
 
 from .dirty_ring import DirtyRingInUse

@@ -48,6 +48,7 @@ from .layout import (
 from .programs import (
     CONTROL_CHECK_INTERVAL,
     HEARTBEAT_PORT,
+    PROGRAM_NAMES,
     STALL_PORT,
     counter_program,
     memwriter_program,
@@ -64,6 +65,7 @@ __all__ = [
     "HEARTBEAT_PORT",
     "MAX_GUEST_VCPUS",
     "PROGRAMS",
+    "PROGRAM_PARAMETERS",
     "PROGRESS_BASE",
     "STALL_PORT",
     "WORKING_SET_BASE",
@@ -74,7 +76,8 @@ __all__ = [
     "progress_addr",
 ]
 
-PROGRAMS: Final = ("counter", "memwriter")
+#: The built-in program names (defined once, in ``squibd.snapshot.models``).
+PROGRAMS: Final = PROGRAM_NAMES
 #: The lower of the x86 32-bit MMIO gap starts squibd.vm.memory lays RAM out
 #: around: 0xD000_0000 (squibd layout), 0xC000_0000 (Firecracker v1.13+ layout).
 #: The working set stays below both, so it fits whichever layout the VM has.
@@ -87,6 +90,11 @@ _MEMWRITER_DEFAULTS: Final = {
     "working_set_mib": 16,
     "stride_pages": 1,
     "write_rate_pages_per_sec": 0,
+}
+#: The integer parameters each built-in program takes (counter none; memwriter's
+#: working set size, stride and write rate), keyed by ``PROGRAM_NAMES``.
+PROGRAM_PARAMETERS: Final[dict[str, tuple[str, ...]]] = {
+    name: tuple(_MEMWRITER_DEFAULTS) if name == "memwriter" else () for name in PROGRAM_NAMES
 }
 
 

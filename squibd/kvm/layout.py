@@ -34,6 +34,7 @@ from typing import Final
 
 import attrs
 
+from squibd.snapshot.compat import MAX_VCPUS
 from squibd.snapshot.models import DTable, Segment, X86Sregs
 
 __all__ = [
@@ -78,8 +79,9 @@ PROGRESS_BASE: Final = 0x20000
 CONTROL_OFFSET: Final = 8
 STACK_BASE: Final = 0x40000
 WORKING_SET_BASE: Final = 0x100000
-#: SPEC section 7: 1 to 32 vCPUs.
-MAX_GUEST_VCPUS: Final = 32
+#: The guest layout has a progress page per vCPU for as many vCPUs as a state
+#: file holds (``snapshot.compat.MAX_VCPUS``, SPEC sections 3 and 9).
+MAX_GUEST_VCPUS: Final = MAX_VCPUS
 #: RAM the layout needs below the working set.
 MIN_GUEST_MEMORY: Final = WORKING_SET_BASE
 

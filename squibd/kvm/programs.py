@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from squibd.snapshot.models import PROGRAM_NAMES
+
 from ._asm import Assembler
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "HEARTBEAT_PORT",
     "MEMWRITER_CONTROL_INTERVAL",
     "MEMWRITER_HEARTBEAT_INTERVAL",
+    "PROGRAM_NAMES",
     "STALL_PORT",
     "counter_program",
     "memwriter_program",

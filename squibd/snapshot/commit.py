@@ -30,6 +30,13 @@ SIGKILL at any instant leaves, after recovery (:func:`recover_pair` before a
 load or save of the paths, :func:`recover_all` at daemon start), the whole
 old pair or the whole new pair at the user's paths and no temp files.
 
+Cancellation: ``cancel`` (a ``threading.Event``) is checked at each named
+step before ``committed`` and by :meth:`PairTransaction.check_cancelled`,
+which the writer filling ``mem_fd`` calls between its pieces; when set, the
+transaction aborts (temps and journal removed, the old pair untouched) and
+raises :class:`PairCancelled`. From the commit record on the event is never
+looked at: a commit is not undone. ``step_hook`` is for tests only.
+
 Thread use: a transaction may be driven from any worker thread (one at a
 time); one transaction per destination path at a time in this process (a
 second one fails with ``Io``/EBUSY rather than interleave renames).
@@ -42,6 +49,7 @@ import errno
 import fcntl
 import os
 import secrets
+import threading
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -68,10 +76,12 @@ from .paths import check_destination, open_dest_dir, validate_path
 from .statedir import StateDir, current_state_dir
 
 __all__ = [
+    "COMMIT_POINT",
     "COMMIT_STEPS",
     "JOURNAL_MARKER",
     "TEMP_MARKER",
     "TEMP_MODE",
+    "PairCancelled",
     "PairTransaction",
     "StepHook",
     "recover_all",
@@ -95,6 +105,8 @@ COMMIT_STEPS: Final = (
     "dirs_synced",
     "journal_removed",
 )
+#: The step after which the new pair wins: cancellation is not checked from here on.
+COMMIT_POINT: Final = "committed"
 #: SPEC section 5: temp files are created with mode 0600.
 TEMP_MODE: Final = 0o600
 #: SPEC sections 5 and 10: never follow a symlink, never reuse an existing file.
@@ -104,6 +116,13 @@ _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _TXID_BYTES: Final = 8
 
 StepHook = Callable[[str], None]
+
+
+class PairCancelled(Exception):
+    """The transaction's cancel event was set before the commit point; it was aborted."""
+
+    def __init__(self) -> None:
+        super().__init__("the save was cancelled before its commit; the previous pair is intact")
 
 
 def _create_temp(name: str, flags: int, dir_fd: int | None = None) -> int:
@@ -131,6 +150,9 @@ class PairTransaction:
             it must be on the destinations' filesystem.
         allowed_roots: passed to :func:`~squibd.snapshot.paths.validate_path`.
         step_hook: test-only; called with each name of ``COMMIT_STEPS``.
+        cancel: when set before the commit point, the transaction aborts and
+            raises :class:`PairCancelled` (checked at each step and by
+            :meth:`check_cancelled`).
         state_dir: where the journal goes (default: the process's state dir).
 
     Raises:
@@ -142,6 +164,7 @@ class PairTransaction:
         Io: the journal or state temp cannot be created (e.g. EBUSY when
             another save of these paths runs in this process).
         MemoryIo: the memory temp cannot be created.
+        PairCancelled: ``cancel`` was set (raised after the abort).
     """
 
     snapshot_path: str
@@ -149,6 +172,7 @@ class PairTransaction:
     staging_dir: str | None = attrs.field(default=None, kw_only=True)
     allowed_roots: Sequence[str] | None = attrs.field(default=None, kw_only=True)
     step_hook: StepHook | None = attrs.field(default=None, kw_only=True, repr=False)
+    cancel: threading.Event | None = attrs.field(default=None, kw_only=True, repr=False)
     state_dir: StateDir | None = attrs.field(default=None, kw_only=True, repr=False)
     #: The temp memory file, opened O_RDWR; the memory writer fills it.
     mem_fd: int = attrs.field(init=False, default=-1)
@@ -162,6 +186,7 @@ class PairTransaction:
     _keys: tuple[str, str] = attrs.field(init=False, default=("", ""))
     _reserved: bool = attrs.field(init=False, default=False)
     _done: bool = attrs.field(init=False, default=False)
+    _committed: bool = attrs.field(init=False, default=False)
     _snap_dir: _Dir | None = attrs.field(init=False, default=None)
     _mem_dir: _Dir | None = attrs.field(init=False, default=None)
     _stage_dir: _Dir | None = attrs.field(init=False, default=None)
@@ -172,7 +197,8 @@ class PairTransaction:
     def __attrs_post_init__(self) -> None:
         try:
             self._check_and_open_dirs()
-            if not reserve_paths(self._keys, for_save=True):
+            if not reserve_paths(self._keys, for_save=True, cancel=self.cancel):
+                self.check_cancelled()  # the wait ended because of a cancel
                 raise Io(errno.EBUSY)
             self._reserved = True
             try:
@@ -219,8 +245,19 @@ class PairTransaction:
         return _Dir(fd, real)
 
     def _step(self, name: str) -> None:
+        if name == COMMIT_POINT:
+            self._committed = True
         if self.step_hook is not None:
             self.step_hook(name)
+        self.check_cancelled()
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`PairCancelled` if ``cancel`` is set and the commit point is not passed.
+
+        The caller's ``with`` (or ``commit``) then aborts the transaction.
+        """
+        if self.cancel is not None and not self._committed and self.cancel.is_set():
+            raise PairCancelled
 
     def _temp_dirs(self) -> tuple[_Dir, _Dir]:
         """The directories of the state temp and the memory temp."""
@@ -296,6 +333,8 @@ class PairTransaction:
             AtomicCommitFailed: the commit record or a rename failed. If the
                 memory file was already renamed, the journal stays and the
                 next recovery completes the new pair.
+            PairCancelled: ``cancel`` was set before the commit record (pair
+                untouched).
         """
         if self._done or self.state_dir is None:
             raise Io(errno.EBADF)

@@ -11,11 +11,15 @@ parallel. The integrity goal is catching corruption, not an adversary.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import errno
+import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 import xxhash
 
+from .errors import MemoryIo
 from .manifest import DEFAULT_CHUNK_SIZE, DIGEST_SIZES, Extent, iter_chunks
 
 __all__ = [
@@ -26,7 +30,9 @@ __all__ = [
     "available_algorithms",
     "digest",
     "digest_function",
+    "file_chunk_digests",
     "manifest_digests",
+    "read_pieces",
     "unit_digest",
 ]
 
@@ -125,3 +131,87 @@ def unit_digest(hash_of: DigestFunction, pieces: Sequence[Buffer], combined: boo
             raise ValueError(f"a plain digest unit has one piece, got {len(pieces)}")
         return hash_of(pieces[0])
     return hash_of(b"".join(hash_of(piece) for piece in pieces))
+
+
+def read_pieces(
+    fd: int, buffer: memoryview, pieces: Sequence[tuple[int, int]]
+) -> list[memoryview]:
+    """Read the span of ``pieces`` (``(offset, length)``, ascending) with one read.
+
+    The span (first offset to last end) must fit ``buffer``; the returned views
+    into ``buffer`` are valid until the next call with it.
+
+    Raises:
+        MemoryIo: the file ends inside the span (EIO: truncated), or the read failed.
+    """
+    base = pieces[0][0]
+    view = buffer[: pieces[-1][0] + pieces[-1][1] - base]
+    done = 0
+    while done < len(view):
+        try:
+            got = os.preadv(fd, [view[done:]], base + done)
+        except OSError as error:
+            raise MemoryIo(error) from error
+        if got == 0:
+            raise MemoryIo(errno.EIO)  # the file ended inside a written piece: truncated
+        done += got
+    return [view[offset - base : offset - base + length] for offset, length in pieces]
+
+
+def file_chunk_digests(
+    fd: int,
+    extents: Iterable[Extent],
+    *,
+    algorithm: str = DEFAULT_ALGORITHM,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    known: Callable[[Extent], bytes | None] | None = None,
+    cancel: threading.Event | None = None,
+    cancelled: Callable[[], BaseException] | None = None,
+) -> bytes:
+    """The manifest's ``digests`` field, read back from the memory file ``fd``.
+
+    The one "read a chunk back and hash it" loop (rebase, and the live save's
+    final pass, which can call it from ``vm/live.py``). Chunks are
+    ``iter_chunks(extents, chunk_size)``; the chunks of one chunk-size window
+    are read with a single ``pread``.
+
+    Args:
+        known: ``known(chunk)`` returns a digest already computed for that chunk
+            (it is not read), or None to read and hash it.
+        cancel: checked before each window; when set, the exception
+            ``cancelled()`` returns is raised (default: ``MemoryIo(ECANCELED)``).
+
+    Raises:
+        MemoryIo: a read failed or the file is shorter than the extents.
+    """
+    hash_of = digest_function(algorithm)
+    out: list[bytes] = []
+    buffer = memoryview(bytearray(chunk_size))
+    group: list[Extent] = []  # chunks of one window, to read, in order
+    slots: list[int] = []  # their index in ``out``
+
+    def flush() -> None:
+        if cancel is not None and cancel.is_set():
+            raise cancelled() if cancelled is not None else MemoryIo(errno.ECANCELED)
+        if group:
+            views = read_pieces(fd, buffer, [(c.offset, c.length) for c in group])
+            for slot, view in zip(slots, views, strict=True):
+                out[slot] = hash_of(view)
+            group.clear()
+            slots.clear()
+
+    try:
+        window = -1
+        for chunk in iter_chunks(tuple(extents), chunk_size):
+            if chunk.offset // chunk_size != window:
+                flush()
+                window = chunk.offset // chunk_size
+            have = known(chunk) if known is not None else None
+            out.append(have if have is not None else b"")
+            if have is None:
+                group.append(chunk)
+                slots.append(len(out) - 1)
+        flush()
+    finally:
+        buffer.release()
+    return b"".join(out)

@@ -54,10 +54,13 @@ from .statedir import StateDir, StateDirError, current_state_dir
 __all__ = [
     "JOURNAL_MARKER",
     "JOURNAL_SUFFIX",
+    "RESERVATIONS",
     "RESERVE_TIMEOUT_S",
     "TEMP_MARKER",
     "JournalPlan",
+    "PathReservations",
     "RecoveryOutcome",
+    "Reservation",
     "canonical_path",
     "commit_record",
     "destination_key",
@@ -86,10 +89,78 @@ _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 log = logging.getLogger("squibd.recovery")
 
-# Destinations with a save (or a recovery) in progress in this process:
-# canonical path -> True for a save, False for a (brief) recovery.
-_active_changed = threading.Condition()
-_active_paths: dict[str, bool] = {}
+#: A save waiting for a recovery looks at its cancel event this often.
+_CANCEL_CHECK_S: Final = 0.05
+
+
+@attrs.frozen
+class Reservation:
+    """Who holds a destination path in this process: a save or a (brief) recovery."""
+
+    for_save: bool
+    #: The name of the thread that took it (a worker thread of the daemon).
+    thread: str
+    #: ``time.monotonic()`` when it was taken.
+    since: float
+
+
+class PathReservations:
+    """The destinations with a save or a recovery in progress in this process.
+
+    One registry per process (:data:`RESERVATIONS`): the commit journal is
+    per state directory, but two threads of one process must not interleave
+    renames of one path, which ``flock`` (per open file) does not prevent.
+    Every wait on it is bounded (``timeout_s``) and ends early when the
+    waiter's cancel event is set; :meth:`held` shows who holds what.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._held: dict[str, Reservation] = {}
+
+    def reserve(
+        self,
+        paths: Iterable[str],
+        *,
+        for_save: bool = False,
+        timeout_s: float = RESERVE_TIMEOUT_S,
+        cancel: threading.Event | None = None,
+    ) -> bool:
+        """See :func:`reserve_paths`."""
+        keys = set(paths)
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while True:
+                holders = [self._held[key].for_save for key in keys if key in self._held]
+                if not holders:
+                    taken = Reservation(for_save, threading.current_thread().name, time.monotonic())
+                    self._held.update(dict.fromkeys(keys, taken))
+                    return True
+                remaining = deadline - time.monotonic()
+                if not for_save or any(holders) or remaining <= 0:
+                    return False
+                if cancel is not None:
+                    if cancel.is_set():
+                        return False
+                    # A cancel event cannot wake a condition: look at it now and then.
+                    remaining = min(remaining, _CANCEL_CHECK_S)
+                self._changed.wait(remaining)
+
+    def release(self, paths: Iterable[str]) -> None:
+        """See :func:`release_paths`."""
+        with self._changed:
+            for key in paths:
+                self._held.pop(key, None)
+            self._changed.notify_all()
+
+    def held(self) -> dict[str, Reservation]:
+        """A copy of the current reservations, canonical path -> holder."""
+        with self._changed:
+            return dict(self._held)
+
+
+#: This process's registry of destinations in use.
+RESERVATIONS: Final = PathReservations()
 
 
 def canonical_path(path: str) -> str:
@@ -98,35 +169,25 @@ def canonical_path(path: str) -> str:
 
 
 def reserve_paths(
-    paths: Iterable[str], *, for_save: bool = False, timeout_s: float = RESERVE_TIMEOUT_S
+    paths: Iterable[str],
+    *,
+    for_save: bool = False,
+    timeout_s: float = RESERVE_TIMEOUT_S,
+    cancel: threading.Event | None = None,
 ) -> bool:
-    """Claim canonical destination paths for this process.
+    """Claim canonical destination paths for this process (in :data:`RESERVATIONS`).
 
     A recovery (``for_save=False``) gets False at once if any path is taken.
     A save waits while only recoveries hold its paths (they are brief), at
-    most ``timeout_s``, and gets False if another save holds one or the
-    wait runs out.
+    most ``timeout_s``, and gets False if another save holds one, the wait
+    runs out, or ``cancel`` is set meanwhile.
     """
-    keys = set(paths)
-    deadline = time.monotonic() + timeout_s
-    with _active_changed:
-        while True:
-            holders = [_active_paths[key] for key in keys if key in _active_paths]
-            if not holders:
-                _active_paths.update(dict.fromkeys(keys, for_save))
-                return True
-            remaining = deadline - time.monotonic()
-            if not for_save or any(holders) or remaining <= 0:
-                return False
-            _active_changed.wait(remaining)
+    return RESERVATIONS.reserve(paths, for_save=for_save, timeout_s=timeout_s, cancel=cancel)
 
 
 def release_paths(paths: Iterable[str]) -> None:
     """Give back paths claimed with :func:`reserve_paths`."""
-    with _active_changed:
-        for key in paths:
-            _active_paths.pop(key, None)
-        _active_changed.notify_all()
+    RESERVATIONS.release(paths)
 
 
 @contextlib.contextmanager

@@ -9,13 +9,15 @@ as the raw bytes KVM returned, sizes checked by ``compat.py``.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Literal, get_args
 
 import attrs
 
 from .manifest import MemoryManifest
 
 __all__ = [
+    "DEFAULT_PROGRAM",
+    "PROGRAM_NAMES",
     "PSCI_STATES",
     "Aarch64MicrovmState",
     "Aarch64VcpuState",
@@ -29,6 +31,7 @@ __all__ = [
     "MicrovmState",
     "MmdsState",
     "MsrEntry",
+    "ProgramName",
     "Segment",
     "SnapshotMetadata",
     "SysReg",
@@ -41,6 +44,14 @@ __all__ = [
     "Xcr",
 ]
 
+#: The built-in guest programs (squibd/kvm/programs.py assembles them). The one
+#: spelling of their names: the API model, squibctl, the Firecracker API and the
+#: KVM backend import these (this module is the layer every other one may import).
+ProgramName = Literal["counter", "memwriter"]
+PROGRAM_NAMES: Final[tuple[ProgramName, ...]] = get_args(ProgramName)
+#: The program ``vm.create`` runs when the caller names none.
+DEFAULT_PROGRAM: Final[ProgramName] = "counter"
+
 
 @attrs.frozen
 class VmInfo:
@@ -51,7 +62,7 @@ class VmInfo:
     smt: bool = False
     cpu_template: str = "None"
     track_dirty_pages: bool = False
-    #: Built-in guest program ("counter", "memwriter") or None for a kernel.
+    #: Built-in guest program (one of ``PROGRAM_NAMES``) or None for a kernel.
     guest_program: str | None = None
     guest_params: dict[str, int] = attrs.field(factory=dict)
     kernel_path: str | None = None

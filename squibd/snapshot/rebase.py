@@ -29,16 +29,17 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import attrs
 
-from .commit import PairTransaction, StepHook
-from .digest import DEFAULT_ALGORITHM, digest_function
+from .commit import PairCancelled, PairTransaction, StepHook
+from .digest import DEFAULT_ALGORITHM, file_chunk_digests, read_pieces
 from .envelope import encode_state, read_state_file
 from .errors import MemoryIo
-from .manifest import DEFAULT_CHUNK_SIZE, KIND_DIFF, KIND_FULL, Extent, MemoryManifest, iter_chunks
+from .manifest import DEFAULT_CHUNK_SIZE, KIND_DIFF, KIND_FULL, Extent, MemoryManifest
 from .memerrors import MemoryInputInvalid, MemoryPairMismatch
 from .memwriter import merge_extents, set_pair_xattr
 from .models import MicrovmState
@@ -135,40 +136,38 @@ def _split_at_regions(extents: Sequence[Extent], manifest: MemoryManifest) -> tu
     return tuple(out)
 
 
-def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
-    got = 0
-    while got < len(view):
-        read = os.preadv(fd, [view[got:]], offset + got)
-        if read == 0:
-            raise MemoryIo(errno.EIO)  # the file ended inside an extent: truncated
-        got += read
-
-
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def _copy_extents(src: int, dst: int, extents: Sequence[Extent], span_limit: int) -> None:
+def _copy_extents(
+    src: int,
+    dst: int,
+    extents: Sequence[Extent],
+    span_limit: int,
+    check_cancelled: Callable[[], None] = lambda: None,
+) -> None:
     """Copy extents to the same offsets of ``dst``.
 
     Large extents go through :func:`_copy_range` (``copy_file_range``); runs of
     small extents within ``span_limit`` bytes are read with one ``pread`` and
     written piece by piece (a scattered Diff or page map has hundreds of
     thousands of single pages: one kernel copy each would dominate).
+    ``check_cancelled`` is called before each copy and raises to stop.
     """
     buffer = memoryview(bytearray(span_limit))
     pending: list[Extent] = []
 
     def flush() -> None:
+        check_cancelled()
         if len(pending) == 1:
             _copy_range(src, dst, pending[0].offset, pending[0].length)
         elif pending:
-            base = pending[0].offset
-            _pread_exact(src, buffer[: pending[-1].end - base], base)
-            for extent in pending:
-                _pwrite_all(dst, buffer[extent.offset - base : extent.end - base], extent.offset)
+            views = read_pieces(src, buffer, [(e.offset, e.length) for e in pending])
+            for extent, view in zip(pending, views, strict=True):
+                _pwrite_all(dst, view, extent.offset)
         pending.clear()
 
     try:
@@ -177,37 +176,13 @@ def _copy_extents(src: int, dst: int, extents: Sequence[Extent], span_limit: int
                 flush()
             if extent.length >= _SMALL_COPY:
                 flush()
+                check_cancelled()
                 _copy_range(src, dst, extent.offset, extent.length)
             else:
                 pending.append(extent)
         flush()
     finally:
         buffer.release()
-
-
-def _digests(fd: int, extents: tuple[Extent, ...], algorithm: str, chunk_size: int) -> bytes:
-    """One digest per ``iter_chunks`` piece, reading each window's pieces at once."""
-    hash_of = digest_function(algorithm)
-    out: list[bytes] = []
-    buffer = memoryview(bytearray(chunk_size))
-    group: list[Extent] = []
-
-    def flush() -> None:
-        if group:
-            base = group[0].offset
-            _pread_exact(fd, buffer[: group[-1].end - base], base)
-            out.extend(hash_of(buffer[c.offset - base : c.end - base]) for c in group)
-            group.clear()
-
-    try:
-        for chunk in iter_chunks(extents, chunk_size):
-            if group and chunk.offset // chunk_size != group[0].offset // chunk_size:
-                flush()
-            group.append(chunk)
-        flush()
-    finally:
-        buffer.release()
-    return b"".join(out)
 
 
 def rebase(
@@ -222,6 +197,7 @@ def rebase(
     staging_dir: str | None = None,
     step_hook: StepHook | None = None,
     allowed_roots: Sequence[str] | None = None,
+    cancel: threading.Event | None = None,
 ) -> MemoryManifest:
     """Merge ``diff_snaps`` (in order) onto the Full ``base_snap`` into a new Full pair.
 
@@ -234,6 +210,9 @@ def rebase(
         staging_dir: passed to the pair transaction.
         step_hook: test-only, passed to the pair transaction.
         allowed_roots: if given, every input and output must lie inside one.
+        cancel: when set before the commit point, the merge stops, the pair
+            transaction aborts and ``PairCancelled`` is raised; once the
+            commit record is written it is not looked at.
 
     Returns:
         The manifest of the committed output.
@@ -242,6 +221,7 @@ def rebase(
         SnapshotError: a typed error (``MemoryPairMismatch`` for a broken chain,
             ``MemoryIo`` for I/O, the state-file kinds for a bad state file);
             the output paths keep their previous pair.
+        PairCancelled: ``cancel`` was set before the commit point.
     """
     if not diff_snaps:
         raise MemoryInputInvalid("a rebase needs at least one Diff")
@@ -262,7 +242,8 @@ def rebase(
             except OSError as error:
                 raise MemoryIo(error) from error
             verify_fd(fds[-1], state.memory, verify_mode)
-        return _merge(states, fds, out_snap, out_mem_path, staging_dir, step_hook, allowed_roots)
+        return _merge(states, fds, out_snap, out_mem_path, staging_dir, step_hook, allowed_roots,
+                      cancel)  # fmt: skip
     finally:
         for fd in fds:
             os.close(fd)
@@ -276,19 +257,22 @@ def _merge(
     staging_dir: str | None,
     step_hook: StepHook | None,
     allowed_roots: Sequence[str] | None = None,
+    cancel: threading.Event | None = None,
 ) -> MemoryManifest:
     last = states[-1]
     size = last.memory.file_size
     with PairTransaction(out_snap, out_mem, staging_dir=staging_dir, step_hook=step_hook,
-                         allowed_roots=allowed_roots) as txn:  # fmt: skip
+                         allowed_roots=allowed_roots, cancel=cancel) as txn:  # fmt: skip
         try:
             os.ftruncate(txn.mem_fd, size)
             for state, fd in zip(states, fds, strict=True):
-                _copy_extents(fd, txn.mem_fd, state.memory.extents, DEFAULT_CHUNK_SIZE)
+                _copy_extents(fd, txn.mem_fd, state.memory.extents, DEFAULT_CHUNK_SIZE,
+                              txn.check_cancelled)  # fmt: skip
             extents = _split_at_regions(
                 merge_extents([e for s in states for e in s.memory.extents]), last.memory
             )
-            digests = _digests(txn.mem_fd, extents, DEFAULT_ALGORITHM, DEFAULT_CHUNK_SIZE)
+            digests = file_chunk_digests(txn.mem_fd, extents, cancel=cancel,
+                                         cancelled=PairCancelled)  # fmt: skip
         except OSError as error:
             raise MemoryIo(error) from error
         manifest = attrs.evolve(

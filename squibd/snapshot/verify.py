@@ -24,13 +24,12 @@ OS errors. The module also offers two comparisons tests and tools use:
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Sequence
 from typing import Final, Protocol
 
 from .compat import check_page_map
-from .digest import digest_function, unit_digest
+from .digest import digest_function, read_pieces, unit_digest
 from .errors import Incompatible, MemoryIo
 from .manifest import DIGEST_SIZES, Extent, MemoryManifest, iter_chunks, iter_digest_units
 from .memerrors import MemoryDigestMismatch, MemoryInputInvalid, MemoryPairMismatch
@@ -161,15 +160,6 @@ def _bound_by_xattr(fd: int, manifest: MemoryManifest, path: str | None) -> bool
     return True
 
 
-def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            raise MemoryIo(errno.EIO)  # the file ended inside a chunk: truncated
-        done += got
-
-
 def verify_fd(fd: int, manifest: MemoryManifest, mode: str) -> None:
     """:func:`verify` on an open memory file."""
     if mode not in VERIFY_MODES:
@@ -190,15 +180,9 @@ def _verify_digests(fd: int, manifest: MemoryManifest) -> None:
     buffer = memoryview(bytearray(manifest.chunk_size))
     try:
         for unit in iter_digest_units(manifest):
-            base = unit.offset
-            view = buffer[: unit.end - base]
-            _pread_exact(fd, view, base)  # one read per unit: its pieces share a window
-            pieces = [view[offset - base : offset - base + length]
-                      for offset, length in unit.pieces]  # fmt: skip
+            pieces = read_pieces(fd, buffer, unit.pieces)  # one read: the pieces share a window
             if unit_digest(hash_of, pieces, unit.combined) != unit.digest:
-                raise MemoryDigestMismatch(base, unit.end - base)
-    except OSError as error:
-        raise MemoryIo(error) from error
+                raise MemoryDigestMismatch(unit.offset, unit.end - unit.offset)
     finally:
         buffer.release()
 

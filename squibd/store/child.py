@@ -70,11 +70,12 @@ def serve_snapshot(store_name: str, config: StoreConfig, name: str, socket_path:
 
 def _warm_up() -> None:
     """Build what the first state decode and page source build lazily (converters)."""
-    from squibd.demo_format import sample_x86_state
     from squibd.snapshot.envelope import decode_state, encode_state
+    from squibd.snapshot.minimal import minimal_manifest, minimal_x86_state, minimal_x86_vcpu
 
     with contextlib.suppress(Exception):
-        decode_state(encode_state(sample_x86_state()))
+        state = minimal_x86_state(minimal_manifest(), (minimal_x86_vcpu(rip=0),))
+        decode_state(encode_state(state))
 
 
 def main() -> int:

@@ -8,7 +8,6 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from squibd.demo_format import sample_x86_state
 from squibd.snapshot.codec import decode_body, encode_body
 from squibd.snapshot.describe import describe_snapshot
 from squibd.snapshot.envelope import encode_state, read_state_file
@@ -28,6 +27,7 @@ from squibd.vm.memory import (
 )
 from squibd.vm.models import GuestSpec, MemBackend
 from squibd.vm.runtime import Runtime
+from tests.snapshot._states import sample_x86_state
 from tests.vm._helpers import wait_progress_beyond
 
 GIB = 1 << 30

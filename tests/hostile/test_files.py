@@ -25,10 +25,10 @@ from typing import Any
 import attrs
 import pytest
 
-from squibd.demo_format import sample_manifest, sample_x86_state
 from squibd.snapshot.envelope import encode_state
 from squibd.snapshot.statedir import StateDir
 from tests.server.helpers import REPO, daemon_command
+from tests.snapshot._states import sample_manifest, sample_x86_state
 
 #: A hang guard for every socket read (never a timing assertion).
 GUARD_S = 60.0

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from squibd.demo_format import sample_aarch64_state, sample_x86_state
 from squibd.snapshot.codec import U64_MAX, decode_body, encode_body, make_state_converter
 from squibd.snapshot.errors import Bitcode
 from squibd.snapshot.models import Aarch64MicrovmState, X86MicrovmState
+from tests.snapshot._states import sample_aarch64_state, sample_x86_state
 
 from ._format_strategies import strategy_for
 

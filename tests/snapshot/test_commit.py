@@ -18,11 +18,11 @@ from pathlib import Path
 import attrs
 import pytest
 
-from squibd.demo_format import sample_manifest, sample_x86_state
 from squibd.snapshot import commit as commit_module
 from squibd.snapshot.commit import (
     COMMIT_STEPS,
     JOURNAL_MARKER,
+    PairCancelled,
     PairTransaction,
     recover_directory,
     recover_pair,
@@ -49,6 +49,7 @@ from squibd.snapshot.journal import (
     temp_path_for,
 )
 from squibd.snapshot.statedir import StateDir, configure_state_dir
+from tests.snapshot._states import sample_manifest, sample_x86_state
 
 OLD_MEM = b"old memory page " * 512
 NEW_MEM = b"NEW" * 5000
@@ -151,6 +152,46 @@ def test_exit_without_commit_aborts_and_keeps_the_old_pair(pair: tuple[str, str]
     write_old_pair(snap, mem)
     with PairTransaction(snap, mem) as tx:
         os.pwrite(tx.mem_fd, NEW_MEM, 0)
+    assert pair_bytes(snap, mem) == (OLD_STATE, OLD_MEM)
+    assert leftovers(os.path.dirname(snap)) == []
+
+
+@pytest.mark.parametrize("step", COMMIT_STEPS)
+def test_cancel_aborts_before_the_commit_point_and_is_ignored_after(
+    pair: tuple[str, str], step: str
+) -> None:
+    snap, mem = pair
+    write_old_pair(snap, mem)
+    cancel = threading.Event()
+
+    def press_cancel(name: str) -> None:
+        if name == step:
+            cancel.set()
+
+    if COMMIT_STEPS.index(step) < COMMIT_POINT:
+        with pytest.raises(PairCancelled):
+            save(snap, mem, cancel=cancel, step_hook=press_cancel)
+        assert pair_bytes(snap, mem) == (OLD_STATE, OLD_MEM)
+    else:  # the commit record is durable: the new pair wins, no error
+        save(snap, mem, cancel=cancel, step_hook=press_cancel)
+        assert pair_bytes(snap, mem) == (NEW_STATE, NEW_MEM)
+    assert cancel.is_set()
+    assert leftovers(os.path.dirname(snap)) == []
+
+
+def test_the_memory_writer_stops_at_check_cancelled(pair: tuple[str, str]) -> None:
+    snap, mem = pair
+    write_old_pair(snap, mem)
+    cancel = threading.Event()
+    written = 0
+    with pytest.raises(PairCancelled), PairTransaction(snap, mem, cancel=cancel) as tx:
+        for piece in range(4):
+            tx.check_cancelled()
+            os.pwrite(tx.mem_fd, NEW_MEM, piece * len(NEW_MEM))
+            written += 1
+            if piece == 1:
+                cancel.set()
+    assert written == 2
     assert pair_bytes(snap, mem) == (OLD_STATE, OLD_MEM)
     assert leftovers(os.path.dirname(snap)) == []
 

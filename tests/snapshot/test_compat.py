@@ -8,11 +8,11 @@ from typing import Any
 import attrs
 import pytest
 
-from squibd.demo_format import sample_aarch64_state, sample_manifest, sample_x86_state
 from squibd.snapshot.compat import MAX_VCPUS, check_compatible
 from squibd.snapshot.errors import Incompatible
 from squibd.snapshot.manifest import KIND_DIFF, Extent, MemoryRegion
 from squibd.snapshot.models import DeviceState, SysReg
+from tests.snapshot._states import sample_aarch64_state, sample_manifest, sample_x86_state
 
 X86 = sample_x86_state(2, 2)
 ARM = sample_aarch64_state(2, 2)

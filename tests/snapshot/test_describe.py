@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 from squibd.cli import daemon
 from squibd.cli import describe as describe_cli
-from squibd.demo_format import pattern_memory, sample_manifest, sample_x86_state
 from squibd.snapshot.compat import MIB
 from squibd.snapshot.describe import (
     FORMAT_FIRECRACKER,
@@ -25,6 +24,7 @@ from squibd.snapshot.describe import (
     render_text,
 )
 from squibd.snapshot.envelope import MAGIC_X86_64, crc64, encode_state
+from tests.snapshot._states import pattern_memory, sample_manifest, sample_x86_state
 
 MEM_MIB = 2
 MEMORY = pattern_memory(MEM_MIB * MIB)
@@ -203,18 +203,17 @@ def test_console_script_in_a_real_process(snap: Path) -> None:
 
 
 def test_format_demo_writes_describes_and_detects_the_corrupted_copy(tmp_path: Path) -> None:
-    import contextlib
-    import io
+    import subprocess
+    import sys
 
-    from squibd import demo_format
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert demo_format.main(["--dir", str(tmp_path)]) == 0
+    script = Path(__file__).resolve().parents[2] / "scripts" / "demo_format.py"
+    run = subprocess.run([sys.executable, str(script), "--dir", str(tmp_path)],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    assert run.returncode == 0, run.stderr
     assert describe_snapshot(str(tmp_path / "demo.snap"), verify="full").ok
     damaged = describe_snapshot(str(tmp_path / "damaged.snap"))
     assert damaged.crc_ok is False and not damaged.ok
-    assert "result: as expected" in out.getvalue()
+    assert "result: as expected" in run.stdout
 
 
 @settings(max_examples=100, deadline=None)

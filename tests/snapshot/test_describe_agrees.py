@@ -15,7 +15,6 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from squibd.demo_format import pattern_memory, sample_manifest, sample_x86_state
 from squibd.snapshot.codec import encode_body
 from squibd.snapshot.compat import MIB
 from squibd.snapshot.describe import describe_snapshot
@@ -23,6 +22,7 @@ from squibd.snapshot.digest import digest_function
 from squibd.snapshot.envelope import MAGIC_X86_64, STATE_VERSION, crc64, decode_state
 from squibd.snapshot.errors import SnapshotError
 from squibd.snapshot.manifest import Extent, compact_manifest
+from tests.snapshot._states import pattern_memory, sample_manifest, sample_x86_state
 
 MEMORY = pattern_memory(2 * MIB)
 LIST_STATE = sample_x86_state(1, 2, manifest=sample_manifest(2, memory=MEMORY))

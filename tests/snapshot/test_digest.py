@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import tempfile
 import threading
 
 import pytest
@@ -15,8 +18,10 @@ from squibd.snapshot.digest import (
     available_algorithms,
     digest,
     digest_function,
+    file_chunk_digests,
     manifest_digests,
 )
+from squibd.snapshot.errors import MemoryIo
 from squibd.snapshot.manifest import DIGEST_SIZES, Extent
 
 
@@ -74,3 +79,43 @@ def test_manifest_digests_hash_each_chunk_of_each_extent() -> None:
         for start, end in ((mib, 2 * mib), (2 * mib, 3 * mib), (4 * mib, 4 * mib + 4096))
     )
     assert got == expected
+
+
+def _memory_file(data: bytes) -> int:
+    fd, path = tempfile.mkstemp()
+    os.unlink(path)
+    os.write(fd, data)
+    return fd
+
+
+def test_file_chunk_digests_read_back_what_manifest_digests_compute() -> None:
+    mib = 1024 * 1024
+    data = os.urandom(5 * mib)
+    extents = (Extent(4096, 4096), Extent(mib, 2 * mib), Extent(4 * mib + 8192, 4096))
+    fd = _memory_file(data)
+    try:
+        expected = manifest_digests(lambda offset, length: data[offset : offset + length], extents)
+        assert file_chunk_digests(fd, extents) == expected
+        # A chunk with a known digest is not read: a wrong known digest shows up as is.
+        wrong = b"\xff" * 8
+        got = file_chunk_digests(fd, extents, known=lambda c: wrong if c.offset == mib else None)
+        assert got[8:16] == wrong and got[:8] == expected[:8] and got[16:] == expected[16:]
+    finally:
+        os.close(fd)
+
+
+def test_file_chunk_digests_fail_typed_on_a_short_file_and_on_cancel() -> None:
+    fd = _memory_file(b"x" * 8192)
+    try:
+        with pytest.raises(MemoryIo) as short:
+            file_chunk_digests(fd, (Extent(4096, 8192),))
+        assert short.value.errno == errno.EIO
+        cancel = threading.Event()
+        cancel.set()
+        with pytest.raises(MemoryIo) as cancelled:
+            file_chunk_digests(fd, (Extent(0, 4096),), cancel=cancel)
+        assert cancelled.value.errno == errno.ECANCELED
+        with pytest.raises(KeyboardInterrupt):
+            file_chunk_digests(fd, (Extent(0, 4096),), cancel=cancel, cancelled=KeyboardInterrupt)
+    finally:
+        os.close(fd)

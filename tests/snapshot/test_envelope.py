@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from squibd.demo_format import sample_aarch64_state, sample_x86_state
 from squibd.snapshot.codec import encode_body
 from squibd.snapshot.envelope import (
     CRC64_IS_C_EXTENSION,
@@ -39,6 +38,7 @@ from squibd.snapshot.errors import (
     VersionMismatch,
 )
 from squibd.snapshot.models import DeviceState, MicrovmState, X86Regs
+from tests.snapshot._states import sample_aarch64_state, sample_x86_state
 
 from ._format_strategies import strategy_for
 

@@ -125,6 +125,31 @@ def test_a_save_waits_for_a_recovery_only_for_a_bounded_time() -> None:
     release_paths(keys)
 
 
+def test_a_cancelled_save_stops_waiting_for_a_recovery_and_holders_are_visible(
+    tmp_path: Path,
+) -> None:
+    from squibd.snapshot.commit import PairCancelled, PairTransaction
+    from squibd.snapshot.journal import RESERVATIONS, canonical_path
+
+    snap, mem = str(tmp_path / "c.snap"), str(tmp_path / "c.mem")
+    keys = (canonical_path(snap), canonical_path(mem))
+    assert reserve_paths(keys)  # a recovery that never finishes
+    try:
+        held = RESERVATIONS.held()
+        assert {key: held[key].for_save for key in keys} == dict.fromkeys(keys, False)
+        assert held[keys[0]].thread == threading.current_thread().name
+        cancel = threading.Event()
+        cancel.set()
+        # An hour-long timeout: only the cancel event can end this wait.
+        assert not reserve_paths(keys, for_save=True, timeout_s=3600, cancel=cancel)
+        with pytest.raises(PairCancelled):
+            PairTransaction(snap, mem, cancel=cancel)
+        assert not os.listdir(tmp_path)  # nothing was written
+    finally:
+        release_paths(keys)
+    assert not set(keys) & set(RESERVATIONS.held())
+
+
 def test_state_dir_in_the_config_and_on_the_command_line(tmp_path: Path) -> None:
     from squibd.cli.serve import _apply_overrides, build_parser
     from squibd.config import DaemonConfig, parse_config
@@ -143,10 +168,10 @@ def test_a_reader_without_a_usable_state_dir_still_reads_state_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An offline reader whose state dir cannot exist has no journals: reads go on."""
-    from squibd.demo_format import sample_manifest, sample_x86_state
     from squibd.snapshot import statedir
     from squibd.snapshot.envelope import read_state_file
     from squibd.snapshot.journal import recover_all
+    from tests.snapshot._states import sample_manifest, sample_x86_state
 
     snap = tmp_path / "a.snap"
     snap.write_bytes(encode_state(sample_x86_state(1, 1, manifest=sample_manifest(1))))

@@ -19,7 +19,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from squibd.demo_format import minimal_x86_state, minimal_x86_vcpu
 from squibd.snapshot.codec import encode_body
 from squibd.snapshot.commit import PairTransaction
 from squibd.snapshot.compat import MIB
@@ -43,6 +42,7 @@ from squibd.snapshot.rebase import rebase
 from squibd.snapshot.verify import check_pair_binding, verify
 from squibd.vm.load import _map_file
 from squibd.vm.memory import MMIO_GAP_END, GuestMemory, x86_layout
+from tests.snapshot._states import minimal_x86_state, minimal_x86_vcpu
 
 PAGE = 4096
 XXH = digest_function("xxh3-64")

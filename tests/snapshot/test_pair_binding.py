@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from squibd.demo_format import minimal_x86_state, minimal_x86_vcpu
 from squibd.snapshot.commit import PairTransaction
 from squibd.snapshot.describe import describe_snapshot
 from squibd.snapshot.envelope import encode_state, read_state_file
@@ -19,6 +18,7 @@ from squibd.snapshot.pairing import read_pair_xattr
 from squibd.snapshot.rebase import rebase
 from squibd.snapshot.verify import check_pair_binding
 from squibd.vm.memory import GuestMemory
+from tests.snapshot._states import minimal_x86_state, minimal_x86_vcpu
 
 MIB = 1024 * 1024
 LAYOUT = (MemoryRegion(0, 4 * MIB, 0),)

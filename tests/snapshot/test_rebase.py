@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,9 +17,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from squibd.demo_format import minimal_x86_state, minimal_x86_vcpu
 from squibd.snapshot.bitmap import HOST_PAGE_SIZE, DirtyBitmap
-from squibd.snapshot.commit import COMMIT_STEPS, PairTransaction, recover_pair
+from squibd.snapshot.commit import (
+    COMMIT_POINT,
+    COMMIT_STEPS,
+    PairCancelled,
+    PairTransaction,
+    recover_pair,
+)
 from squibd.snapshot.envelope import encode_state, read_state_file
 from squibd.snapshot.errors import MemoryIo, SnapshotError
 from squibd.snapshot.manifest import MemoryManifest, MemoryRegion
@@ -27,6 +33,7 @@ from squibd.snapshot.memwriter import build_manifest, new_pair_id, set_pair_xatt
 from squibd.snapshot.rebase import memory_path_for, rebase
 from squibd.snapshot.verify import verify
 from squibd.vm.memory import GuestMemory
+from tests.snapshot._states import minimal_x86_state, minimal_x86_vcpu
 from tests.snapshot.memfiles import assert_same_content, small_tmpfs
 
 PAGE = HOST_PAGE_SIZE
@@ -175,6 +182,53 @@ def test_memory_file_of_another_pair_is_refused(tmp_path: Path) -> None:
     with pytest.raises(MemoryPairMismatch, match="belongs to pair"):
         rebase(str(tmp_path / "other.snap"), [str(tmp_path / "d1.snap")],
                str(tmp_path / "out.snap"), base_mem=str(tmp_path / "full.mem"))
+
+
+class _FakeEventSetAfter(threading.Event):
+    """A cancel event that reads as set from its ``after``-th check on (a fake:
+    it lands a cancel between two given pieces of the merge, which a real
+    press of Ctrl-C cannot aim at)."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.after = after
+        self.checks = 0
+
+    def is_set(self) -> bool:
+        self.checks += 1
+        return self.checks > self.after
+
+
+def test_fake_cancel_at_every_check_of_a_rebase_aborts_or_commits_whole(tmp_path: Path) -> None:
+    with fake_vm() as vm:
+        vm.write(0, b"a" * 3 * PAGE)
+        vm.write(LAYOUT[1].guest_addr, b"b" * PAGE)
+        vm.save("Full", tmp_path / "full.snap")
+        for page in range(0, 64, 2):  # scattered pages: many pieces to copy and hash
+            vm.write(page * PAGE, bytes([page + 1]) * PAGE)
+        vm.write(LAYOUT[1].guest_addr + 5 * PAGE, b"c" * 3 * MIB)
+        vm.save("Diff", tmp_path / "d1.snap")
+        vm.save("Full", tmp_path / "ref.snap")
+    out = tmp_path / "out.snap"
+    args = (str(tmp_path / "full.snap"), [str(tmp_path / "d1.snap")], str(out))
+    cancelled_at = []
+    after = 0
+    while True:
+        cancel = _FakeEventSetAfter(after)
+        try:
+            rebase(*args, cancel=cancel)
+        except PairCancelled:
+            assert not out.exists() and not _mem(out).exists() and _temps(tmp_path) == []
+            cancelled_at.append(after)
+            after += 1
+            continue
+        break
+    assert_same_content(_mem(out), tmp_path / "ref.mem")
+    assert _temps(tmp_path) == []
+    # Every check before the commit cancelled; the merge itself checks between
+    # its pieces, not only at the transaction's named steps.
+    assert cancelled_at == list(range(after))
+    assert after > COMMIT_STEPS.index(COMMIT_POINT) + 2
 
 
 _KILL_SCRIPT = textwrap.dedent(

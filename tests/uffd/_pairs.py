@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
-from squibd.demo_format import minimal_x86_state, minimal_x86_vcpu
 from squibd.snapshot.digest import manifest_digests
 from squibd.snapshot.envelope import encode_state
 from squibd.snapshot.manifest import (
@@ -26,6 +25,7 @@ from squibd.snapshot.manifest import (
 )
 from squibd.snapshot.models import X86VcpuState
 from squibd.uffd.source import PAIR_XATTR
+from tests.snapshot._states import minimal_x86_state, minimal_x86_vcpu
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1024 * 1024
