@@ -34,9 +34,7 @@ the pause); ``_LivePair`` is the open pair transaction and its digests.
 
 from __future__ import annotations
 
-import errno
 import functools
-import os
 import threading
 import time
 import uuid
@@ -48,8 +46,7 @@ import trio
 
 from ..snapshot.bitmap import Words
 from ..snapshot.commit import PairTransaction
-from ..snapshot.digest import DEFAULT_ALGORITHM, DigestFunction, digest_function
-from ..snapshot.errors import MemoryIo
+from ..snapshot.digest import DEFAULT_ALGORITHM, file_chunk_digests
 from ..snapshot.manifest import (
     DEFAULT_CHUNK_SIZE,
     DIGEST_SIZES,
@@ -111,17 +108,6 @@ def _split_at(extents: Sequence[Extent], boundaries: Sequence[int]) -> tuple[Ext
     return tuple(out)
 
 
-def _read_digest(fd: int, chunk: Extent, buffer: memoryview, hash_of: DigestFunction) -> bytes:
-    view = buffer[: chunk.length]
-    done = 0
-    while done < chunk.length:
-        got = os.preadv(fd, [view[done:]], chunk.offset + done)
-        if got == 0:
-            raise MemoryIo(errno.EIO)  # the temp file ended inside a written chunk
-        done += got
-    return hash_of(view)
-
-
 class _ChunkDigests:
     """Digests the passes computed, and which chunks later passes made stale.
 
@@ -144,21 +130,16 @@ class _ChunkDigests:
             ]
 
     def final(self, fd: int, extents: tuple[Extent, ...], cancel: threading.Event) -> bytes:
-        hash_of = digest_function(DEFAULT_ALGORITHM)
-        out: list[bytes] = []
-        buffer = memoryview(bytearray(self.chunk_size))
-        try:
-            for chunk in iter_chunks(extents, self.chunk_size):
-                if cancel.is_set():
-                    raise WriteCancelled("digest of the live save cancelled")
-                known = self._digests.get((chunk.offset, chunk.length))
-                if known is not None and len(self._writers[chunk.offset // self.chunk_size]) == 1:
-                    out.append(known)
-                else:
-                    out.append(_read_digest(fd, chunk, buffer, hash_of))
-        finally:
-            buffer.release()
-        return b"".join(out)
+        def known(chunk: Extent) -> bytes | None:
+            digest = self._digests.get((chunk.offset, chunk.length))
+            if digest is not None and len(self._writers[chunk.offset // self.chunk_size]) == 1:
+                return digest
+            return None
+
+        return file_chunk_digests(
+            fd, extents, chunk_size=self.chunk_size, known=known, cancel=cancel,
+            cancelled=lambda: WriteCancelled("digest of the live save cancelled"),
+        )
 
 
 class _LivePair:

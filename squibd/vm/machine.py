@@ -31,6 +31,7 @@ from ..kvm.system import Kvm
 from ..kvm.vcpu import Vcpu
 from ..kvm.vm import KvmVm
 from ..snapshot.bitmap import Words
+from ..snapshot.compat import MAX_VCPUS
 from ..snapshot.memwriter import RegionSource
 from ..snapshot.models import VmInfo, X86VcpuState, X86VmState
 from ..uffd import UffdBackend
@@ -49,8 +50,6 @@ from .quiesce import VcpuGate, quiesce
 
 __all__ = ["MAX_VCPUS", "PAGE_SIZE", "CapturedState", "Vm"]
 
-#: SPEC section 3: a state file holds 1 to 32 vCPUs.
-MAX_VCPUS: Final = 32
 #: SPEC section 1: the host page, read from the system.
 PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
 #: Progress counters are little-endian u64 (the guest programs of squibd.kvm).

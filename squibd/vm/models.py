@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import attrs
 
+from ..snapshot.models import DEFAULT_PROGRAM
+
 if TYPE_CHECKING:
     from ..snapshot.models import VmInfo
 
@@ -64,7 +66,7 @@ class VmState(enum.Enum):
 class GuestSpec:
     """What the VM runs: a built-in guest program and its parameters."""
 
-    program: str = "counter"
+    program: str = DEFAULT_PROGRAM
     params: dict[str, int] = attrs.field(factory=dict)
 
 
