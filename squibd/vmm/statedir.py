@@ -43,6 +43,8 @@ def vm_process_settings(server: ServerConfig) -> dict[str, Any]:
         return {"vm_isolation": server.vm_isolation}
     return {
         "vm_isolation": "process",
-        "stop_vms_on_exit": server.stop_vms_on_exit,
+        # on_shutdown "stop" and "save" end the VMs with the daemon; only "keep"
+        # (the default) leaves VM processes to the next daemon, unless told otherwise.
+        "stop_vms_on_exit": server.stop_vms_on_exit or server.on_shutdown != "keep",
         "vm_confine": {"user": server.vm_user, "seccomp": server.vm_seccomp},
     }

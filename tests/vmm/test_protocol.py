@@ -93,3 +93,16 @@ def test_vm_isolation_config_is_checked() -> None:
     assert parse_config({}).server.vm_isolation == "inprocess"
     with pytest.raises(ConfigError, match="vm_isolation"):
         parse_config({"server": {"vm_isolation": "container"}})
+
+
+@pytest.mark.parametrize(("on_shutdown", "stop_vms_on_exit", "stops"), [
+    ("keep", False, False), ("keep", True, True), ("stop", False, True), ("save", False, True),
+])  # fmt: skip
+def test_only_on_shutdown_keep_leaves_vm_processes_to_the_next_daemon(
+    on_shutdown: str, stop_vms_on_exit: bool, stops: bool
+) -> None:
+    from squibd.vmm.statedir import vm_process_settings
+
+    config = parse_config({"server": {"vm_isolation": "process", "on_shutdown": on_shutdown,
+                                      "stop_vms_on_exit": stop_vms_on_exit}})  # fmt: skip
+    assert vm_process_settings(config.server)["stop_vms_on_exit"] is stops
