@@ -10,6 +10,7 @@ names -32602.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import time
@@ -33,6 +34,7 @@ from .wire import wire_field
 
 __all__ = ["STORE_METHODS"]
 
+_log = logging.getLogger("squibd.store")
 _T = TypeVar("_T")
 _MS: Final = 1000.0
 _stores: weakref.WeakKeyDictionary[ApiContext, dict[str, SnapshotStore]] = (
@@ -283,6 +285,7 @@ async def store_restore(
     started = time.monotonic()
     raw = await _run(lambda: store.get_snapshot_raw(p.name))
     stored = store.parse(p.name, raw)
+    fetched = time.monotonic()
     if call.progress is not None:
         call.progress("state", len(stored.state), len(stored.state))
     states = os.path.join(store.cache_dir, "states")
@@ -303,8 +306,10 @@ async def store_restore(
         sock = os.path.join(sockdir, "pages.sock")
         spares = _spares.setdefault(api, SpareChildren())
         try:
+            written = time.monotonic()
             child = await _run(lambda: spares.serve(p.store, store.config, p.name, sock,
                                                     snapshot_file=object_path))
+            served = time.monotonic()
             try:
                 await api.runtime.load(p.vm_id, state_path, MemBackend("Uffd", sock),
                                        track_dirty_pages=p.track_dirty_pages,
@@ -312,6 +317,10 @@ async def store_restore(
             except BaseException:
                 child.kill()
                 raise
+            _log.info("store.restore %s: object %.1f ms, state files %.1f ms, page server "
+                      "%.1f ms, load %.1f ms", p.vm_id, (fetched - started) * _MS,
+                      (written - fetched) * _MS, (served - written) * _MS,
+                      (time.monotonic() - served) * _MS)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(sock)
