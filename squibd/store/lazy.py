@@ -70,6 +70,8 @@ class LazyServer:
         self.socket_path = socket_path
         self.state = decode_state(snap.state)
         self.source = StoreSource(store, snap, workers=store.workers)
+        # The chunks the vCPUs need first, in parallel, while the VMM gets ready.
+        self.source.start_prefetch(snap.prefetch)
         self.stats: ServeStats | None = None
         self.done = threading.Event()
         self._stream = stream
