@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -334,7 +335,14 @@ async def store_restore(
                                track_dirty_pages=p.track_dirty_pages, resume_vm=p.resume_vm,
                                progress=call.progress)
     elapsed = (time.monotonic() - started) * _MS
-    return StoreRestoreResult(await _info(api, p.vm_id), stored.pair_id, p.lazy, round(elapsed, 3))
+    info = await _info(api, p.vm_id)
+    if p.lazy:
+        # The next restore's page-server process, started once this VM runs (its
+        # imports would have competed with this restore for the CPU); Popen off the
+        # trio thread, not waited for.
+        threading.Thread(target=spares.warm, args=(p.store, store.config),
+                         name="store-spare", daemon=True).start()
+    return StoreRestoreResult(info, stored.pair_id, p.lazy, round(elapsed, 3))
 
 
 @_mapped
