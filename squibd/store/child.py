@@ -93,7 +93,10 @@ def main() -> int:
     with contextlib.suppress(StoreError):
         store.objects.exists("pairs/warm-up")  # opens the connection ahead
     _warm_up()
-    print("ready", flush=True)
+    try:
+        print("ready", flush=True)
+    except BrokenPipeError:
+        return 0  # the daemon stopped while we were starting
     line = sys.stdin.readline()
     if not line:
         return 0  # the daemon went away before using us
