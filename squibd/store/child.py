@@ -96,7 +96,9 @@ def main() -> int:
     try:
         print("ready", flush=True)
     except BrokenPipeError:
-        return 0  # the daemon stopped while we were starting
+        # the daemon stopped while we were starting; nothing left to flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     line = sys.stdin.readline()
     if not line:
         return 0  # the daemon went away before using us
