@@ -26,7 +26,7 @@ from squibd.rpc import INVALID_PARAMS, SNAPSHOT_ERROR, application_error
 from squibd.store.child import SpareChildren
 from squibd.store.config import NAME_RE, check_name
 from squibd.store.errors import InvalidStoreName, StoreError, UnknownStore
-from squibd.store.store import SnapshotStore
+from squibd.store.store import SnapshotStore, StoredSnapshot
 
 from .context import ApiContext, CallInfo, ProgressSink
 from .handlers import _info, _path
@@ -274,6 +274,11 @@ async def store_pull(api: ApiContext, call: CallInfo, p: StorePullParams) -> Sto
                            r.chunks_fetched, r.bytes_fetched, r.duration_ms)
 
 
+def _fetch_object(store: SnapshotStore, name: str) -> tuple[bytes, StoredSnapshot]:
+    raw = store.get_snapshot_raw(name)
+    return raw, store.parse(name, raw)
+
+
 @_mapped
 async def store_restore(
     api: ApiContext, call: CallInfo, p: StoreRestoreParams
@@ -284,8 +289,7 @@ async def store_restore(
     check_name(p.name)
     store = _store(api, p.store)
     started = time.monotonic()
-    raw = await _run(lambda: store.get_snapshot_raw(p.name))
-    stored = store.parse(p.name, raw)
+    raw, stored = await _run(lambda: _fetch_object(store, p.name))
     fetched = time.monotonic()
     if call.progress is not None:
         call.progress("state", len(stored.state), len(stored.state))
