@@ -10,8 +10,10 @@ names -32602.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -24,7 +26,7 @@ from squibd.rpc import INVALID_PARAMS, SNAPSHOT_ERROR, application_error
 from squibd.store.child import SpareChildren
 from squibd.store.config import NAME_RE, check_name
 from squibd.store.errors import InvalidStoreName, StoreError, UnknownStore
-from squibd.store.store import SnapshotStore
+from squibd.store.store import SnapshotStore, StoredSnapshot
 
 from .context import ApiContext, CallInfo, ProgressSink
 from .handlers import _info, _path
@@ -33,6 +35,7 @@ from .wire import wire_field
 
 __all__ = ["STORE_METHODS"]
 
+_log = logging.getLogger("squibd.store")
 _T = TypeVar("_T")
 _MS: Final = 1000.0
 _stores: weakref.WeakKeyDictionary[ApiContext, dict[str, SnapshotStore]] = (
@@ -271,6 +274,11 @@ async def store_pull(api: ApiContext, call: CallInfo, p: StorePullParams) -> Sto
                            r.chunks_fetched, r.bytes_fetched, r.duration_ms)
 
 
+def _fetch_object(store: SnapshotStore, name: str) -> tuple[bytes, StoredSnapshot]:
+    raw = store.get_snapshot_raw(name)
+    return raw, store.parse(name, raw)
+
+
 @_mapped
 async def store_restore(
     api: ApiContext, call: CallInfo, p: StoreRestoreParams
@@ -281,8 +289,8 @@ async def store_restore(
     check_name(p.name)
     store = _store(api, p.store)
     started = time.monotonic()
-    raw = await _run(lambda: store.get_snapshot_raw(p.name))
-    stored = store.parse(p.name, raw)
+    raw, stored = await _run(lambda: _fetch_object(store, p.name))
+    fetched = time.monotonic()
     if call.progress is not None:
         call.progress("state", len(stored.state), len(stored.state))
     states = os.path.join(store.cache_dir, "states")
@@ -303,8 +311,10 @@ async def store_restore(
         sock = os.path.join(sockdir, "pages.sock")
         spares = _spares.setdefault(api, SpareChildren())
         try:
+            written = time.monotonic()
             child = await _run(lambda: spares.serve(p.store, store.config, p.name, sock,
                                                     snapshot_file=object_path))
+            served = time.monotonic()
             try:
                 await api.runtime.load(p.vm_id, state_path, MemBackend("Uffd", sock),
                                        track_dirty_pages=p.track_dirty_pages,
@@ -312,6 +322,10 @@ async def store_restore(
             except BaseException:
                 child.kill()
                 raise
+            _log.info("store.restore %s: object %.1f ms, state files %.1f ms, page server "
+                      "%.1f ms, load %.1f ms", p.vm_id, (fetched - started) * _MS,
+                      (written - fetched) * _MS, (served - written) * _MS,
+                      (time.monotonic() - served) * _MS)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(sock)
@@ -325,7 +339,14 @@ async def store_restore(
                                track_dirty_pages=p.track_dirty_pages, resume_vm=p.resume_vm,
                                progress=call.progress)
     elapsed = (time.monotonic() - started) * _MS
-    return StoreRestoreResult(await _info(api, p.vm_id), stored.pair_id, p.lazy, round(elapsed, 3))
+    info = await _info(api, p.vm_id)
+    if p.lazy:
+        # The next restore's page-server process, started once this VM runs (its
+        # imports would have competed with this restore for the CPU); Popen off the
+        # trio thread, not waited for.
+        threading.Thread(target=spares.warm, args=(p.store, store.config),
+                         name="store-spare", daemon=True).start()
+    return StoreRestoreResult(info, stored.pair_id, p.lazy, round(elapsed, 3))
 
 
 @_mapped

@@ -94,7 +94,12 @@ def main() -> int:
     with contextlib.suppress(StoreError):
         store.objects.exists("pairs/warm-up")  # opens the connection ahead
     _warm_up()
-    print("ready", flush=True)
+    try:
+        print("ready", flush=True)
+    except BrokenPipeError:
+        # the daemon stopped while we were starting; nothing left to flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     line = sys.stdin.readline()
     if not line:
         return 0  # the daemon went away before using us
@@ -141,16 +146,19 @@ class SpareChildren:
 
     def serve(self, store_name: str, config: StoreConfig, name: str, socket_path: str, *,
               snapshot_file: str | None = None) -> subprocess.Popen[str]:
-        """Hand a job to the spare (then start the next one); returns once it listens.
+        """Hand a job to the spare; returns once it listens.
+
+        The next spare is not started here: importing the store stack takes about a
+        second of CPU, which on a small host would slow this very restore down. The
+        caller calls :meth:`warm` once the restored VM runs.
 
         Raises:
             StoreError: the snapshot cannot be served (its message), or the child failed.
         """
         with self._lock:
-            child = self._spares.get(store_name)
+            child = self._spares.pop(store_name, None)
             if child is None or child.poll() is not None:
                 child = self._spawn(store_name, config)
-            self._spares[store_name] = self._spawn(store_name, config)
         assert child.stdin is not None
         started = time.monotonic()
         try:

@@ -16,6 +16,7 @@ import tempfile
 from typing import Final
 
 import blake3
+import numpy as np
 import zstandard
 
 __all__ = [
@@ -35,7 +36,6 @@ _ZSTD: Final = b"\x01"
 #: zstd level 1: fast; random (incompressible) pages are stored raw anyway.
 _LEVEL: Final = 1
 _SAMPLE: Final = 64 * 1024
-_ZERO_CACHE: dict[int, bytes] = {}
 
 
 def address_of(data: bytes | memoryview) -> str:
@@ -48,13 +48,20 @@ def chunk_key(address: str) -> str:
     return f"chunks/{address[:2]}/{address}"
 
 
-def is_zero(data: bytes | memoryview) -> bool:
-    """Whether every byte is zero (such chunks are not stored)."""
-    length = len(data)
-    zeros = _ZERO_CACHE.get(length)
-    if zeros is None:
-        zeros = _ZERO_CACHE.setdefault(length, bytes(length))
-    return data == zeros
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    """Whether every byte is zero (such chunks are not stored).
+
+    numpy scans 8 bytes at a time (a memoryview compared with bytes goes byte by
+    byte: 27 ms for a zero 2 MiB chunk here against well under 1 ms).
+    """
+    view = memoryview(data).cast("B")
+    if not len(view):
+        return True
+    if view[0] or view[-1]:
+        return False
+    words = len(view) // 8
+    head = np.frombuffer(view, dtype=np.uint64, count=words)
+    return not head.any() and not any(view[words * 8:])
 
 
 def encode_chunk(data: bytes | memoryview) -> bytes:

@@ -15,6 +15,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from typing import cast
 
 from squibd.snapshot.envelope import decode_state
@@ -41,6 +42,7 @@ class _StreamAfterReady(PageServer):
     streaming: StoreSource | None = None
 
     def on_ready(self) -> None:
+        _log.info("prefetched pages in; the VM may run")
         if self.streaming is not None:
             self.streaming.start_streaming()
             self.streaming = None
@@ -68,6 +70,8 @@ class LazyServer:
         self.socket_path = socket_path
         self.state = decode_state(snap.state)
         self.source = StoreSource(store, snap, workers=store.workers)
+        # The chunks the vCPUs need first, in parallel, while the VMM gets ready.
+        self.source.start_prefetch(snap.prefetch)
         self.stats: ServeStats | None = None
         self.done = threading.Event()
         self._stream = stream
@@ -87,6 +91,7 @@ class LazyServer:
     def run(self) -> ServeStats | None:
         """Serve one VMM in this thread; returns the statistics (None if none connected)."""
         try:
+            t0 = time.monotonic()
             memory = self.state.memory
             try:
                 prefetch = prefetch_offsets(self.state.vcpu_states, memory.regions,
@@ -95,6 +100,7 @@ class LazyServer:
                 # The vCPUs would touch it first: prefetching it again refuses the handshake.
                 _log.error("%s", exc)
                 prefetch = [exc.offset - exc.offset % self.source.page_size]
+            walked = time.monotonic()
             server = _StreamAfterReady(
                 cast(PageSource, self.source),  # the PageSource reads the server makes
                 memory.regions,
@@ -111,7 +117,9 @@ class LazyServer:
                 return None  # stopped before a VMM came
             finally:
                 self._close_listener()
-            _log.info("VMM connected; %d pages to prefetch", len(prefetch))
+            _log.info("VMM connected %.1f ms after the prefetch walk began; %d pages to "
+                      "prefetch (walk %.1f ms)", (time.monotonic() - t0) * 1000, len(prefetch),
+                      (walked - t0) * 1000)
             with conn:
                 self.stats = server.serve(conn)
             return self.stats

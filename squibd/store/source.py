@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import mmap
 import threading
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final
 
@@ -96,6 +97,13 @@ class StoreSource:
         """Bytes of guest memory."""
         return self._size
 
+    def start_prefetch(self, offsets: Iterable[int]) -> None:
+        """Fetch the blocks holding ``offsets`` now, in parallel (the pages needed first)."""
+        blocks = dict.fromkeys(o // self.chunk_size for o in offsets)
+        for block in blocks:
+            if block in self._blocks:
+                self._pool.submit(self._try_ensure, block)
+
     def start_streaming(self) -> None:
         """Fetch every block in the background, in memory-file order (bounded pool)."""
         for block in sorted(self._blocks):
@@ -119,9 +127,10 @@ class StoreSource:
                     self._status[block] = _FETCHING
                     break
                 self._cond.wait()
+        fetched: list[tuple[str, memoryview]] = []
         try:
             for ref in self._blocks.get(block, ()):
-                data = self._fetch(ref)
+                data = self._fetch(ref, fetched)
                 target = (ctypes.c_char * len(data)).from_address(self.base + ref.offset)
                 memoryview(target).cast("B")[:] = data
                 self.fetched_bytes += len(data)
@@ -139,10 +148,16 @@ class StoreSource:
         with self._cond:
             self._status[block] = _FETCHED
             self._cond.notify_all()
+        # into the local cache once the waiting fault has its bytes
+        for address, stored in fetched:
+            with contextlib.suppress(OSError):
+                self.store.cache.put(address, stored)
 
-    def _fetch(self, ref: ChunkRef) -> bytes | memoryview:
+    def _fetch(self, ref: ChunkRef, fetched: list[tuple[str, memoryview]]
+               ) -> bytes | memoryview:
         try:
-            return self.store.fetch_chunk(self.snapshot.name, ref, limit=False)
+            return self.store.fetch_chunk(self.snapshot.name, ref, limit=False,
+                                          fetched=fetched)
         except StoreError as exc:  # ChunkInvalid, StoreUnavailable
             raise StoreChunkCorrupt(self.snapshot.name, ref.offset, ref.length,
                                     f"store {self.store.name!r}: {exc}") from exc

@@ -27,6 +27,7 @@ gone on this host, after ``LEASE_TTL_S`` elsewhere).
 
 from __future__ import annotations
 
+import bisect
 import builtins
 import contextlib
 import datetime
@@ -34,6 +35,7 @@ import json
 import mmap
 import os
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -129,6 +131,9 @@ class StoredSnapshot:
     mem_size_bytes: int
     state: bytes
     chunks: tuple[ChunkRef, ...]
+    #: Memory-file offsets of the pages the vCPUs touch first, found at push time
+    #: (a lazy restore fetches their chunks at once, in parallel); () when unknown.
+    prefetch: tuple[int, ...] = ()
 
     def listing(self) -> dict[str, Any]:
         return {
@@ -270,6 +275,7 @@ class SnapshotStore:
                 mem_size_bytes=data["mem_size_bytes"],
                 state=data["state"],
                 chunks=tuple(ChunkRef(o, n, a) for o, n, a in data["chunks"]),
+                prefetch=tuple(int(o) for o in data.get("prefetch", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"the snapshot object of {name!r} is malformed: {exc}") from exc
@@ -282,6 +288,7 @@ class SnapshotStore:
                 **snap.listing(),
                 "state": snap.state,
                 "chunks": [[c.offset, c.length, c.address] for c in snap.chunks],
+                "prefetch": list(snap.prefetch),
             },
             use_bin_type=True,
         )
@@ -313,13 +320,17 @@ class SnapshotStore:
 
     # --- chunks ---------------------------------------------------------------------------
     def fetch_chunk(self, snapshot: str, ref: ChunkRef, *, cache: bool = True,
-                    limit: bool = True) -> bytes | memoryview:
+                    limit: bool = True,
+                    fetched: builtins.list[tuple[str, memoryview]] | None = None,
+                    ) -> bytes | memoryview:
         """The verified bytes of ``ref`` (local cache first, then the store).
 
         ``cache=False``: a chunk fetched from the store is not kept in the local cache
         (a pull writes it into the memory file anyway). ``limit=False``: not counted
         against ``max_requests`` (a lazy VM's demand fault must not queue behind
-        background fetches; the page source bounds its own).
+        background fetches; the page source bounds its own). ``fetched``: a chunk
+        fetched from the store is appended as ``(address, stored form)`` instead of
+        being written to the cache here (the caller writes it off its critical path).
 
         Raises:
             ChunkInvalid: missing from the store, or not matching its address.
@@ -340,7 +351,9 @@ class SnapshotStore:
         if data is None or address_of(data) != ref.address:
             raise ChunkInvalid(snapshot, ref.address, ref.offset,
                                "does not match its address (corrupt in the store)")
-        if cache:
+        if fetched is not None:
+            fetched.append((ref.address, stored))
+        elif cache:
             with contextlib.suppress(OSError):
                 self.cache.put(ref.address, stored)
         return data
@@ -394,6 +407,7 @@ class SnapshotStore:
                     plan = [_Planned(c.offset, c.length) for c in
                             iter_chunks(manifest.extents, manifest.chunk_size)]
                 refs, uploaded, bytes_up = self._upload(plan, progress, chunk_hook)
+                prefetch = self._first_touched(name, state, plan)
                 snap = StoredSnapshot(
                     name=name,
                     pair_id=manifest.pair_id,
@@ -405,6 +419,7 @@ class SnapshotStore:
                     mem_size_bytes=manifest.file_size,
                     state=state_bytes,
                     chunks=tuple(refs),
+                    prefetch=tuple(prefetch),
                 )
                 self._commit(snap, push_start, plan)
             finally:
@@ -423,6 +438,46 @@ class SnapshotStore:
             bytes_uploaded=bytes_up,
             duration_ms=round((time.monotonic() - started) * 1000.0, 3),
         )
+
+    def _first_touched(self, name: str, state: Any, plan: Sequence[_Planned]) -> builtins.list[int]:
+        """The offsets of the pages the vCPUs touch first (a heuristic: [] when unsure)."""
+        from squibd.uffd.prefetch import prefetch_offsets
+
+        starts = [item.offset for item in plan]
+        mem = self._mem
+
+        def piece(offset: int, length: int) -> bytes:
+            index = bisect.bisect_right(starts, offset) - 1
+            if index < 0 or offset >= plan[index].offset + plan[index].length:
+                if index + 1 < len(starts):
+                    length = min(length, starts[index + 1] - offset)
+                return bytes(length)  # a hole
+            item = plan[index]
+            length = min(length, item.offset + item.length - offset)
+            at = offset - item.offset
+            if item.data is not None:
+                return item.data[at: at + length]
+            if item.address is None:
+                return bytes(mem[offset: offset + length])
+            if not item.address:
+                return bytes(length)
+            data = self.fetch_chunk(name, ChunkRef(item.offset, item.length, item.address))
+            return bytes(data[at: at + length])
+
+        def read(offset: int, length: int) -> bytes:
+            out = bytearray()
+            while len(out) < length:
+                part = piece(offset + len(out), length - len(out))
+                if not part:
+                    break
+                out += part
+            return bytes(out)
+
+        try:
+            memory: MemoryManifest = state.memory
+            return prefetch_offsets(state.vcpu_states, memory.regions, read, memory.page_size)
+        except (StoreError, ValueError, IndexError, struct.error):
+            return []
 
     def _merge_diff(self, name: str, state: Any) -> tuple[builtins.list[_Planned], bytes]:
         """A Diff's chunk plan merged onto its parent's chunks, and its Full state file."""
@@ -499,6 +554,16 @@ class SnapshotStore:
         lock = threading.Lock()
         mem = self._mem
         known = self._known_chunks(len(plan))
+        # Each worker thread reuses one buffer: a fresh 2 MiB allocation per chunk costs
+        # its zero fill and page faults, about as much CPU as hashing the chunk. The
+        # client library does not keep a reference once a PUT has returned.
+        local = threading.local()
+
+        def buffer(length: int) -> bytearray:
+            framed: bytearray | None = getattr(local, "framed", None)
+            if framed is None or len(framed) != 1 + length:
+                framed = local.framed = bytearray(1 + length)
+            return framed
 
         def one(item: _Planned) -> tuple[ChunkRef, int]:
             offset, length = item.offset, item.length
@@ -507,7 +572,7 @@ class SnapshotStore:
                 ref = ChunkRef(offset, length, item.address)
             else:
                 # one copy, into a buffer with room for the stored form's header byte
-                framed = bytearray(1 + length)
+                framed = buffer(length)
                 view = memoryview(framed)[1:]
                 view[:] = mem[offset: offset + length] if item.data is None else item.data
                 if is_zero(view):
