@@ -26,7 +26,7 @@ from squibd.rpc import INVALID_PARAMS, SNAPSHOT_ERROR, application_error
 from squibd.store.child import SpareChildren
 from squibd.store.config import NAME_RE, check_name
 from squibd.store.errors import InvalidStoreName, StoreError, UnknownStore
-from squibd.store.store import SnapshotStore, StoredSnapshot
+from squibd.store.store import PullResult, PushResult, SnapshotStore, StoredSnapshot
 
 from .context import ApiContext, CallInfo, ProgressSink
 from .handlers import _info, _path
@@ -64,16 +64,9 @@ class StorePushParams:
     progress_token: int | str | None = wire_field(default=None, description="$/progress token")
 
 
-@attrs.frozen
-class StorePushResult:
-    """``store.push``: what was uploaded."""
-
-    name: str
-    pair_id: str
-    chunks_total: int
-    chunks_uploaded: int
-    bytes_uploaded: int
-    duration_ms: float
+#: ``store.push``'s result: the store's own value (name, pair_id, chunks_total,
+#: chunks_uploaded, bytes_uploaded, duration_ms).
+StorePushResult = PushResult
 
 
 @attrs.frozen
@@ -116,17 +109,9 @@ class StorePullParams:
     progress_token: int | str | None = wire_field(default=None, description="$/progress token")
 
 
-@attrs.frozen
-class StorePullResult:
-    """``store.pull``: the committed local pair."""
-
-    name: str
-    pair_id: str
-    snapshot_path: str
-    mem_file_path: str
-    chunks_fetched: int
-    bytes_fetched: int
-    duration_ms: float
+#: ``store.pull``'s result: the store's own value (name, pair_id, snapshot_path,
+#: mem_file_path, chunks_fetched, bytes_fetched, duration_ms).
+StorePullResult = PullResult
 
 
 @attrs.frozen
@@ -248,8 +233,7 @@ async def store_push(api: ApiContext, call: CallInfo, p: StorePushParams) -> Sto
     vm_id = await _run(lambda: _vm_of_pair(api, snap))
     progress = _thread_progress(call.progress, "push")
     r = await _run(lambda: store.push(snap, p.name, vm_id=vm_id, progress=progress))
-    return StorePushResult(r.name, r.pair_id, r.chunks_total, r.chunks_uploaded,
-                           r.bytes_uploaded, r.duration_ms)
+    return r
 
 
 @_mapped
@@ -270,8 +254,7 @@ async def store_pull(api: ApiContext, call: CallInfo, p: StorePullParams) -> Sto
     progress = _thread_progress(call.progress, "pull")
     r = await _run(lambda: store.pull(p.name, snap, mem, progress=progress,
                                       allowed_roots=api.allowed_roots))
-    return StorePullResult(r.name, r.pair_id, r.snapshot_path, r.mem_file_path,
-                           r.chunks_fetched, r.bytes_fetched, r.duration_ms)
+    return r
 
 
 def _fetch_object(store: SnapshotStore, name: str) -> tuple[bytes, StoredSnapshot]:

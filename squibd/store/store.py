@@ -149,6 +149,8 @@ class StoredSnapshot:
 
 @attrs.frozen
 class PushResult:
+    """What ``push`` uploaded (also ``store.push``'s wire result)."""
+
     name: str
     pair_id: str
     chunks_total: int
@@ -159,6 +161,8 @@ class PushResult:
 
 @attrs.frozen
 class PullResult:
+    """The local pair ``pull`` committed (also ``store.pull``'s wire result)."""
+
     name: str
     pair_id: str
     snapshot_path: str
