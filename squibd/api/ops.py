@@ -18,7 +18,7 @@ import attrs
 import trio
 
 from squibd.rpc import RpcError
-from squibd.snapshot.inventory import delete_pair, list_pairs
+from squibd.snapshot.inventory import SnapshotEntry, delete_pair, list_pairs
 from squibd.snapshot.models import SnapshotMetadata
 from squibd.snapshot.paths import is_within, validate_path
 
@@ -66,20 +66,9 @@ class SnapshotListParams:
     )
 
 
-@attrs.frozen
-class SnapshotListEntry:
-    """One snapshot pair and its metadata."""
-
-    snapshot_path: str
-    mem_file_path: str | None
-    pair_id: str
-    parent_pair_id: str | None
-    snapshot_type: str
-    vm_id: str | None
-    created_at: str | None
-    host: str | None
-    labels: dict[str, str]
-    size_bytes: int
+#: One pair of ``snapshot.list``: the inventory's own value (snapshot_path, mem_file_path,
+#: pair_id, parent_pair_id, snapshot_type, vm_id, created_at, host, labels, size_bytes).
+SnapshotListEntry = SnapshotEntry
 
 
 @attrs.frozen
@@ -143,7 +132,7 @@ async def snapshot_list(
         lambda: list_pairs(roots, vm_id=params.vm_id, label=params.label)
     )
     return SnapshotListResult(
-        snapshots=[SnapshotListEntry(**attrs.asdict(e, recurse=False)) for e in entries]
+        snapshots=list(entries)
     )
 
 
