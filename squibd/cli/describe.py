@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Final
 
@@ -54,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(arguments)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    description = describe_snapshot(args.path, memory_file=args.memory_file, verify=args.verify)
+    # Relative paths are the caller's, resolved against its working directory (as squibctl).
+    memory_file = None if args.memory_file is None else os.path.abspath(args.memory_file)
+    description = describe_snapshot(
+        os.path.abspath(args.path), memory_file=memory_file, verify=args.verify
+    )
     if args.json:
         print(json.dumps(description.to_json(), sort_keys=True))
     else:

@@ -1,0 +1,39 @@
+"""The offline tools take paths relative to the caller's working directory, as squibctl does.
+
+Regression: ``squibd --describe-snapshot vm.snap`` and ``squibd --rebase-snapshot
+--base full.snap ...`` answered InvalidPath "must be absolute" although the
+README shows the same relative spellings for squibctl.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.snapshot.test_rebase import PAGE, fake_vm
+
+
+def _daemon(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "squibd.cli.daemon", *args], cwd=cwd,
+                          capture_output=True, text=True, check=False, timeout=120)  # fmt: skip
+
+
+def test_describe_and_rebase_resolve_relative_paths(tmp_path: Path) -> None:
+    with fake_vm() as vm:
+        vm.write(0, b"a" * PAGE)
+        vm.save("Full", tmp_path / "full.snap")
+        vm.write(PAGE, b"b" * PAGE)
+        vm.save("Diff", tmp_path / "d1.snap")
+    described = _daemon(tmp_path, "--describe-snapshot", "full.snap", "--json",
+                        "--mem-file-path", "full.mem", "--verify", "full")  # fmt: skip
+    assert described.returncode == 0, described.stdout
+    assert json.loads(described.stdout)["ok"] is True
+    rebased = _daemon(tmp_path, "--rebase-snapshot", "--base", "full.snap", "--diff", "d1.snap",
+                      "--output", "out.snap", "--output-mem-file-path", "out.mem")  # fmt: skip
+    assert rebased.returncode == 0, rebased.stderr
+    assert (tmp_path / "out.snap").is_file() and (tmp_path / "out.mem").is_file()
+    missing = _daemon(tmp_path, "--describe-snapshot", "nope.snap")
+    assert missing.returncode == 1  # not loadable: 1 (2 is kept for usage errors)
+    assert str(tmp_path / "nope.snap") in missing.stdout
