@@ -22,6 +22,7 @@ from squibd.snapshot.describe import default_memory_path, describe_snapshot
 from squibd.snapshot.paths import validate_path
 from squibd.snapshot.rebase import rebase
 from squibd.vm import run_cancellable
+from squibd.vm.errors import UnknownVm
 from squibd.vm.models import VmDescription
 
 from .context import ApiContext, CallInfo
@@ -88,7 +89,18 @@ def _to_info(api: ApiContext, d: VmDescription) -> VmInfo:
         error=d.error,
         guest_progress_stale=d.guest_progress_stale,
         restored_from=api.restored_from.get(d.vm_id),
+        memory_layout=_memory_layout(api, d.vm_id),
+        api_socket=None if api.api_sockets is None else api.api_sockets.path_of(d.vm_id),
     )
+
+
+def _memory_layout(api: ApiContext, vm_id: str) -> str | None:
+    """The VM's RAM layout name (no guest memory is read: it follows from the regions)."""
+    try:
+        layout = getattr(api.runtime.get(vm_id), "memory_layout", None)
+    except UnknownVm:  # destroyed meanwhile: describe the rest
+        return None
+    return layout if isinstance(layout, str) else None
 
 
 async def _info(api: ApiContext, vm_id: str) -> VmInfo:

@@ -214,6 +214,11 @@ class VmInfo:
     guest_progress_stale: bool = False
     #: The state file the daemon restored this VM from at its start (on_shutdown = "save").
     restored_from: str | None = None
+    #: The guest-physical RAM layout its regions follow: "squibd" or "firecracker" (set by
+    #: vm.create's memory_layout or the loaded state file; up to 3 GiB both are "squibd").
+    memory_layout: str | None = None
+    #: The path of the VM's Firecracker API socket (vm.create's api_socket), if it has one.
+    api_socket: str | None = None
 
 
 @attrs.frozen
