@@ -1,4 +1,4 @@
-"""``vm.describe`` shows the VM's ``memory_layout`` and its Firecracker ``api_socket`` (issue 14)."""
+"""``vm.describe`` shows the VM's ``memory_layout`` and its Firecracker ``api_socket``."""
 
 from __future__ import annotations
 

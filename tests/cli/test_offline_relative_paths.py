@@ -8,6 +8,7 @@ README shows the same relative spellings for squibctl.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,17 @@ def test_describe_and_rebase_resolve_relative_paths(tmp_path: Path) -> None:
     missing = _daemon(tmp_path, "--describe-snapshot", "nope.snap")
     assert missing.returncode == 1  # not loadable: 1 (2 is kept for usage errors)
     assert str(tmp_path / "nope.snap") in missing.stdout
+
+
+def test_squibctl_into_a_closed_pipe_has_no_traceback() -> None:
+    # `squibctl completion bash | head -1`: the reader is gone before the output ends.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "squibd.cli.ctl", "completion", "bash"],
+                                stdout=write_end, stderr=subprocess.PIPE, timeout=60,
+                                check=False)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert b"Traceback" not in result.stderr and b"BrokenPipe" not in result.stderr
+    assert result.returncode == 1
