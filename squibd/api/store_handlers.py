@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -215,10 +216,18 @@ def _thread_progress(sink: ProgressSink | None, phase: str) -> Callable[[int, in
     if sink is None:
         return None
     token = trio.lowlevel.current_trio_token()
+    lock = threading.Lock()
+    last = [-1]
 
     def report(done: int, total: int) -> None:
-        with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(sink, phase, done, total)
+        # Worker threads report concurrently and can arrive out of order: a client
+        # sees ``done`` only grow (a late, smaller figure is dropped).
+        with lock:
+            if done < last[0]:
+                return
+            last[0] = done
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(sink, phase, done, total)
 
     return report
 
