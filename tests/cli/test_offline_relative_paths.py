@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.snapshot.test_rebase import PAGE, fake_vm
 
 
@@ -52,3 +54,14 @@ def test_squibctl_into_a_closed_pipe_has_no_traceback() -> None:
         os.close(write_end)
     assert b"Traceback" not in result.stderr and b"BrokenPipe" not in result.stderr
     assert result.returncode == 1
+
+
+@pytest.mark.parametrize(
+    "mode",
+    ["--describe-snapshot", "--rebase-snapshot", "--page-server", "--firecracker-api-socket"],
+)
+def test_every_mode_shows_help_right_after_its_flag(mode: str, tmp_path: Path) -> None:
+    # Regression: `squibd --firecracker-api-socket --help` exited 2 ("expected one argument").
+    result = _daemon(tmp_path, mode, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout and mode in result.stdout
