@@ -111,6 +111,10 @@ class ApiSocketHost(Protocol):
         """Stop serving ``vm_id``'s socket and remove it (no-op when it has none)."""
         ...
 
+    def path_of(self, vm_id: str) -> str | None:
+        """The API socket path of ``vm_id``, if it has one."""
+        ...
+
 
 class _Fault(Exception):
     """A refusal of this API (answered with its status and fault_message)."""

@@ -87,6 +87,8 @@ def _to_info(api: ApiContext, d: VmDescription) -> VmInfo:
         guest_progress_stale=d.guest_progress_stale,
         restored_from=api.restored_from.get(d.vm_id),
         process_id=d.process_id,
+        memory_layout=d.memory_layout,
+        api_socket=None if api.api_sockets is None else api.api_sockets.path_of(d.vm_id),
     )
 
 

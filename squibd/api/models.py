@@ -212,6 +212,11 @@ class VmInfo:
     restored_from: str | None = None
     #: pid of the process that runs the VM (its VM process; the daemon's own when in-process).
     process_id: int | None = None
+    #: The guest-physical RAM layout its regions follow: "squibd" or "firecracker" (set by
+    #: vm.create's memory_layout or the loaded state file; up to 3 GiB both are "squibd").
+    memory_layout: str | None = None
+    #: The path of the VM's Firecracker API socket (vm.create's api_socket), if it has one.
+    api_socket: str | None = None
 
 
 @attrs.frozen

@@ -170,25 +170,51 @@ class StoreGcResult:
     bytes_freed: int
 
 
+def _store_dir(api: ApiContext, name: str) -> str | None:
+    """``<state_dir>/stores/NAME``: squibd's own files for a store (None without a state dir)."""
+    return None if api.state_dir is None else os.path.join(api.state_dir, "stores", name)
+
+
 def _store(api: ApiContext, name: str) -> SnapshotStore:
     if name not in api.stores:
         raise UnknownStore(name, list(api.stores))
+    config = api.stores[name]
+    own = _store_dir(api, name)
+    if config.cache_dir is None and own is not None:
+        # The daemon's default chunk cache is in its state directory, which it can
+        # always write (systemd's ProtectSystem=strict leaves /var/cache read-only).
+        config = attrs.evolve(config, cache_dir=os.path.join(own, "cache"))
     cache = _stores.setdefault(api, {})
     if name not in cache:
-        cache[name] = SnapshotStore(name, api.stores[name])
+        cache[name] = SnapshotStore(name, config)
     # A lazy restore needs a page-server process: have one started ahead.
-    _spares.setdefault(api, SpareChildren()).warm(name, api.stores[name])
+    _spares.setdefault(api, SpareChildren()).warm(name, config)
     return cache[name]
+
+
+def _states_dir(api: ApiContext, store: SnapshotStore) -> str:
+    """Where restored VMs' state files go: the state directory, which loads may open
+    whatever ``allowed_roots`` says (a ``cache_dir`` outside the roots would be refused)."""
+    own = _store_dir(api, store.name)
+    return os.path.join(store.cache_dir if own is None else own, "states")
 
 
 def _thread_progress(sink: ProgressSink | None, phase: str) -> Callable[[int, int], None] | None:
     if sink is None:
         return None
     token = trio.lowlevel.current_trio_token()
+    lock = threading.Lock()
+    last = [-1]
 
     def report(done: int, total: int) -> None:
-        with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(sink, phase, done, total)
+        # Worker threads report concurrently and can arrive out of order: a client
+        # sees ``done`` only grow (a late, smaller figure is dropped).
+        with lock:
+            if done < last[0]:
+                return
+            last[0] = done
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(sink, phase, done, total)
 
     return report
 
@@ -213,11 +239,15 @@ def _mapped(handler: Callable[[ApiContext, CallInfo, Any], Awaitable[_T]]
 
 
 def _vm_of_pair(api: ApiContext, snapshot_path: str) -> str | None:
-    if api.vm_count == 0:
-        return None
+    """The VM the pair was saved from: as its state file records it, else a live VM's last save."""
     from squibd.snapshot.envelope import read_state_file
 
-    pair = read_state_file(snapshot_path).memory.pair_id
+    state = read_state_file(snapshot_path)
+    if state.metadata is not None and state.metadata.vm_id is not None:
+        return state.metadata.vm_id
+    if api.vm_count == 0:
+        return None
+    pair = state.memory.pair_id
     for vm_id in api.runtime.list():
         if getattr(api.runtime.describe(vm_id), "last_pair_id", None) == pair:
             return vm_id
@@ -276,7 +306,7 @@ async def store_restore(
     fetched = time.monotonic()
     if call.progress is not None:
         call.progress("state", len(stored.state), len(stored.state))
-    states = os.path.join(store.cache_dir, "states")
+    states = _states_dir(api, store)
     state_path = os.path.join(states, f"{p.vm_id}-{stored.pair_id}.snap")
     mem_path = os.path.join(states, f"{p.vm_id}-{stored.pair_id}.mem")
     object_path = os.path.join(states, f"{p.vm_id}-{stored.pair_id}.squib")

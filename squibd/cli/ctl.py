@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import importlib
 import json
 import os
@@ -447,6 +448,15 @@ def _completion(parser: argparse.ArgumentParser, shell: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run squibctl; returns the exit code (argparse exits 2 itself on usage errors)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `squibctl ... | head`: the reader left; no traceback
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     raw, as_json = _extract_json_flag(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(raw)

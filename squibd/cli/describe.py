@@ -1,14 +1,17 @@
 """``squibd --describe-snapshot PATH [--json] [--verify MODE] [--memory-file PATH]``.
 
 Prints what a state file holds (and whether its memory file matches). Exit
-status: 0 when everything checks out, 2 when the file is damaged, foreign or
-mismatched (what can be shown is still shown), and 2 for usage errors.
+status: 0 when everything checks out, 1 when the file is missing, damaged,
+foreign or mismatched, i.e. not loadable or failing verification (what can be
+shown is still shown), and 2 for usage errors (as ``squibctl snapshot
+describe``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Final
 
@@ -17,8 +20,10 @@ from ..snapshot.describe import describe_snapshot, render_text
 __all__ = ["main"]
 
 EXIT_OK: Final = 0
-#: Damaged file or usage error (argparse's own usage-error status).
-EXIT_DAMAGED: Final = 2
+#: Not loadable: missing, damaged, foreign or mismatched, or verification failed.
+EXIT_DAMAGED: Final = 1
+#: Usage error (argparse's own usage-error status).
+EXIT_USAGE: Final = 2
 VERIFY_MODES: Final = ("none", "size", "full")
 
 
@@ -49,8 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(arguments)
     except SystemExit as exc:  # --help (0) or a usage error (2)
-        return exc.code if isinstance(exc.code, int) else EXIT_DAMAGED
-    description = describe_snapshot(args.path, memory_file=args.memory_file, verify=args.verify)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    # Relative paths are the caller's, resolved against its working directory (as squibctl).
+    memory_file = None if args.memory_file is None else os.path.abspath(args.memory_file)
+    description = describe_snapshot(
+        os.path.abspath(args.path), memory_file=memory_file, verify=args.verify
+    )
     if args.json:
         print(json.dumps(description.to_json(), sort_keys=True))
     else:

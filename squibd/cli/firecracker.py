@@ -95,7 +95,11 @@ async def _serve(sock: socket.socket, app: FirecrackerApp, api: ApiContext,
 
 def main(argv: list[str] | None = None) -> int:
     """Run the slot until SIGTERM/SIGINT; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    if "-h" in arguments or "--help" in arguments:  # also right after the mode flag
+        build_parser().print_help()
+        return 0
+    args = build_parser().parse_args(arguments)
     if not re.fullmatch(VM_ID_PATTERN, args.id):
         print(f"squibd: --id {args.id!r}: expected 1-64 of [A-Za-z0-9_-]", file=sys.stderr)
         return EXIT_USAGE

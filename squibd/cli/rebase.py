@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from squibd.snapshot.errors import SnapshotError
@@ -66,13 +67,19 @@ def main(argv: list[str]) -> int:
     diff_mems = args.diff_memory_file
     if diff_mems is not None and len(diff_mems) != len(args.diff):
         parser.error("give one --diff-memory-file per --diff, or none")
+    # Relative paths are the caller's, resolved against its working directory (as squibctl).
+    def absolute(path: str | None) -> str | None:
+        return None if path is None else os.path.abspath(path)
+
+    if diff_mems is not None:
+        diff_mems = [os.path.abspath(path) for path in diff_mems]
     try:
         manifest = rebase(
-            args.base,
-            args.diff,
-            args.output,
-            args.output_memory_file,
-            base_mem=args.base_memory_file,
+            os.path.abspath(args.base),
+            [os.path.abspath(path) for path in args.diff],
+            os.path.abspath(args.output),
+            absolute(args.output_memory_file),
+            base_mem=absolute(args.base_memory_file),
             diff_mems=diff_mems,
             verify_mode=args.verify,
         )

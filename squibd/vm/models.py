@@ -103,6 +103,8 @@ class VmDescription:
     guest_progress_stale: bool = False
     #: pid of the process running the VM (issue 11; the daemon's own for an in-process VM).
     process_id: int | None = None
+    #: The guest-physical RAM layout its regions follow ("squibd" or "firecracker").
+    memory_layout: str | None = None
 
 
 @attrs.frozen
@@ -185,4 +187,5 @@ def describe_vm(
         error=vm.error,
         last_pair_id=vm.last_pair_id,
         process_id=process_id,
+        memory_layout=vm.memory_layout,
     )

@@ -78,12 +78,12 @@ def test_text_output_names_every_field(snap: Path) -> None:
         assert needle in " ".join(out.split())
 
 
-def test_damaged_file_still_shows_what_it_can_and_exits_2(snap: Path) -> None:
+def test_damaged_file_still_shows_what_it_can_and_exits_1(snap: Path) -> None:
     data = bytearray(STATE_BYTES)
     data[len(data) // 2] ^= 0x01  # inside a blob: the body still decodes
     snap.write_bytes(bytes(data))
     code, out = run_cli("--describe-snapshot", str(snap), "--json")
-    assert code == 2
+    assert code == 1
     result = json.loads(out)
     assert result["crc_ok"] is False
     assert result["vcpu_count"] == 2  # shown despite the damage
@@ -143,7 +143,7 @@ def test_memory_file_of_another_pair_does_not_match(snap: Path) -> None:
     description = describe_snapshot(str(snap))
     assert description.memory_file is not None
     assert description.memory_file.pair_ok is False
-    assert run_cli("--describe-snapshot", str(snap))[0] == 2
+    assert run_cli("--describe-snapshot", str(snap))[0] == 1
 
 
 def test_missing_memory_file(snap: Path, tmp_path: Path) -> None:
@@ -152,7 +152,7 @@ def test_missing_memory_file(snap: Path, tmp_path: Path) -> None:
     assert description.memory_file is not None and not description.memory_file.exists
     assert description.ok  # the state file itself is fine
     code, out = run_cli("--describe-snapshot", str(snap), "--memory-file", str(tmp_path / "x"))
-    assert code == 2 and "missing" in out
+    assert code == 1 and "missing" in out
 
 
 def test_verify_full_catches_a_corrupt_memory_byte(snap: Path) -> None:
@@ -162,14 +162,14 @@ def test_verify_full_catches_a_corrupt_memory_byte(snap: Path) -> None:
         f.seek(MIB + 100)
         f.write(b"\xff")
     # Without the pair xattr even the size check verifies the content (as load does).
-    assert run_cli("--describe-snapshot", str(snap), "--verify", "size")[0] == 2
+    assert run_cli("--describe-snapshot", str(snap), "--verify", "size")[0] == 1
     try:
         os.setxattr(mem, "user.squibd.pair", STATE.memory.pair_id.encode())
     except OSError as exc:
         pytest.skip(f"no user xattrs here: {exc}")
     assert run_cli("--describe-snapshot", str(snap), "--verify", "size")[0] == 0
     code, out = run_cli("--describe-snapshot", str(snap), "--verify", "full")
-    assert code == 2
+    assert code == 1
     assert "memory file I/O error" in out and "FAILED" in out
 
 
@@ -199,7 +199,7 @@ def test_console_script_in_a_real_process(snap: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["vcpu_count"] == 2
-    assert describe_cli.EXIT_DAMAGED == 2
+    assert describe_cli.EXIT_DAMAGED == 1 and describe_cli.EXIT_USAGE == 2
 
 
 def test_format_demo_writes_describes_and_detects_the_corrupted_copy(tmp_path: Path) -> None:
