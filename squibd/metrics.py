@@ -62,7 +62,8 @@ class Metrics:
             "squibd_snapshot_duration_seconds", "snapshot create/load/rebase duration",
             ("operation",), buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.snapshot_bytes = Counter("squibd_snapshot_bytes", "bytes written by snapshot.create",
+        self.snapshot_bytes = Counter("squibd_snapshot_bytes", "bytes written by snapshot.create "
+                                      "and snapshot.rebase, restored by snapshot.load",
                                       ("operation",), registry=r)  # fmt: skip
         self.pause = Histogram("squibd_pause_seconds", "guest pause time of snapshot.create",
                                buckets=_PAUSE_BUCKETS, registry=r)  # fmt: skip
@@ -115,7 +116,7 @@ class Metrics:
         duration = result.get("duration_ms")
         if isinstance(duration, int | float):
             self.snapshot_duration.labels(op).observe(duration / _MS)
-        written = result.get("bytes_written")
+        written = result.get("bytes_written", result.get("bytes_restored"))
         if isinstance(written, int):
             self.snapshot_bytes.labels(op).inc(written)
         pause = result.get("pause_ms")

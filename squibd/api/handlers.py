@@ -67,6 +67,8 @@ __all__ = [
 ]
 
 _MS_PER_S: Final = 1000.0
+#: Bytes per MiB (mem_size_mib is in MiB).
+_MIB: Final = 1024 * 1024
 
 
 def _path(api: ApiContext, path: str, what: str, *, socket: bool = False) -> str:
@@ -229,7 +231,7 @@ async def snapshot_load(
         backend = MemBackend("File", _path(api, params.mem_file_path, "mem_file_path"))
     snap = _path(api, params.snapshot_path, "snapshot_path")
     started = time.monotonic()
-    await api.runtime.load(
+    vm = await api.runtime.load(
         params.vm_id,
         snap,
         backend,
@@ -238,7 +240,10 @@ async def snapshot_load(
         progress=call.progress,
     )
     elapsed = (time.monotonic() - started) * _MS_PER_S
-    return SnapshotLoadResult(vm=await _info(api, params.vm_id), duration_ms=round(elapsed, 3))
+    return SnapshotLoadResult(
+        vm=await _info(api, params.vm_id), duration_ms=round(elapsed, 3),
+        bytes_restored=vm.mem_size_mib * _MIB,
+    )
 
 
 async def snapshot_describe(
@@ -291,8 +296,12 @@ async def snapshot_rebase(
     if params.output_mem_file_path is not None:
         out_mem = _path(api, params.output_mem_file_path, "output_mem_file_path")
 
+    merged: list[int] = []
+
     def work(cancel: threading.Event) -> None:
-        rebase(base, diffs, out, out_mem, allowed_roots=api.allowed_roots, cancel=cancel)
+        manifest = rebase(base, diffs, out, out_mem, allowed_roots=api.allowed_roots,
+                          cancel=cancel)  # fmt: skip
+        merged.append(sum(extent.length for extent in manifest.extents))
 
     started = time.monotonic()
     # Cancelled before the commit step: the transaction aborts and Cancelled
@@ -300,7 +309,8 @@ async def snapshot_rebase(
     await run_cancellable(work, trio.to_thread.current_default_thread_limiter())
     elapsed = (time.monotonic() - started) * _MS_PER_S
     return RebaseResult(
-        output_snapshot_path=out, output_mem_file_path=out_mem, duration_ms=round(elapsed, 3)
+        output_snapshot_path=out, output_mem_file_path=out_mem, duration_ms=round(elapsed, 3),
+        bytes_written=merged[0] if merged else 0,
     )
 
 

@@ -305,6 +305,8 @@ class SnapshotLoadResult:
 
     vm: VmInfo
     duration_ms: float
+    #: Guest memory the VM was restored with, in bytes (mapped or served by the page server).
+    bytes_restored: int = 0
 
 
 @attrs.frozen
@@ -343,6 +345,8 @@ class RebaseResult:
     output_snapshot_path: str
     output_mem_file_path: str
     duration_ms: float
+    #: Data bytes of the merged output memory file (its manifest's extents).
+    bytes_written: int = 0
 
 
 @attrs.frozen

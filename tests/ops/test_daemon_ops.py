@@ -90,6 +90,8 @@ def test_metrics_are_scraped_over_http_and_logs_are_json(sockdir: str) -> None:
             client.vm_create("m", mem_size_mib=32)
             client.vm_start("m")
             created = client.snapshot_create("m", f"{sockdir}/m.snap", f"{sockdir}/m.mem")
+            loaded = client.snapshot_load("back", f"{sockdir}/m.snap",
+                                          mem_file_path=f"{sockdir}/m.mem")  # fmt: skip
             samples = _scrape(url)
         assert samples['squibd_requests_total{method="daemon.status",outcome="ok"}'] == 1
         assert samples['squibd_requests_total{method="vm.describe",outcome="UnknownVm"}'] == 1
@@ -98,9 +100,12 @@ def test_metrics_are_scraped_over_http_and_logs_are_json(sockdir: str) -> None:
             created["bytes_written"]
         )
         assert samples['squibd_snapshot_duration_seconds_count{operation="create"}'] == 1
+        assert loaded["bytes_restored"] == 32 * 1024 * 1024
+        assert samples['squibd_snapshot_bytes_total{operation="load"}'] == 32 * 1024 * 1024
+        assert samples['squibd_snapshot_duration_seconds_count{operation="load"}'] == 1
         assert samples["squibd_pause_seconds_count"] == 1
         assert samples['squibd_vms{state="Running"}'] == 1
-        assert samples['squibd_vms{state="Paused"}'] == 0
+        assert samples['squibd_vms{state="Paused"}'] == 1  # the loaded VM
         assert samples["squibd_connections"] == 1  # this client's, still open
     assert proc.returncode == 0
 
