@@ -60,7 +60,7 @@ class _Http:
 
 async def _run(samples: int) -> dict[str, Any]:
     from squibd.api import ApiContext
-    from squibd.cli._client import open_client
+    from squibd.client import AsyncClient
     from squibd.config import DaemonConfig, ServerConfig, SnapshotConfig
     from squibd.server import Server, bind_unix_socket
 
@@ -74,7 +74,7 @@ async def _run(samples: int) -> dict[str, Any]:
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve)
                 try:
-                    async with open_client(path) as rpc:
+                    async with AsyncClient(path) as rpc:
                         await rpc.call("vm.create", {
                             "vm_id": "b", "vcpu_count": 1, "mem_size_mib": MEM_MIB,
                             "guest": {"program": "counter"}, "api_socket": api_sock,

@@ -218,13 +218,13 @@ async def _write_random(c: Any, vm_id: str, base: int, size: int) -> None:
 
 
 async def _dedup(cluster: Any, work: str, quick: bool) -> dict[str, Any]:
-    from squibd.cli._client import open_client
+    from squibd.client import AsyncClient
     from tests.store.test_store_hosts import Host, _progress_beyond
 
     mem_mib, static_mib, ws_mib = (256, 192, 4) if quick else (1024, 768, 16)
     host = Host(Path(work) / "dedup", cluster, "bench-dedup")
     try:
-        async with open_client(host.socket) as c:
+        async with AsyncClient(host.socket) as c:
             await c.call("vm.create", {"vm_id": "mw", "vcpu_count": 1, "mem_size_mib": mem_mib,
                                        "track_dirty_pages": True,
                                        "guest": {"program": "memwriter",
@@ -254,14 +254,14 @@ async def _dedup(cluster: Any, work: str, quick: bool) -> dict[str, Any]:
 async def _lazy(cluster: Any, work: str, sizes: list[int], reps: int) -> list[dict[str, Any]]:
     import trio
 
-    from squibd.cli._client import open_client
+    from squibd.client import AsyncClient
     from tests.store.test_store_hosts import Host, _progress_beyond
 
     a = Host(Path(work) / "la", cluster, "bench-lazy")
     b = Host(Path(work) / "lb", cluster, "bench-lazy")
     out = []
     try:
-        async with open_client(a.socket) as ca, open_client(b.socket) as cb:
+        async with AsyncClient(a.socket) as ca, AsyncClient(b.socket) as cb:
             for mib in sizes:
                 vm = f"src{mib}"
                 await ca.call("vm.create", {"vm_id": vm, "vcpu_count": 1, "mem_size_mib": mib,

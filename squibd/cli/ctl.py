@@ -47,7 +47,6 @@ from squibd.config import default_socket_path
 from squibd.protocol_files import DOCUMENTS, protocol_document
 from squibd.snapshot.models import DEFAULT_PROGRAM, PROGRAM_NAMES
 
-from ._client import CallFailed
 from ._commands import command_of, help_of, long_running_methods, method_of
 from ._progress import Bar
 from ._render import render
@@ -480,10 +479,6 @@ def _main(argv: list[str] | None) -> int:
             raise _leaf(group) from None
     except SquibdError as exc:
         _print_error(args, exc.kind, exc.fault_message, params, exc.to_json())
-        return EXIT_ERROR
-    except CallFailed as exc:
-        error = exc.error
-        _print_error(args, error.kind, error.fault_message, params, error.to_json())
         return EXIT_ERROR
     except DaemonUnreachable as exc:
         print(f"squibctl: {exc}", file=sys.stderr)

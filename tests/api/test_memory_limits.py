@@ -11,7 +11,7 @@ import trio
 
 from squibd.api.models import MAX_MEMORY_ACCESS, MAX_WRITE_MEMORY, MAX_WRITE_MEMORY_BASE64
 from squibd.api.openrpc import render_document
-from squibd.cli._client import CallFailed, open_client
+from squibd.client import AsyncClient, SquibdError
 from squibd.rpc import DEFAULT_MAX_LINE
 from tests.server.helpers import read_lines, running_server
 
@@ -64,7 +64,7 @@ async def test_the_largest_write_request_is_accepted(sockdir: str) -> None:
 async def test_largest_write_and_read_round_trip_through_squibctl_s_client(sockdir: str) -> None:
     path = f"{sockdir}/s.sock"
     data = os.urandom(MAX_WRITE_MEMORY)
-    async with running_server(path, debug_api=True), open_client(path) as client:
+    async with running_server(path, debug_api=True), AsyncClient(path) as client:
         await client.call("vm.create", {
             "vm_id": "big", "vcpu_count": 1, "mem_size_mib": 8, "guest": {"program": "counter"},
         })  # fmt: skip
@@ -78,6 +78,6 @@ async def test_largest_write_and_read_round_trip_through_squibctl_s_client(sockd
                                  {"vm_id": "big", "guest_addr": 4 * _MIB - (MAX_MEMORY_ACCESS
                                   - MAX_WRITE_MEMORY), "length": MAX_MEMORY_ACCESS})  # fmt: skip
         assert base64.b64decode(read["data_base64"]).endswith(data)
-        with pytest.raises(CallFailed):
+        with pytest.raises(SquibdError):
             await client.call("vm.read_memory",
                               {"vm_id": "big", "guest_addr": 0, "length": MAX_MEMORY_ACCESS + 1})

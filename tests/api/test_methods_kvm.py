@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trio
 
-from squibd.cli._client import CallFailed, RpcClient, open_client
+from squibd.client import AsyncClient, SquibdError
 from squibd.server import Server
 from tests.server.helpers import running_server
 
@@ -34,7 +34,7 @@ def _fill(server: Server, vm_id: str) -> None:
         vm.write_memory(FILL_BASE + offset, block)
 
 
-async def _create(client: RpcClient, vm_id: str, *, dirty: bool = True, mib: int = 64,
+async def _create(client: AsyncClient, vm_id: str, *, dirty: bool = True, mib: int = 64,
                   vcpus: int = 2) -> dict[str, Any]:  # fmt: skip
     result: dict[str, Any] = await client.call("vm.create", {
         "vm_id": vm_id, "vcpu_count": vcpus, "mem_size_mib": mib,
@@ -43,7 +43,7 @@ async def _create(client: RpcClient, vm_id: str, *, dirty: bool = True, mib: int
     return result
 
 
-async def _progress_beyond(client: RpcClient, vm_id: str, floor: list[int]) -> list[int]:
+async def _progress_beyond(client: AsyncClient, vm_id: str, floor: list[int]) -> list[int]:
     """Ask vm.describe until every vCPU's counter is past ``floor`` (guest is running)."""
     with trio.fail_after(60):  # a hang guard, not a timing assertion
         while True:
@@ -55,9 +55,9 @@ async def _progress_beyond(client: RpcClient, vm_id: str, floor: list[int]) -> l
 
 
 async def _error(coro: Any) -> Any:
-    with pytest.raises(CallFailed) as info:
+    with pytest.raises(SquibdError) as info:
         await coro
-    return info.value.error
+    return info.value
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ async def daemon(sockdir: str) -> AsyncIterator[tuple[Server, str]]:
 
 async def test_vm_lifecycle_methods(daemon: tuple[Server, str]) -> None:
     _, path = daemon
-    async with open_client(path) as c:
+    async with AsyncClient(path) as c:
         info = await _create(c, "life")
         assert info["state"] == "NotStarted"
         assert info["vcpu_count"] == 2 and info["mem_size_mib"] == 64
@@ -101,7 +101,7 @@ async def test_full_diff_destroy_rebase_load_continues(daemon: tuple[Server, str
                                                        sockdir: str) -> None:  # fmt: skip
     _, path = daemon
     d = sockdir
-    async with open_client(path) as c:
+    async with AsyncClient(path) as c:
         await _create(c, "cnt")
         await c.call("vm.start", {"vm_id": "cnt"})
         await _progress_beyond(c, "cnt", [0, 0])
@@ -148,7 +148,7 @@ async def test_full_diff_destroy_rebase_load_continues(daemon: tuple[Server, str
 async def test_diff_without_dirty_tracking_is_refused(daemon: tuple[Server, str],
                                                       sockdir: str) -> None:  # fmt: skip
     _, path = daemon
-    async with open_client(path) as c:
+    async with AsyncClient(path) as c:
         await _create(c, "nodirty", dirty=False)
         await c.call("vm.start", {"vm_id": "nodirty"})
         error = await _error(c.call("snapshot.create", {
@@ -166,7 +166,7 @@ async def test_diff_without_dirty_tracking_is_refused(daemon: tuple[Server, str]
 
 async def test_load_needs_exactly_one_memory_source(daemon: tuple[Server, str]) -> None:
     _, path = daemon
-    async with open_client(path) as c:
+    async with AsyncClient(path) as c:
         both = await _error(c.call("snapshot.load", {
             "vm_id": "x", "snapshot_path": "/tmp/a.snap", "mem_file_path": "/tmp/a.mem",
             "mem_backend": {"backend_type": "File", "backend_path": "/tmp/a.mem"},
@@ -183,7 +183,7 @@ async def test_debug_memory_access_and_write_marks_dirty(daemon: tuple[Server, s
     d = sockdir
     payload = b"squibd!" * 100
     addr = 32 * _MIB
-    async with open_client(path) as c:
+    async with AsyncClient(path) as c:
         await _create(c, "mem", vcpus=1)
         await c.call("vm.start", {"vm_id": "mem"})
         await c.call("vm.pause", {"vm_id": "mem"})
@@ -216,7 +216,7 @@ def _digest(path: str) -> str:
 
 
 async def _save_until_first_progress(
-    c: RpcClient, params: dict[str, Any], on_first: Any
+    c: AsyncClient, params: dict[str, Any], on_first: Any
 ) -> tuple[Any, list[tuple[str, int, int]]]:
     """Start snapshot.create with progress; run ``on_first(request_id)`` at the first report."""
     seen: list[tuple[str, int, int]] = []
@@ -234,8 +234,8 @@ async def _save_until_first_progress(
             try:
                 outcome.append(await c.call("snapshot.create", params, on_progress=progress,
                                             on_sent=request_ids.append))  # fmt: skip
-            except CallFailed as exc:
-                outcome.append(exc.error)
+            except SquibdError as exc:
+                outcome.append(exc)
 
         nursery.start_soon(save)
         await first.wait()
@@ -247,7 +247,7 @@ async def test_cancel_mid_save_rolls_back(daemon: tuple[Server, str], sockdir: s
     server, path = daemon
     d = sockdir
     params = {"vm_id": "big", "snapshot_path": f"{d}/p.snap", "mem_file_path": f"{d}/p.mem"}
-    async with open_client(path) as c:
+    async with AsyncClient(path) as c:
         await _create(c, "big", mib=FILL_SIZE // _MIB + 128)
         await c.call("vm.start", {"vm_id": "big"})
         await c.call("snapshot.create", params)  # the previous pair
@@ -266,7 +266,7 @@ async def test_second_save_of_a_vm_is_busy_other_vms_proceed(
 ) -> None:
     server, path = daemon
     d = sockdir
-    async with open_client(path) as c, open_client(path) as other:
+    async with AsyncClient(path) as c, AsyncClient(path) as other:
         await _create(c, "a", mib=FILL_SIZE // _MIB + 128)
         await _create(c, "b", vcpus=1)
         for vm in ("a", "b"):
@@ -296,7 +296,7 @@ async def test_disconnect_mid_save_still_commits(sockdir: str) -> None:
     params = {"vm_id": "gone", "snapshot_path": f"{d}/g.snap", "mem_file_path": f"{d}/g.mem",
               "progress_token": "t"}  # fmt: skip
     async with running_server(path) as server:
-        async with open_client(path) as c:
+        async with AsyncClient(path) as c:
             await _create(c, "gone", mib=FILL_SIZE // _MIB + 128)
             await c.call("vm.start", {"vm_id": "gone"})
         await trio.to_thread.run_sync(_fill, server, "gone")
@@ -324,7 +324,7 @@ async def _describe_offline(path: str) -> dict[str, Any]:
 async def test_uffd_load_through_a_page_server(daemon: tuple[Server, str], sockdir: str) -> None:
     _, path = daemon
     d = sockdir
-    async with open_client(path) as c:
+    async with AsyncClient(path) as c:
         await _create(c, "lazy", dirty=False)
         await c.call("vm.start", {"vm_id": "lazy"})
         await _progress_beyond(c, "lazy", [0, 0])
@@ -364,7 +364,7 @@ async def test_in_flight_limit_serializes_a_connection(sockdir: str) -> None:
     path = f"{d}/s.sock"
     # With one call in flight per connection, a pipelined second save of the same VM
     # waits for the first instead of being refused as busy.
-    async with running_server(path, max_in_flight=1), open_client(path) as c:
+    async with running_server(path, max_in_flight=1), AsyncClient(path) as c:
         await _create(c, "one", vcpus=1)
         await c.call("vm.start", {"vm_id": "one"})
         answers: list[Any] = []
@@ -387,7 +387,7 @@ async def test_every_declared_guest_parameter_is_accepted_by_the_runtime(
     from squibd.api.models import GUEST_PARAMETERS
 
     _, path = daemon
-    async with open_client(path) as c:
+    async with AsyncClient(path) as c:
         for program, names in GUEST_PARAMETERS.items():
             guest = {"program": program, **dict.fromkeys(names, 1)}
             info = await c.call("vm.create", {"vm_id": f"g-{program}", "vcpu_count": 1,

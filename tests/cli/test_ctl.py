@@ -108,8 +108,8 @@ async def test_snapshot_create_shows_progress_and_human_result(sockdir: str) -> 
 async def test_ctrl_c_during_save_sends_cancel_and_the_save_rolls_back(sockdir: str) -> None:
     import signal
 
-    from squibd.cli._client import CallFailed, open_client
     from squibd.cli.ctl import _run_call
+    from squibd.client import AsyncClient, SquibdError
     from tests.api.test_methods_kvm import FILL_SIZE, _create, _fill
 
     path = f"{sockdir}/s.sock"
@@ -122,12 +122,12 @@ async def test_ctrl_c_during_save_sends_cancel_and_the_save_rolls_back(sockdir: 
             interrupted.append(True)
             os.kill(os.getpid(), signal.SIGINT)
 
-    async with running_server(path) as server, open_client(path) as client:
+    async with running_server(path) as server, AsyncClient(path) as client:
         await _create(client, "c", mib=FILL_SIZE // (1024 * 1024) + 128)
         await client.call("vm.start", {"vm_id": "c"})
         await trio.to_thread.run_sync(_fill, server, "c")
-        with pytest.raises(CallFailed) as info:
+        with pytest.raises(SquibdError) as info:
             await _run_call(client, "snapshot.create", params, progress)
     assert interrupted
-    assert info.value.error.code == -32800
+    assert info.value.code == -32800
     assert sorted(os.listdir(sockdir)) == []  # nothing committed, no temp files

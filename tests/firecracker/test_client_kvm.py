@@ -20,7 +20,7 @@ from firecracker.api import Api
 from firecracker.exceptions import APIError
 
 from squibd.api import ApiContext
-from squibd.cli._client import CallFailed, RpcClient, open_client
+from squibd.client import AsyncClient, SquibdError
 from squibd.config import DaemonConfig, ServerConfig, SnapshotConfig
 from squibd.server import Server, bind_unix_socket
 from tests.server.helpers import daemon_command
@@ -39,7 +39,7 @@ SHORT_QUIESCE_S = 0.5
 
 @asynccontextmanager
 async def daemon(sockdir: str, quiesce_timeout_s: float = PATIENT_QUIESCE_S
-                 ) -> AsyncIterator[tuple[Server, RpcClient]]:  # fmt: skip
+                 ) -> AsyncIterator[tuple[Server, AsyncClient]]:  # fmt: skip
     """squibd in this trio run (JSON-RPC on sockdir/s.sock) and a connected client."""
     path = os.path.join(sockdir, "s.sock")
     config = DaemonConfig(server=ServerConfig(socket=path), snapshot=SnapshotConfig())
@@ -50,7 +50,7 @@ async def daemon(sockdir: str, quiesce_timeout_s: float = PATIENT_QUIESCE_S
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             try:
-                async with open_client(path) as client:
+                async with AsyncClient(path) as client:
                     yield server, client
             finally:
                 server.request_stop()
@@ -62,11 +62,11 @@ async def in_thread(fn: Callable[[], _T]) -> _T:
     return await trio.to_thread.run_sync(fn)
 
 
-async def progress(client: RpcClient, vm_id: str) -> list[int]:
+async def progress(client: AsyncClient, vm_id: str) -> list[int]:
     return list((await client.call("vm.describe", {"vm_id": vm_id}))["guest_progress"])
 
 
-async def progress_beyond(client: RpcClient, vm_id: str, floor: list[int]) -> list[int]:
+async def progress_beyond(client: AsyncClient, vm_id: str, floor: list[int]) -> list[int]:
     with trio.fail_after(PROGRESS_TIMEOUT_S):
         while True:
             now = await progress(client, vm_id)
@@ -74,7 +74,7 @@ async def progress_beyond(client: RpcClient, vm_id: str, floor: list[int]) -> li
                 return now
 
 
-async def create_with_socket(client: RpcClient, vm_id: str, sock: str) -> dict[str, Any]:
+async def create_with_socket(client: AsyncClient, vm_id: str, sock: str) -> dict[str, Any]:
     result: dict[str, Any] = await client.call("vm.create", {
         "vm_id": vm_id, "vcpu_count": 1, "mem_size_mib": 32,
         "guest": {"program": "counter"}, "api_socket": sock,
@@ -165,13 +165,13 @@ async def test_api_socket_errors_leave_no_vm(sockdir: str) -> None:
     async with daemon(sockdir) as (_server, client):
         sock = os.path.join(sockdir, "a.sock")
         await create_with_socket(client, "one", sock)
-        with pytest.raises(CallFailed) as info:
+        with pytest.raises(SquibdError) as info:
             await create_with_socket(client, "two", sock)  # a daemon listens there already
-        assert info.value.error.code == -32602
-        assert "params.api_socket" in info.value.error.message
-        with pytest.raises(CallFailed) as info:
+        assert info.value.code == -32602
+        assert "params.api_socket" in info.value.message
+        with pytest.raises(SquibdError) as info:
             await create_with_socket(client, "three", "relative.sock")
-        assert "api_socket" in info.value.error.message
+        assert "api_socket" in info.value.message
         assert [vm["vm_id"] for vm in (await client.call("vm.list"))["vms"]] == ["one"]
 
 

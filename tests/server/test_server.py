@@ -10,7 +10,7 @@ import stat
 import pytest
 import trio
 
-from squibd.cli._client import CallFailed, open_client
+from squibd.client import AsyncClient, SquibdError
 from squibd.server import DaemonAlreadyRunning, SocketPathOccupied, bind_unix_socket
 
 from .helpers import raw_exchange, read_lines, request, running_server
@@ -21,7 +21,7 @@ NOBODY = 65534
 
 async def test_status_over_a_real_socket(sockdir: str) -> None:
     path = f"{sockdir}/s.sock"
-    async with running_server(path), open_client(path) as client:
+    async with running_server(path), AsyncClient(path) as client:
         status = await client.call("daemon.status")
     assert status["pid"] == os.getpid()
     assert status["version"]
@@ -120,7 +120,7 @@ async def test_two_hundred_concurrent_clients(sockdir: str) -> None:
     async with running_server(path) as server:
 
         async def one(i: int) -> None:
-            async with open_client(path) as client:
+            async with AsyncClient(path) as client:
                 status = await client.call("daemon.status")
                 results.append(status["pid"])
 
@@ -138,7 +138,7 @@ async def test_stalled_half_line_does_not_delay_others(sockdir: str) -> None:
         async with staller:
             await staller.send_all(b'{"jsonrpc":"2.0","id":1,"meth')
             with trio.fail_after(30):  # a hang guard, not a timing assertion
-                async with open_client(path) as client:
+                async with AsyncClient(path) as client:
                     status = await client.call("daemon.status")
             assert status["pid"] == os.getpid()
             await staller.send_all(b'od":"daemon.status"}\n')
@@ -149,13 +149,13 @@ async def test_stalled_half_line_does_not_delay_others(sockdir: str) -> None:
 async def test_connection_limit_refuses_with_busy(sockdir: str) -> None:
     path = f"{sockdir}/s.sock"
     async with running_server(path, max_connections=2):
-        async with open_client(path) as a, open_client(path) as b:
+        async with AsyncClient(path) as a, AsyncClient(path) as b:
             await a.call("daemon.status")
             await b.call("daemon.status")
             [answer] = await raw_exchange(path, request(1, "daemon.status"), lines=1)
         assert answer["error"]["code"] == -32004
         assert answer["error"]["data"]["kind"] == "TooManyConnections"
-        async with open_client(path) as c:
+        async with AsyncClient(path) as c:
             assert (await c.call("daemon.status"))["pid"] == os.getpid()
 
 
@@ -192,12 +192,12 @@ async def test_duplicate_in_flight_id_is_refused(sockdir: str) -> None:
 
 async def test_debug_methods_need_debug_api(sockdir: str) -> None:
     path = f"{sockdir}/s.sock"
-    async with running_server(path), open_client(path) as client:
-        with pytest.raises(CallFailed) as info:
+    async with running_server(path), AsyncClient(path) as client:
+        with pytest.raises(SquibdError) as info:
             await client.call("vm.write_memory", {"vm_id": "a", "guest_addr": 0,
                                                   "data_base64": ""})  # fmt: skip
-    assert info.value.error.code == -32005
-    assert "--debug-api" in info.value.error.fault_message
+    assert info.value.code == -32005
+    assert "--debug-api" in info.value.fault_message
 
 
 def _child_call_as(uid: int, path: str, write_fd: int) -> None:
@@ -239,7 +239,7 @@ async def test_forked_client_with_another_uid_is_refused(sockdir: str) -> None:
         assert answer["error"]["data"]["kind"] == "NotAllowed"
         assert str(NOBODY) in answer["error"]["message"]
         # root (our uid) is still served
-        async with open_client(path) as client:
+        async with AsyncClient(path) as client:
             assert (await client.call("daemon.status"))["pid"] == os.getpid()
 
 

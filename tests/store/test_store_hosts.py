@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import trio
 
-from squibd.cli._client import CallFailed, RpcClient, open_client
+from squibd.client import AsyncClient, SquibdError
 from squibd.store.chunks import chunk_key
 from squibd.store.store import SnapshotStore
 from tests.server.helpers import start_daemon
@@ -78,7 +78,7 @@ def hosts(ceph: CephCluster, tmp_path: Path) -> Iterator[tuple[Host, Host]]:
         a.stop()
 
 
-async def _progress_beyond(c: RpcClient, vm_id: str, floor: list[int]) -> list[int]:
+async def _progress_beyond(c: AsyncClient, vm_id: str, floor: list[int]) -> list[int]:
     with trio.fail_after(60):  # a hang guard, not a timing assertion
         while True:
             progress: list[int] = (await c.call("vm.describe", {"vm_id": vm_id}))[
@@ -87,7 +87,7 @@ async def _progress_beyond(c: RpcClient, vm_id: str, floor: list[int]) -> list[i
                 return progress
 
 
-async def _read_all(c: RpcClient, vm_id: str, size: int) -> bytes:
+async def _read_all(c: AsyncClient, vm_id: str, size: int) -> bytes:
     out = bytearray()
     for addr in range(0, size, PIECE):
         r = await c.call("vm.read_memory", {"vm_id": vm_id, "guest_addr": addr,
@@ -96,7 +96,7 @@ async def _read_all(c: RpcClient, vm_id: str, size: int) -> bytes:
     return bytes(out)
 
 
-async def _saved_vm(c: RpcClient, directory: Path, vm_id: str = "src") -> tuple[str, list[int]]:
+async def _saved_vm(c: AsyncClient, directory: Path, vm_id: str = "src") -> tuple[str, list[int]]:
     """A running counter VM with random filler, paused and saved as a Full pair."""
     await c.call("vm.create", {"vm_id": vm_id, "vcpu_count": 2, "mem_size_mib": 64,
                                "track_dirty_pages": True, "guest": {"program": "counter"}})
@@ -118,7 +118,7 @@ async def test_push_on_one_host_restore_lazy_and_eager_on_another(
 ) -> None:
     a, b = hosts
     with trio.fail_after(180):  # hang guard
-        async with open_client(a.socket) as ca, open_client(b.socket) as cb:
+        async with AsyncClient(a.socket) as ca, AsyncClient(b.socket) as cb:
             snap, saved = await _saved_vm(ca, a.dir)
             seen: list[tuple[str, int, int]] = []
             pushed = await ca.call("store.push", {"snapshot_path": snap, "store": "shared",
@@ -165,7 +165,7 @@ async def test_corrupt_chunk_fails_pull_and_puts_lazy_vm_in_error(
 ) -> None:
     a, b = hosts
     with trio.fail_after(180):  # hang guard
-        async with open_client(a.socket) as ca, open_client(b.socket) as cb:
+        async with AsyncClient(a.socket) as ca, AsyncClient(b.socket) as cb:
             snap, _ = await _saved_vm(ca, a.dir)
             await ca.call("store.push", {"snapshot_path": snap, "store": "shared", "name": "bad"})
             # flip one byte of the chunk holding the random filler, in the bucket itself
@@ -178,11 +178,11 @@ async def test_corrupt_chunk_fails_pull_and_puts_lazy_vm_in_error(
             data[len(data) // 2] ^= 0x55
             store.objects.put(key, bytes(data))
 
-            with pytest.raises(CallFailed) as info:
+            with pytest.raises(SquibdError) as info:
                 await cb.call("store.pull", {"store": "shared", "name": "bad",
                                              "snapshot_path": str(b.dir / "p.snap"),
                                              "mem_file_path": str(b.dir / "p.mem")})
-            message = info.value.error.message
+            message = info.value.message
             assert ref.address in message and "'bad'" in message
             assert not (b.dir / "p.snap").exists() and not (b.dir / "p.mem").exists()
 

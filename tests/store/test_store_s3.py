@@ -14,7 +14,7 @@ import attrs
 import pytest
 import trio
 
-from squibd.cli._client import open_client
+from squibd.client import AsyncClient
 from squibd.snapshot.manifest import MemoryRegion
 from squibd.store.store import SnapshotStore
 from tests.uffd._pairs import PAGE, vcpu_state, write_memory, write_state
@@ -75,7 +75,7 @@ async def test_ten_full_pushes_of_a_mostly_static_guest_store_little_more_than_o
     piece = 512 * 1024
     try:
         with trio.fail_after(180):  # hang guard
-            async with open_client(host.socket) as c:
+            async with AsyncClient(host.socket) as c:
                 await c.call("vm.create", {
                     "vm_id": "mw", "vcpu_count": 1, "mem_size_mib": 128,
                     "track_dirty_pages": True,
