@@ -190,7 +190,11 @@ class _Planned:
 
 
 class _Throttle:
-    """Thread-safe byte counter calling ``progress`` at most every 1/64 of the total."""
+    """Thread-safe byte counter calling ``progress`` at most every 1/64 of the total.
+
+    ``progress`` must be quick (it runs under the counter's lock); the figures it
+    receives never go back.
+    """
 
     def __init__(self, progress: Progress | None, total: int) -> None:
         self.progress = progress
@@ -207,8 +211,8 @@ class _Throttle:
             if self.done < self._next and self.done < self.total:
                 return
             self._next = self.done + max(1, self.total // 64)
-            done = self.done
-        self.progress(done, self.total)
+            # Reported under the lock, so reports leave in the order of their figures.
+            self.progress(self.done, self.total)
 
 
 class SnapshotStore:
