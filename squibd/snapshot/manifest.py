@@ -62,6 +62,7 @@ __all__ = [
     "iter_digest_units",
     "page_map_runs",
     "page_map_windows",
+    "split_at_boundaries",
 ]
 
 #: SPEC section 4: digests cover chunks of at most 2 MiB.
@@ -181,6 +182,23 @@ class DigestUnit:
     @property
     def end(self) -> int:
         return self.pieces[-1][0] + self.pieces[-1][1]
+
+
+def split_at_boundaries(extents: Sequence[Extent], boundaries: Sequence[int]) -> tuple[Extent, ...]:
+    """Cut ``extents`` at the file offsets in ``boundaries`` (sorted; the regions' starts).
+
+    A manifest's extents never span two regions, as the memory writer reports
+    them, so that a manifest with very many extents can be stored as a page map.
+    """
+    out: list[Extent] = []
+    for extent in extents:
+        start = extent.offset
+        for boundary in boundaries:
+            if start < boundary < extent.end:
+                out.append(Extent(start, boundary - start))
+                start = boundary
+        out.append(Extent(start, extent.end - start))
+    return tuple(out)
 
 
 def iter_chunks(extents: tuple[Extent, ...] | list[Extent], chunk_size: int) -> Iterator[Extent]:

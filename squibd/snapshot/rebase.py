@@ -39,7 +39,14 @@ from .commit import PairCancelled, PairTransaction, StepHook
 from .digest import DEFAULT_ALGORITHM, file_chunk_digests, read_pieces
 from .envelope import encode_state, read_state_file
 from .errors import MemoryIo
-from .manifest import DEFAULT_CHUNK_SIZE, KIND_DIFF, KIND_FULL, Extent, MemoryManifest
+from .manifest import (
+    DEFAULT_CHUNK_SIZE,
+    KIND_DIFF,
+    KIND_FULL,
+    Extent,
+    MemoryManifest,
+    split_at_boundaries,
+)
 from .memerrors import MemoryInputInvalid, MemoryPairMismatch
 from .memwriter import merge_extents, set_pair_xattr
 from .models import MicrovmState
@@ -116,24 +123,6 @@ def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
         if copied == 0:
             raise MemoryIo(errno.EIO)  # the source ended inside an extent: truncated
         done += copied
-
-
-def _split_at_regions(extents: Sequence[Extent], manifest: MemoryManifest) -> tuple[Extent, ...]:
-    """Cut extents at region starts, as the memory writer reports them.
-
-    A manifest's extents never span two regions, so that the output can be
-    stored as a page map (manifest.py) when it has very many extents.
-    """
-    starts = sorted(region.file_offset for region in manifest.regions[1:])
-    out: list[Extent] = []
-    for extent in extents:
-        offset = extent.offset
-        for boundary in starts:
-            if offset < boundary < extent.end:
-                out.append(Extent(offset, boundary - offset))
-                offset = boundary
-        out.append(Extent(offset, extent.end - offset))
-    return tuple(out)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -268,8 +257,9 @@ def _merge(
             for state, fd in zip(states, fds, strict=True):
                 _copy_extents(fd, txn.mem_fd, state.memory.extents, DEFAULT_CHUNK_SIZE,
                               txn.check_cancelled)  # fmt: skip
-            extents = _split_at_regions(
-                merge_extents([e for s in states for e in s.memory.extents]), last.memory
+            extents = split_at_boundaries(
+                merge_extents([e for s in states for e in s.memory.extents]),
+                sorted(region.file_offset for region in last.memory.regions[1:]),
             )
             digests = file_chunk_digests(txn.mem_fd, extents, cancel=cancel,
                                          cancelled=PairCancelled)  # fmt: skip

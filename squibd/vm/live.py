@@ -38,7 +38,6 @@ import functools
 import threading
 import time
 import uuid
-from collections.abc import Sequence
 from typing import Final
 
 import attrs
@@ -54,6 +53,7 @@ from ..snapshot.manifest import (
     Extent,
     MemoryManifest,
     iter_chunks,
+    split_at_boundaries,
 )
 from ..snapshot.memwriter import (
     DEFAULT_METHOD,
@@ -93,19 +93,6 @@ _LIVE_METHOD: Final = "pwrite"
 #: durable bulk writes): it leaves little for the commit's fsync and does not
 #: flood the page cache (buffered 4 GiB hits the dirty-page limits, KVM-NOTES).
 _FIRST_PASS_METHOD: Final = DEFAULT_METHOD
-
-
-def _split_at(extents: Sequence[Extent], boundaries: Sequence[int]) -> tuple[Extent, ...]:
-    """Cut extents at region starts, as ``write_memory`` reports them."""
-    out: list[Extent] = []
-    for extent in extents:
-        start = extent.offset
-        for boundary in boundaries:
-            if start < boundary < extent.end:
-                out.append(Extent(start, boundary - start))
-                start = boundary
-        out.append(Extent(start, extent.end - start))
-    return tuple(out)
 
 
 class _ChunkDigests:
@@ -187,7 +174,7 @@ class _LivePair:
     ) -> MemoryManifest:
         """Digest the union of the passes, encode the state, commit the pair."""
         boundaries = [region.file_offset for region in self.vm.memory.regions[1:]]
-        extents = _split_at(merge_extents(self.extents), boundaries)
+        extents = split_at_boundaries(merge_extents(self.extents), boundaries)
         manifest = MemoryManifest(
             page_size=self.vm.page_size,
             regions=self.vm.memory.manifest_regions(),
