@@ -86,8 +86,6 @@ _LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 _LOG_FORMATS: Final = ("text", "json")
 #: ``[server] on_shutdown``: what a SIGTERM does to the VMs (issue 13).
 ON_SHUTDOWN_MODES: Final = ("keep", "save", "stop")
-#: The state directory of a root daemon (systemd's StateDirectory=squibd/state).
-SYSTEM_STATE_DIR: Final = "/var/lib/squibd/state"
 
 
 class ConfigError(Exception):

@@ -1,37 +1,17 @@
-"""The daemon's state directory as VM processes use it (issue 11), from ``[server]``.
+"""The VM-process settings of ``[server]`` (issue 11), as ``ApiContext`` takes them.
 
-A minimal resolver until the paths work of the hardening issue lands: the
-configured ``state_dir``, else ``$XDG_RUNTIME_DIR/squibd/state`` for a
-user daemon, else ``/run/squibd/state``. It is created private (0700). VM
-processes keep their re-attach sockets there (``vms/*.sock``) and the daemon
-their records (``vms/*.json``).
+VM processes keep their re-attach sockets (``vms/*.sock``) and the daemon its
+records (``vms/*.json``) in the daemon's one private state directory
+(``[server] state_dir``, created 0700 at start by ``squibd.snapshot.statedir``).
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any, Final
+from typing import Any
 
 from ..config import ServerConfig
 
-__all__ = ["SYSTEM_STATE_DIR", "resolve_state_dir", "vm_process_settings"]
-
-SYSTEM_STATE_DIR: Final = "/run/squibd/state"
-
-
-def resolve_state_dir(configured: str | None, environ: dict[str, str] | None = None) -> str:
-    """The state directory, created with mode 0700 if missing."""
-    env = os.environ if environ is None else environ
-    if configured:
-        path = configured
-    elif env.get("XDG_RUNTIME_DIR") and os.getuid() != 0:
-        path = os.path.join(env["XDG_RUNTIME_DIR"], "squibd", "state")
-    else:
-        path = SYSTEM_STATE_DIR
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
-
+__all__ = ["vm_process_settings"]
 
 def vm_process_settings(server: ServerConfig) -> dict[str, Any]:
     """``ApiContext`` keyword arguments of the VM-process settings of ``[server]``.
