@@ -13,6 +13,7 @@ from ..config import ServerConfig
 
 __all__ = ["vm_process_settings"]
 
+
 def vm_process_settings(server: ServerConfig) -> dict[str, Any]:
     """``ApiContext`` keyword arguments of the VM-process settings of ``[server]``.
 
