@@ -20,7 +20,7 @@ and issue 5. Example (all keys)::
     state_dir = "/var/lib/squibd/state"  # journals + their key, shutdown saves; created 0700
     on_shutdown = "keep"          # "keep" | "save" | "stop" (see README "Host shutdown")
     metrics_address = "127.0.0.1:9464"    # Prometheus listener; absent = off
-    vm_isolation = "inprocess"    # issue 11: or "process" (one VM process per VM)
+    vm_isolation = "process"      # one VM process per VM; "inprocess": VMs inside the daemon
     stop_vms_on_exit = false      # VM processes outlive the daemon; a new one re-attaches
     vm_user = "nobody"            # VM processes drop to this user ("" keeps root)
     vm_seccomp = true             # and apply their seccomp filter
@@ -52,6 +52,7 @@ from cattrs.v import format_exception
 from squibd.rpc import DEFAULT_MAX_LINE
 from squibd.snapshot.statedir import default_state_dir
 from squibd.store.config import StoreConfig
+from squibd.vm.models import DEFAULT_VM_ISOLATION, VM_ISOLATION_MODES
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT_S",
@@ -159,7 +160,7 @@ class ServerConfig:
         return self.state_dir
     #: Issue 11: run each VM in its own VM process ("process") or in the daemon ("inprocess").
     vm_isolation: str = attrs.field(
-        default="inprocess", validator=attrs.validators.in_(("process", "inprocess"))
+        default=DEFAULT_VM_ISOLATION, validator=attrs.validators.in_(VM_ISOLATION_MODES)
     )
     #: Issue 11: whether VM processes stop with the daemon (else a new daemon re-attaches).
     stop_vms_on_exit: bool = False

@@ -48,6 +48,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 # --- A short socket directory, shared by tests/api, tests/cli and tests/server ---------------
 # (Imports kept here: this shared file is edited append-only.)
+import contextlib  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
@@ -61,3 +62,62 @@ def sockdir() -> Iterator[str]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# --- VM processes (issue 11): one private state dir per run, and no VM process left behind ---
+# Every squibd this suite starts (subprocess daemons included) keeps its journals and its
+# VM-process records in one state dir made for the run (``SQUIBD_STATE_DIR``), not in the
+# host's /var/lib/squibd/state. A daemon stopped with on_shutdown = "keep" leaves its VM
+# processes running, as it should; this process is made their subreaper, so they become its
+# children, and each test ends by killing the ones it left (a spinning guest would otherwise
+# take a core from every later test).
+import ctypes  # noqa: E402
+import signal  # noqa: E402
+
+from squibd.vmm.zygote import VM_PROCESS_NAME, ZYGOTE_NAME  # noqa: E402
+
+_PR_SET_CHILD_SUBREAPER = 36
+_RUN_STATE_DIR = tempfile.mkdtemp(prefix="sqst-", dir="/tmp")
+os.environ["SQUIBD_STATE_DIR"] = _RUN_STATE_DIR
+ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _children_named(*names: str) -> list[int]:
+    """Pids of this process's children whose ``/proc/PID/comm`` is one of ``names``."""
+    me = os.getpid()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index(b"(") + 1 : stat.rindex(b")")].decode(errors="replace")
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        if ppid == me and comm in names:
+            found.append(int(entry))
+    return found
+
+
+def _kill_and_reap(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+@pytest.fixture(autouse=True)
+def _no_vm_process_left_behind() -> Iterator[None]:
+    """Kill the VM processes (and orphaned zygotes) a test's daemons left running."""
+    zygotes_before = set(_children_named(ZYGOTE_NAME))
+    yield
+    _kill_and_reap([pid for pid in _children_named(ZYGOTE_NAME) if pid not in zygotes_before])
+    _kill_and_reap(_children_named(VM_PROCESS_NAME))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_RUN_STATE_DIR, ignore_errors=True)

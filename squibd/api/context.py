@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import cattrs
 
+from squibd.vm.models import DEFAULT_VM_ISOLATION
+
 from .wire import make_wire_converter
 
 if TYPE_CHECKING:
@@ -64,7 +66,7 @@ class ApiContext:
     shutdown_hook: Callable[[ApiContext], Awaitable[None]] | None = None
     #: Issue 11: ``[server]`` vm_isolation, state_dir, stop_vms_on_exit and the
     #: VM processes' confinement (``squibd.vmm.confine``).
-    vm_isolation: str = "inprocess"
+    vm_isolation: str = DEFAULT_VM_ISOLATION
     stop_vms_on_exit: bool = False
     vm_confine: dict[str, Any] | None = None
     _runtime: Runtime | None = attrs.field(default=None, init=False)

@@ -41,6 +41,7 @@ from squibd.server import (
 )
 from squibd.snapshot.errors import SnapshotError
 from squibd.snapshot.paths import set_daemon_roots
+from squibd.vm.models import VM_ISOLATION_MODES
 from squibd.vmm.statedir import vm_process_settings
 
 from ._logging import setup_logging
@@ -72,19 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log verbosity (default: info)")  # fmt: skip
     parser.add_argument("--state-dir", metavar="DIR",
                         help="private state directory: commit journals, shutdown saves, "
-                        "VM-process records (created 0700; default: /var/lib/squibd/state "
-                        "for root, else $XDG_STATE_HOME/squibd)")  # fmt: skip
+                        "VM-process records; one daemon at a time (created 0700; default: "
+                        "$SQUIBD_STATE_DIR, else /var/lib/squibd/state for root, else "
+                        "$XDG_STATE_HOME/squibd)")  # fmt: skip
     parser.add_argument("--log-format", choices=("text", "json"),
                         help="text, or one JSON object per line (default: text; under "
                         "journald each line carries its <priority>)")  # fmt: skip
     parser.add_argument("--on-shutdown", choices=ON_SHUTDOWN_MODES,
-                        help="what SIGTERM does to the VMs (default: keep, which behaves as "
-                        "stop until VMs run in their own processes)")  # fmt: skip
+                        help="what SIGTERM does to the VMs (default: keep: VM processes run "
+                        "on and the next daemon re-attaches them; with --vm-isolation "
+                        "inprocess, keep behaves as stop)")  # fmt: skip
     parser.add_argument("--metrics-address", metavar="HOST:PORT",
                         help="serve Prometheus metrics over HTTP here (default: off)")
-    parser.add_argument("--vm-isolation", choices=("process", "inprocess"), default=None,
+    parser.add_argument("--vm-isolation", choices=VM_ISOLATION_MODES, default=None,
                         help="one VM process per VM, or VMs inside the daemon "
-                        "(default: inprocess)")  # fmt: skip
+                        "(default: process)")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"squibd {__version__}")
     return parser
 
@@ -105,28 +108,32 @@ def _apply_overrides(config: DaemonConfig, args: argparse.Namespace) -> DaemonCo
     return attrs.evolve(config, server=server)
 
 
-def _recover(config: DaemonConfig) -> bool:
-    """Open the state directory and recover every journal in it; False if it is unusable.
+def _recover(config: DaemonConfig) -> int | None:
+    """Open and lock the state directory, then recover every journal in it.
 
-    A journal that cannot be completed is quarantined and logged; the daemon
-    starts anyway. Only an unusable state directory stops it.
+    Returns the fd that holds the lock for the daemon's life; None if the
+    directory is unusable or another daemon holds it. A journal that cannot
+    be completed is quarantined and logged; the daemon starts anyway.
     """
     from squibd.snapshot.journal import recover_all
-    from squibd.snapshot.statedir import StateDirError, configure_state_dir
+    from squibd.snapshot.statedir import StateDirError, configure_state_dir, lock_state_dir
 
     try:
         state = configure_state_dir(config.server.state_dir)
         assert state is not None
+        # Before recovery: it must not roll back the saves of a daemon still running.
+        lock_fd = lock_state_dir(state)
         outcomes = recover_all(state)
     except StateDirError as exc:
         print(f"squibd: {exc}", file=sys.stderr)
-        return False
+        return None
     except SnapshotError as exc:  # Io: the journal folder itself is unreadable
+        os.close(lock_fd)
         print(f"squibd: recovery failed in {config.server.state_dir}: {exc}", file=sys.stderr)
-        return False
+        return None
     log.info("state directory %s: %d journal(s) recovered", state.path,
              sum(outcome != "busy" for outcome in outcomes.values()))  # fmt: skip
-    return True
+    return lock_fd
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         owned.append(path)
         log.info("listening on %s", path)
     set_daemon_roots(config.snapshot.allowed_roots)
-    if not _recover(config):
+    state_lock = _recover(config)
+    if state_lock is None:
         for sock in sockets:
             sock.close()
         for path in owned:
@@ -199,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             sock.close()
         if isinstance(metrics, Metrics):
             metrics.close()
+        os.close(state_lock)
     return EXIT_OK
 
 

@@ -10,9 +10,15 @@ choice. They now live in a directory only the daemon's user can enter
         journal/              0700, one file per save in progress
         quarantine/           0700, journals recovery could not complete
 
-The default is ``/var/lib/squibd/state`` for root and
-``$XDG_STATE_HOME/squibd`` (else ``~/.local/state/squibd``) for anyone
-else; ``squibd --state-dir DIR`` and ``[server] state_dir`` override it.
+The default is ``$SQUIBD_STATE_DIR`` when set (an absolute path), else
+``/var/lib/squibd/state`` for root and ``$XDG_STATE_HOME/squibd`` (else
+``~/.local/state/squibd``) for anyone else; ``squibd --state-dir DIR`` and
+``[server] state_dir`` override it.
+
+One daemon at a time uses a state directory: it holds an exclusive lock on
+``daemon.lock`` there (:func:`lock_state_dir`) for as long as it runs, since
+two daemons would re-attach the same VM processes and recover each other's
+journals.
 The daemon calls :func:`configure_state_dir` once at start; library users
 that never call it get the default, created on first use.
 
@@ -23,6 +29,7 @@ A state directory that exists but belongs to another user is refused
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 import stat
@@ -35,16 +42,22 @@ import attrs
 __all__ = [
     "KEY_BYTES",
     "ROOT_STATE_DIR",
+    "STATE_DIR_ENV",
     "StateDir",
+    "StateDirBusy",
     "StateDirError",
     "configure_state_dir",
     "current_state_dir",
     "default_state_dir",
+    "lock_state_dir",
     "state_dir_path",
 ]
 
 #: Issue 10: the state directory of a root daemon.
 ROOT_STATE_DIR: Final = "/var/lib/squibd/state"
+#: The environment variable that names the default state directory.
+STATE_DIR_ENV: Final = "SQUIBD_STATE_DIR"
+_LOCK_NAME: Final = "daemon.lock"
 #: Bytes of the HMAC-SHA256 key.
 KEY_BYTES: Final = 32
 _KEY_NAME: Final = "journal.key"
@@ -67,9 +80,21 @@ class StateDirError(OSError):
         return str(self.strerror)
 
 
+class StateDirBusy(StateDirError):
+    """Another daemon holds the state directory's lock."""
+
+
 def default_state_dir(environ: Mapping[str, str] | None = None, euid: int | None = None) -> str:
-    """``/var/lib/squibd/state`` for root, else ``$XDG_STATE_HOME/squibd`` (or ~/.local/state)."""
+    """The default state directory (see the module doc).
+
+    ``$SQUIBD_STATE_DIR``, else ``/var/lib/squibd/state`` for root, else
+    ``$XDG_STATE_HOME/squibd`` (or ``~/.local/state/squibd``). A relative
+    ``$SQUIBD_STATE_DIR`` is ignored, as the XDG spec ignores relative values.
+    """
     env = os.environ if environ is None else environ
+    named = env.get(STATE_DIR_ENV)
+    if named and os.path.isabs(named):
+        return named
     if (os.geteuid() if euid is None else euid) == 0:
         return ROOT_STATE_DIR
     base = env.get("XDG_STATE_HOME")
@@ -198,6 +223,35 @@ class StateDir:
         for sub in (_JOURNAL_DIR, _QUARANTINE_DIR):
             _ensure_private_dir(os.path.join(real, sub))
         return cls(real, _load_or_create_key(real))
+
+
+def lock_state_dir(state: StateDir) -> int:
+    """Take the daemon's exclusive lock on ``state`` (the fd holds it until closed).
+
+    The lock file records the holder's pid, for the message a second daemon gets.
+
+    Raises:
+        StateDirBusy: another process holds it.
+        StateDirError: the lock file cannot be opened.
+    """
+    path = os.path.join(state.path, _LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, _KEY_MODE)
+    except OSError as exc:
+        raise StateDirError(f"cannot open {path}: {exc.strerror}", exc.errno) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise StateDirBusy(
+            f"state directory {state.path} is in use by another squibd (pid {holder}); "
+            "give each daemon its own --state-dir",
+            errno.EBUSY,
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 _lock = threading.Lock()

@@ -23,7 +23,9 @@ __all__ = [
     "DEFAULT_MAX_PASSES",
     "DEFAULT_PAUSE_BUDGET_MS",
     "DEFAULT_QUIESCE_TIMEOUT_S",
+    "DEFAULT_VM_ISOLATION",
     "SNAPSHOT_TYPES",
+    "VM_ISOLATION_MODES",
     "GuestSpec",
     "MemBackend",
     "Progress",
@@ -43,6 +45,9 @@ DEFAULT_MAX_PASSES: Final = 8
 DEFAULT_PAUSE_BUDGET_MS: Final = 10.0
 #: SPEC section 9: snapshot_type values.
 SNAPSHOT_TYPES: Final = ("Full", "Diff")
+#: ``[server] vm_isolation``: each VM in its own VM process (issue 11), or inside the daemon.
+VM_ISOLATION_MODES: Final = ("process", "inprocess")
+DEFAULT_VM_ISOLATION: Final = "process"
 #: SPEC section 8: memory backends of snapshot.load.
 BACKEND_FILE: Final = "File"
 BACKEND_UFFD: Final = "Uffd"

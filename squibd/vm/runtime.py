@@ -40,6 +40,7 @@ from .models import (
     DEFAULT_MAX_PASSES,
     DEFAULT_PAUSE_BUDGET_MS,
     DEFAULT_QUIESCE_TIMEOUT_S,
+    DEFAULT_VM_ISOLATION,
     GuestSpec,
     MemBackend,
     Progress,
@@ -91,7 +92,7 @@ class Runtime:
     memory_timeout_s: float = DEFAULT_MEMORY_TIMEOUT_S
     page_server_stall_s: float = DEFAULT_PAGE_SERVER_STALL_S
     #: Issue 11: ``"process"`` runs each VM in its own VM process, ``"inprocess"`` here.
-    vm_isolation: str = "inprocess"
+    vm_isolation: str = DEFAULT_VM_ISOLATION
     #: Issue 11: where VM processes keep their re-attach sockets and records.
     state_dir: str | None = None
     #: Issue 11: whether daemon shutdown stops the VM processes (else they keep running).

@@ -11,23 +11,40 @@ The zygote is the VM processes' parent, so it alone learns how they end:
 it reaps them on SIGCHLD and reports ``{"event": "exited", "pid", "status"}``
 (the raw wait status) to the daemon. It exits when the daemon closes the
 control socket; its VM processes carry on (re-parented to init).
+
+Both are named for ``ps -C`` and ``pgrep -x`` (``/proc/PID/comm``): the zygote
+``squibd-zygote``, each VM process ``squibd-vm``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import os
 import select
 import signal
 import socket
 import sys
+from typing import Final
 
 from .channel import Channel, ChannelClosed
 from .process import serve_fd
 from .protocol import error_reply, ok_reply
 
-__all__ = ["main"]
+__all__ = ["VM_PROCESS_NAME", "ZYGOTE_NAME", "main", "set_process_name"]
+
+#: ``/proc/PID/comm`` of the zygote and of each VM process.
+ZYGOTE_NAME: Final = "squibd-zygote"
+VM_PROCESS_NAME: Final = "squibd-vm"
+_PR_SET_NAME: Final = 15
+
+
+def set_process_name(name: str) -> None:
+    """Name the calling process (its main thread) as ``ps`` shows it (best effort)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
 
 
 def _reap(channel: Channel) -> None:
@@ -45,6 +62,7 @@ def _reap(channel: Channel) -> None:
 def run(fd: int) -> int:
     """Serve spawn requests on control socket ``fd`` until it closes."""
     channel = Channel(socket.socket(fileno=fd))
+    set_process_name(ZYGOTE_NAME)
     # Everything imported lives as long as the zygote and its VM processes:
     # frozen, the collector never walks it, so a forked child does not
     # copy-on-write the whole inherited heap at its first collection.
@@ -87,6 +105,7 @@ def run(fd: int) -> int:
                 # is a new scheduling group, which measured 5x slower
                 # quiesce wake-ups on a loaded host (bench/vm_process.py).
                 os.setpgid(0, 0)
+                set_process_name(VM_PROCESS_NAME)
                 code = serve_fd(fds[0])
             finally:
                 os._exit(code)

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from squibd.vm.models import DEFAULT_VM_ISOLATION
 from squibd.vm.runtime import Runtime
 
-#: Issue 11: ``SQUIBD_TEST_VM_ISOLATION=process`` runs these tests against VM processes.
-VM_ISOLATION = os.environ.get("SQUIBD_TEST_VM_ISOLATION", "inprocess")
+#: ``SQUIBD_TEST_VM_ISOLATION=inprocess`` runs these tests against the in-process runtime.
+VM_ISOLATION = os.environ.get("SQUIBD_TEST_VM_ISOLATION", DEFAULT_VM_ISOLATION)
 
 #: Short enough that a test provoking a quiesce timeout stays fast.
 TEST_QUIESCE_TIMEOUT_S = 0.5
