@@ -7,11 +7,17 @@
 4. destroys the VM;
 5. restores: rebases the Diff onto the Full, loads the merged pair;
 6. shows the counters starting exactly at their saved values and going on;
-7. prints the timings and stops the daemon (SIGTERM, exit 0).
+7. restarts the daemon: the VM runs in its own VM process, which outlives
+   the daemon; the new daemon re-attaches it and the counters went on;
+8. destroys the VM, prints the timings and stops the daemon (SIGTERM, exit 0).
+
+Its daemons keep their state (journals, VM-process records) in the demo's
+temporary directory, not in the host's state directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -82,12 +88,16 @@ def _wait_past(sock: str, floor: list[int]) -> dict[str, Any]:
 def _start_daemon(workdir: str) -> tuple[subprocess.Popen[bytes], str]:
     sock = os.path.join(workdir, "squibd.sock")
     notify_path = os.path.join(workdir, "notify")
+    args = ["--socket", sock, "--state-dir", os.path.join(workdir, "state"),
+            "--log-level", "warning"]  # fmt: skip
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(notify_path)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(notify_path)
         notify.settimeout(_READY_TIMEOUT_S)
         env = {**os.environ, "NOTIFY_SOCKET": notify_path}
-        print(f"$ squibd --socket {sock} --log-level warning", flush=True)
-        proc = subprocess.Popen([*_SQUIBD, "--socket", sock, "--log-level", "warning"], env=env)
+        print(f"$ squibd {' '.join(args)}", flush=True)
+        proc = subprocess.Popen([*_SQUIBD, *args], env=env)
         try:
             while b"READY=1" not in notify.recv(_DATAGRAM).split(b"\n"):
                 pass
@@ -97,9 +107,19 @@ def _start_daemon(workdir: str) -> tuple[subprocess.Popen[bytes], str]:
     return proc, sock
 
 
+def _stop_daemon(proc: subprocess.Popen[bytes]) -> None:
+    print(f"$ kill -TERM {proc.pid}", flush=True)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=_STOP_TIMEOUT_S)
+    print(f"squibd exited with {code}")
+    if code != 0:
+        raise DemoFailed(f"squibd exited with {code}")
+
+
 def _run(workdir: str) -> dict[str, float]:
     proc, sock = _start_daemon(workdir)
     timings: dict[str, float] = {}
+    destroyed = False
     try:
         status = _ctl(sock, "status")
         print(f"squibd {status['version']} pid {status['pid']}, KVM available: "
@@ -151,13 +171,26 @@ def _run(workdir: str) -> dict[str, float]:
         after = _wait_past(sock, saved["guest_progress"])
         print("counters now:  ", _counters(after))
         print("every counter continued past its saved value")
+
+        _say("restart the daemon: the VM keeps running in its VM process, the new daemon "
+             "re-attaches it")  # fmt: skip
+        _stop_daemon(proc)
+        proc, sock = _start_daemon(workdir)
+        described = _ctl(sock, "vm", "describe", _VM)
+        print(f"re-attached: VM process {described['process_id']}, {described['state']}, "
+              f"counters {_counters(described)}")  # fmt: skip
+        _wait_past(sock, after["guest_progress"])
+        print("the counters went on across the restart")
+        _say("destroy the VM")
+        _ctl(sock, "vm", "destroy", _VM)
+        destroyed = True
     finally:
-        _say("stop the daemon (SIGTERM)")
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=_STOP_TIMEOUT_S)
-        print(f"squibd exited with {code}")
-        if code != 0:
-            raise DemoFailed(f"squibd exited with {code}")
+        if proc.poll() is None:
+            if not destroyed:  # a failed step left it: it would outlive the daemon
+                with contextlib.suppress(DemoFailed):
+                    _ctl(sock, "vm", "destroy", _VM)
+            _say("stop the daemon (SIGTERM)")
+            _stop_daemon(proc)
     return timings
 
 

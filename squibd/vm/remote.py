@@ -51,6 +51,7 @@ from ..uffd import UffdBackend, UffdError
 from ..vmm.channel import Channel
 from ..vmm.host import Connection, RequestFailed, ZygoteHost, describe_status
 from ..vmm.protocol import Message
+from ..vmm.statedir import vm_log_path
 from .dirty import DirtySet, runs_of
 from .errors import GuestMemoryUnavailable, InvalidVmConfig, VmFailed
 from .guest_access import GuestAccess, ProgressProbe, ProgressReading
@@ -536,6 +537,12 @@ class StatePaths:
         key = hashlib.sha256(vm_id.encode()).hexdigest()[:16]
         return cls(os.path.join(vms, f"{key}.sock"), os.path.join(vms, f"{key}.json"))
 
+    def files(self) -> tuple[str, ...]:
+        """What ``vm.destroy`` removes: the socket, the record and the VM process's log."""
+        if self.socket is None or self.record is None:
+            return ()
+        return (self.socket, self.record, vm_log_path(self.socket))
+
 
 def spawn_remote(
     host: ZygoteHost,
@@ -612,7 +619,7 @@ def spawn_remote(
             shadowed=not shared,
             page_served=page_server is not None,
             host=host,
-            state_files=tuple(p for p in (paths.socket, paths.record) if p is not None),
+            state_files=paths.files(),
             token=token,
         )
     except BaseException:
@@ -737,7 +744,7 @@ def attach_remote(
         vcpu_count=int(init["vcpu_count"]),
         host_addrs=tuple(d["host_addrs"]),
         progress_addrs=_progress_addrs(guest, int(init["vcpu_count"])),
-        state_files=(sock_path, str(record["_path"])),
+        state_files=(sock_path, str(record["_path"]), vm_log_path(sock_path)),
         token=token,
         shadowed=kind != "shared",
         page_served=kind == "uffd",

@@ -51,6 +51,7 @@ from ..vm.guest_access import release_lazy_pages
 from ..vm.memory import GuestMemory, GuestRegion, _mapping_address
 from .channel import Channel, ChannelClosed
 from .protocol import Message, error_reply, ok_reply
+from .statedir import vm_log_path
 
 __all__ = ["VmServer", "main", "serve_fd"]
 
@@ -487,6 +488,18 @@ class VmServer:
         """Create the re-attach socket now (before privileges are dropped)."""
         if self.listen_path is not None:
             self._listener = self._listen()
+            _log_to(vm_log_path(self.listen_path))
+
+
+def _log_to(path: str) -> None:
+    """Send this process's stderr to ``path`` (appended, 0600): it outlives the daemon's."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        _log.exception("cannot open the VM process log %s", path)
+        return
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def serve_fd(fd: int, confine: bool = True) -> int:

@@ -7,11 +7,20 @@ records (``vms/*.json``) in the daemon's one private state directory
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..config import ServerConfig
 
-__all__ = ["vm_process_settings"]
+__all__ = ["vm_log_path", "vm_process_settings"]
+
+
+def vm_log_path(socket_path: str) -> str:
+    """The log of the VM process whose re-attach socket is ``socket_path`` (``vms/<key>.log``).
+
+    A VM process that outlives its daemon writes its stderr there, not to the daemon's.
+    """
+    return os.path.splitext(socket_path)[0] + ".log"
 
 
 def vm_process_settings(server: ServerConfig) -> dict[str, Any]:

@@ -47,6 +47,17 @@ def set_process_name(name: str) -> None:
 
 
 
+def _detach_stdio() -> None:
+    """Point stdin and stdout at /dev/null: a VM process may outlive whoever reads the daemon's.
+
+    Its stderr goes to its own log once it has a state dir (``process.py``).
+    """
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
+
+
 def _reap(channel: Channel) -> None:
     while True:
         try:
@@ -106,6 +117,7 @@ def run(fd: int) -> int:
                 # quiesce wake-ups on a loaded host (bench/vm_process.py).
                 os.setpgid(0, 0)
                 set_process_name(VM_PROCESS_NAME)
+                _detach_stdio()
                 code = serve_fd(fds[0])
             finally:
                 os._exit(code)
