@@ -70,6 +70,7 @@ class ApiContext:
     stop_vms_on_exit: bool = False
     vm_confine: dict[str, Any] | None = None
     _runtime: Runtime | None = attrs.field(default=None, init=False)
+    _started_up: bool = attrs.field(default=False, init=False)
 
     @property
     def runtime(self) -> Runtime:
@@ -102,7 +103,15 @@ class ApiContext:
         return os.access(KVM_DEVICE, os.R_OK | os.W_OK)
 
     async def startup(self) -> None:
-        """Issue 11: start the warm zygote and re-attach the VM processes of a previous daemon."""
+        """Issue 11: start the warm zygote and re-attach the VM processes of a previous daemon.
+
+        Runs once (later calls return at once): before the VMs saved at the
+        last shutdown are restored, whose VM processes it must not take for
+        a previous daemon's.
+        """
+        if self._started_up:
+            return
+        self._started_up = True
         if self.vm_isolation == "process":
             await self.runtime.reattach()
 

@@ -232,6 +232,7 @@ async def _serve(api: ApiContext, server: Server) -> None:
     """Restore the VMs saved at the last shutdown, then serve."""
     from squibd.lifecycle import restore_saved
 
+    await api.startup()  # re-attach first: then restore what on_shutdown = "save" left
     restored = await restore_saved(api)
     if restored:
         log.info("restored %d VM(s) saved at the last shutdown: %s", len(restored),

@@ -59,9 +59,13 @@ def host_memory_mib() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // _MIB
 
 
-def fds_per_vm(vcpu_count: int) -> int:
-    """About how many file descriptors a VM of ``vcpu_count`` vCPUs holds."""
-    return _FDS_PER_VM_BASE + vcpu_count
+def fds_per_vm(vcpu_count: int, *, in_process: bool = True) -> int:
+    """About how many file descriptors of the daemon a VM of ``vcpu_count`` vCPUs holds.
+
+    A VM in its own VM process keeps its KVM and vCPU fds there: the daemon
+    holds only its memory, its socket and its page-server session.
+    """
+    return _FDS_PER_VM_BASE + (vcpu_count if in_process else 0)
 
 
 def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -157,7 +161,7 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd")) - 1
 
 
-def check_fd_headroom(vm_id: str, vcpu_count: int, reserve: int) -> None:
+def check_fd_headroom(vm_id: str, vcpu_count: int, reserve: int, *, in_process: bool) -> None:
     """Refuse a VM that would leave fewer than ``reserve`` fds free. Blocking (reads /proc).
 
     Raises:
@@ -170,7 +174,7 @@ def check_fd_headroom(vm_id: str, vcpu_count: int, reserve: int) -> None:
         used = _open_fds()
     except OSError as exc:
         raise ResourceExhausted(vm_id, "file descriptors", f"cannot count them: {exc}") from exc
-    need = fds_per_vm(vcpu_count)
+    need = fds_per_vm(vcpu_count, in_process=in_process)
     if used + need + reserve > soft:
         raise ResourceExhausted(
             vm_id,

@@ -72,6 +72,8 @@ for _cls in (X86VmState, X86VcpuState):
 #: How long a closing VM process gets to exit after ``shutdown`` before SIGKILL.
 _SHUTDOWN_GRACE_S: Final = 5.0
 _IOV_MAX: Final = 1024
+#: How long a restarted daemon waits for a VM process it re-attaches to answer.
+_ATTACH_TIMEOUT_S: Final = 5.0
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
@@ -696,24 +698,37 @@ def attach_remote(
     """
     sock_path = str(record.get("socket"))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # A VM process answers one daemon at a time: one that is busy with another
+    # (or hung) must not hold this daemon's start-up.
+    sock.settimeout(_ATTACH_TIMEOUT_S)
     try:
         sock.connect(sock_path)
-    except OSError:
+    except (ConnectionRefusedError, FileNotFoundError):
         sock.close()
         for path in (sock_path, str(record["_path"])):
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        log = vm_log_path(sock_path)
+        if os.path.exists(log):  # kept: it may say why the process ended
+            _log.warning("VM %s: its VM process ended while no daemon was attached; see %s",
+                         record.get("vm_id"), log)  # fmt: skip
+        return None
+    except OSError as error:
+        sock.close()
+        _log.warning("VM process at %s does not answer (%s); not re-attached", sock_path, error)
         return None
     channel = Channel(sock)
     try:
         channel.send({"op": "attach", "id": 1})
         reply, fds = channel.receive()
-    except Exception:
+    except Exception as error:
         channel.close()
+        _log.warning("VM process at %s did not re-attach (%s)", sock_path, error)
         return None
     if not reply.get("ok"):
         channel.close()
         return None
+    sock.settimeout(None)
     d = reply["result"]
     init = d["init"]
     from ..snapshot.manifest import MemoryRegion

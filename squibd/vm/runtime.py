@@ -231,7 +231,8 @@ class Runtime:
             factory = self.process_vms
 
             def build() -> Vm:
-                check_fd_headroom(vm_id, vcpu_count, self.limits.fd_reserve)
+                check_fd_headroom(vm_id, vcpu_count, self.limits.fd_reserve,
+                                  in_process=factory is None)  # fmt: skip
                 if factory is not None:
                     return cast(Vm, factory.fresh(
                         vm_id, vcpu_count, mem_size_mib, track_dirty_pages, spec, token=token,
@@ -434,7 +435,8 @@ class Runtime:
                 self._admit(vm_id, info.vcpu_count, info.mem_size_mib, skip=placeholder)
             )
             await run_blocking(
-                lambda: check_fd_headroom(vm_id, info.vcpu_count, self.limits.fd_reserve),
+                lambda: check_fd_headroom(vm_id, info.vcpu_count, self.limits.fd_reserve,
+                                          in_process=self.process_vms is None),
                 self._limiter,
             )
 

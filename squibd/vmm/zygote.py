@@ -70,6 +70,15 @@ def _reap(channel: Channel) -> None:
             channel.send({"event": "exited", "pid": pid, "status": status})
 
 
+def _answer(channel: Channel, message: dict[str, object]) -> bool:
+    """Send ``message``; False when the daemon has gone away meanwhile."""
+    try:
+        channel.send(message)
+    except ChannelClosed:
+        return False
+    return True
+
+
 def run(fd: int) -> int:
     """Serve spawn requests on control socket ``fd`` until it closes."""
     channel = Channel(socket.socket(fileno=fd))
@@ -99,7 +108,9 @@ def run(fd: int) -> int:
         if message.get("op") != "spawn" or len(fds) != 1:
             for extra in fds:
                 os.close(extra)
-            channel.send(error_reply(request_id, "Protocol", "expected spawn with one fd"))
+            if not _answer(channel, error_reply(request_id, "Protocol",
+                                                "expected spawn with one fd")):
+                return 0
             continue
         pid = os.fork()
         if pid == 0:  # the VM process
@@ -122,7 +133,8 @@ def run(fd: int) -> int:
             finally:
                 os._exit(code)
         os.close(fds[0])
-        channel.send(ok_reply(request_id, {"pid": pid}))
+        if not _answer(channel, ok_reply(request_id, {"pid": pid})):
+            return 0  # the daemon is gone: so is the zygote (the child sees EOF and exits)
 
 
 def main(argv: list[str] | None = None) -> int:

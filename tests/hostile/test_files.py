@@ -69,6 +69,8 @@ class Env:
         sock = str(self.base / "s.sock")
         notify_path = str(self.base / f"notify-{secrets.token_hex(4)}")
         log = self.base / f"daemon-{len(self.daemons)}.log"
+        if strace:  # strace -f would follow the VM processes too, and outlive the daemon
+            extra = ("--vm-isolation", "inprocess", *extra)
         command = [*strace, *daemon_command(
             "--socket", sock, "--config", str(self.config), "--state-dir", str(self.state),
             "--debug-api", *extra)]  # fmt: skip

@@ -88,13 +88,22 @@ def _create(path: str, vm_id: str, vcpus: int, mib: int) -> Any:
     }, timeout=60)  # fmt: skip
 
 
-def test_fd_exhaustion_is_refused_typed_and_connections_still_work(sockdir: str) -> None:
-    proc, path = _start_limited_daemon(sockdir, "[limits]\nfd_reserve = 64\n")
+@pytest.mark.parametrize(
+    ("isolation", "vcpus"),
+    # In-process, the vCPU fds are the daemon's; a VM process holds its own, so there
+    # the daemon runs out of fds for the VMs' memory and sockets (1 vCPU keeps it light).
+    [("inprocess", 32), ("process", 1)],
+)
+def test_fd_exhaustion_is_refused_typed_and_connections_still_work(
+    sockdir: str, isolation: str, vcpus: int
+) -> None:
+    config = f'[server]\nvm_isolation = "{isolation}"\n[limits]\nfd_reserve = 64\n'
+    proc, path = _start_limited_daemon(sockdir, config)
     try:
         created: list[str] = []
         refusal: Any = None
-        for n in range(_CHILD_NOFILE // fds_per_vm(32) + 2):
-            answer = _create(path, f"big{n}", 32, 2)
+        for n in range(_CHILD_NOFILE // fds_per_vm(vcpus, in_process=False) * 4):
+            answer = _create(path, f"big{n}", vcpus, 2)
             if "error" in answer:
                 refusal = answer["error"]
                 break
@@ -127,7 +136,7 @@ def test_fd_exhaustion_is_refused_typed_and_connections_still_work(sockdir: str)
 
         # Freeing a VM makes room again.
         assert "result" in blocking_call(path, "vm.destroy", {"vm_id": created[0]})
-        assert "result" in _create(path, "again", 32, 2)
+        assert "result" in _create(path, "again", vcpus, 2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
     finally:

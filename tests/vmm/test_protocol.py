@@ -90,7 +90,7 @@ def test_wait_status_in_words() -> None:
 def test_vm_isolation_config_is_checked() -> None:
     config = parse_config({"server": {"vm_isolation": "process", "stop_vms_on_exit": True}})
     assert config.server.vm_isolation == "process" and config.server.stop_vms_on_exit
-    assert parse_config({}).server.vm_isolation == "inprocess"
+    assert parse_config({}).server.vm_isolation == "process"
     with pytest.raises(ConfigError, match="vm_isolation"):
         parse_config({"server": {"vm_isolation": "container"}})
 
