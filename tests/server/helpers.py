@@ -107,7 +107,13 @@ def wait_for_socket(proc: subprocess.Popen[bytes], path: str) -> None:
 
 
 def start_daemon(directory: str, *args: str) -> tuple[subprocess.Popen[bytes], str]:
-    """Start squibd on ``directory/s.sock``; return once it has sent sd_notify READY=1."""
+    """Start squibd on ``directory/s.sock``; return once it has sent sd_notify READY=1.
+
+    Without ``--state-dir`` in ``args`` it gets ``directory/state`` (one daemon at a
+    time may use a state dir, and tests run several at once).
+    """
+    if "--state-dir" not in args:
+        args = (*args, "--state-dir", os.path.join(directory, "state"))
     path = os.path.join(directory, "s.sock")
     notify_path = os.path.join(directory, "notify")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
