@@ -64,7 +64,7 @@ class WorkDevice:
 
     @property
     def state(self) -> int:
-        """The device's LCG state (depends on every unit done so far)."""
+        """The device's state (depends on every request handled so far)."""
         with self._lock:
             return self._state
 
@@ -82,4 +82,4 @@ class WorkDevice:
         with self._lock:
             self._requests += 1
             self._units += units
-            self._state ^= done
+            self._state = (self._state + done) & _MASK  # commutes: vCPUs may interleave
