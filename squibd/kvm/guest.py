@@ -241,8 +241,7 @@ def _exiter_params(params: Mapping[str, int]) -> dict[str, int]:
     out = {**_EXITER_DEFAULTS, **{k: int(v) for k, v in params.items()}}
     if not 0 <= out["work_units"] <= _EXITER_MAX_WORK_UNITS:
         raise GuestProgramError(
-            f"exiter needs 0 <= work_units <= {_EXITER_MAX_WORK_UNITS} "
-            f"(got {out['work_units']})"
+            f"exiter needs 0 <= work_units <= {_EXITER_MAX_WORK_UNITS} (got {out['work_units']})"
         )
     return out
 
