@@ -1,0 +1,214 @@
+"""Exit-heavy guests, 1 and 2 VMs at once, both runtimes in the same run (issue 11).
+
+Every VM has 1 vCPU and 64 MiB and runs the ``exiter`` guest: one exit to the
+VMM per iteration, an ``OUT`` to the work port that the VMM answers with
+``work_units`` units of pure-Python work (``squibd/kvm/workdevice.py``), the
+guest's progress counter counting completed requests. With the in-process
+runtime all vCPU threads share the daemon's GIL for that work (and for the
+runner's own Python between two ``KVM_RUN`` calls); with
+``vm_isolation = "process"`` each VM process has its own.
+
+Method: per work level, both runtimes get 2 such VMs, started and then
+paused. Each repetition measures, in turn, every (runtime, 1 or 2 VMs) case
+over a window of ``--window`` seconds: the case's VMs are resumed, each
+sends a heartbeat (1024 requests), then their progress counters are read
+before and after the window; then they are paused again. Interleaving keeps
+the cases comparable on this shared, noisy machine.
+
+Figures (per work level, per runtime, for 1 and 2 VMs; medians, min, max):
+- ``progress_per_s``: total guest progress of all VMs running at once, per s
+  (one completed work request = one exit, so it is also the work-exit rate).
+- ``exits_per_s``: all exits to userspace per s, median: ``progress * (1 +
+  1/1024)`` (the guest's heartbeat exits; see ``squibd/kvm/programs.py``).
+- ``per_exit_us``: wall time per exit of one VM alone (1 VM case).
+- ``vm_cpu_cores``: CPU the VMs used during the window (in-process: this
+  process; process: the VM processes; guest time included), in cores.
+- ``host_busy_cores``: the whole machine's busy cores during the window
+  (``/proc/stat``): what the VMs used plus everybody else's load.
+- ``scaling_2_over_1`` and ``process_over_inprocess`` ratios of the medians.
+The headline fields repeat the default work level
+(``squibd.kvm.guest.EXITER_DEFAULT_WORK_UNITS``). ``uptime`` load averages
+before and after the run are reported too.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import _common
+import trio
+
+MODES = ("process", "inprocess")
+VM_COUNTS = (1, 2)
+MEM_MIB = 64
+WINDOW_S = 1.0
+QUICK_WINDOW_S = 0.3
+#: Work units per exit measured besides the default: none (the exit and the
+#: runner alone) and a heavy device model (the GIL share of each exit grows).
+EXTRA_WORK_LEVELS = (0, 128)
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: /proc/stat cpu line: user nice system idle iowait irq softirq steal (guest
+#: time is already inside user and nice, so the two guest columns are left out).
+_IDLE_COLUMNS = (3, 4)
+_COUNTED_COLUMNS = 8
+
+
+def _host_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of the whole machine so far."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(v) for v in f.readline().split()[1 : 1 + _COUNTED_COLUMNS]]
+    idle = sum(fields[i] for i in _IDLE_COLUMNS)
+    return sum(fields) - idle, sum(fields)
+
+
+def _process_ticks(pid: int) -> int:
+    """utime + stime of process ``pid`` (all its threads), in clock ticks."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        after_name = f.read().rsplit(")", 1)[1].split()
+    return int(after_name[11]) + int(after_name[12])  # fields 14 and 15 of stat(5)
+
+
+def _cpu_pids(mode: str, vms: list[Any]) -> list[int]:
+    return [vm.process_id for vm in vms] if mode == "process" else [os.getpid()]
+
+
+async def _runtime(mode: str) -> Any:
+    from squibd.vm.runtime import Runtime
+
+    rt = Runtime(vm_isolation=mode, quiesce_timeout_s=5.0)
+    await rt.reattach()  # starts the warm zygote (no state dir: nothing to re-attach)
+    return rt
+
+
+async def _window(rt: Any, mode: str, vms: list[Any], ids: list[str],
+                  window_s: float) -> dict[str, float]:
+    """Run ``vms`` together for one window; progress, CPU and host load figures."""
+    for vm_id in ids:
+        await rt.resume(vm_id)
+    for vm in vms:
+        await vm.wait_heartbeats(1)  # running, past the resume
+    pids = _cpu_pids(mode, vms)
+    ticks0 = sum(_process_ticks(pid) for pid in pids)
+    busy0, total0 = _host_ticks()
+    before = [vm.guest_progress()[0] for vm in vms]
+    t0 = time.perf_counter()
+    await trio.sleep(window_s)
+    after = [vm.guest_progress()[0] for vm in vms]
+    took = time.perf_counter() - t0
+    busy1, total1 = _host_ticks()
+    ticks1 = sum(_process_ticks(pid) for pid in pids)
+    for vm_id in ids:
+        await rt.pause(vm_id)
+    ncpu = os.cpu_count() or 1
+    return {
+        "progress_per_s": sum(a - b for a, b in zip(after, before, strict=True)) / took,
+        "vm_cpu_cores": (ticks1 - ticks0) / _CLK_TCK / took,
+        "host_busy_cores": (busy1 - busy0) / max(1, total1 - total0) * ncpu,
+    }
+
+
+async def _level(work_units: int, reps: int, window_s: float) -> dict[str, Any]:
+    from squibd.kvm.programs import EXITER_HEARTBEAT_INTERVAL
+    from squibd.vm.models import GuestSpec
+
+    guest = GuestSpec("exiter", {"work_units": work_units})
+    runtimes: dict[str, Any] = {}
+    handles: dict[str, list[Any]] = {}
+    try:
+        for mode in MODES:
+            rt = runtimes[mode] = await _runtime(mode)
+            handles[mode] = []
+            for i in range(max(VM_COUNTS)):
+                vm = await rt.create_vm(f"x{i}", 1, MEM_MIB, False, guest)
+                await rt.start(f"x{i}")
+                await vm.wait_heartbeats(1)
+                await rt.pause(f"x{i}")
+                handles[mode].append(vm)
+        samples: dict[tuple[str, int], list[dict[str, float]]] = {
+            (mode, n): [] for mode in MODES for n in VM_COUNTS
+        }
+        for rep in range(1 + reps):  # the first round warms up, unrecorded
+            for mode in MODES:
+                for n in VM_COUNTS:
+                    figures = await _window(runtimes[mode], mode, handles[mode][:n],
+                                            [f"x{i}" for i in range(n)], window_s)
+                    if rep > 0:
+                        samples[(mode, n)].append(figures)
+    finally:
+        for rt in runtimes.values():
+            await rt.aclose()
+    out: dict[str, Any] = {}
+    for mode in MODES:
+        progress = {str(n): _common.summarize([s["progress_per_s"] for s in samples[(mode, n)]])
+                    for n in VM_COUNTS}
+        medians = {n: progress[n].median for n in progress}
+        out[mode] = {
+            "progress_per_s": {n: stats.to_dict(digits=1) for n, stats in progress.items()},
+            "exits_per_s": {n: round(m * (1 + 1 / EXITER_HEARTBEAT_INTERVAL))
+                            for n, m in medians.items()},
+            "per_exit_us": round(1e6 / (medians["1"] * (1 + 1 / EXITER_HEARTBEAT_INTERVAL)), 2),
+            "vm_cpu_cores": {
+                str(n): _common.summarize([s["vm_cpu_cores"] for s in samples[(mode, n)]])
+                .to_dict(digits=2) for n in VM_COUNTS
+            },
+            "host_busy_cores": {
+                str(n): _common.summarize([s["host_busy_cores"] for s in samples[(mode, n)]])
+                .to_dict(digits=2) for n in VM_COUNTS
+            },
+            "scaling_2_over_1": _common.ratio(medians["2"], medians["1"]),
+        }  # fmt: skip
+    out["process_over_inprocess"] = {
+        str(n): _common.ratio(out["process"]["progress_per_s"][str(n)]["median"],
+                              out["inprocess"]["progress_per_s"][str(n)]["median"])
+        for n in VM_COUNTS
+    }  # fmt: skip
+    return out
+
+
+def main(args: Any) -> dict[str, Any]:
+    if not _common.kvm_available():
+        _common.skip("vm_scaling", "needs /dev/kvm")
+    from squibd.kvm.guest import EXITER_DEFAULT_WORK_UNITS
+
+    window_s = args.window if args.window else (QUICK_WINDOW_S if args.quick else WINDOW_S)
+    levels = [EXITER_DEFAULT_WORK_UNITS]
+    if not args.quick:
+        levels += [w for w in EXTRA_WORK_LEVELS if w != EXITER_DEFAULT_WORK_UNITS]
+    load_before = os.getloadavg()
+
+    async def run() -> dict[str, Any]:
+        results = {}
+        for work_units in levels:
+            _common.log(f"work_units={work_units}: {args.reps} rounds of "
+                        f"{len(MODES) * len(VM_COUNTS)} windows of {window_s} s")
+            results[str(work_units)] = await _level(work_units, args.reps, window_s)
+        return results
+
+    results = trio.run(run)
+    head = results[str(EXITER_DEFAULT_WORK_UNITS)]
+    return {
+        "work_units": EXITER_DEFAULT_WORK_UNITS,
+        "progress_per_s": {mode: {n: head[mode]["progress_per_s"][n]["median"]
+                                  for n in head[mode]["progress_per_s"]} for mode in MODES},
+        "exits_per_s": {mode: head[mode]["exits_per_s"] for mode in MODES},
+        "scaling_2_over_1": {mode: head[mode]["scaling_2_over_1"] for mode in MODES},
+        "process_over_inprocess_2_vms": head["process_over_inprocess"]["2"],
+        "levels": results,
+        "window_s": window_s,
+        "reps": args.reps,
+        "loadavg_before": [round(v, 2) for v in load_before],
+        "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+        "machine": _common.machine_info(),
+    }  # fmt: skip
+
+
+def _extra(parser: Any) -> None:
+    parser.add_argument("--window", type=float, default=None,
+                        help=f"seconds per measuring window (default {WINDOW_S}, "
+                             f"--quick {QUICK_WINDOW_S})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    _common.run_bench("vm_scaling", main, _common.parse_args(__doc__ or "", extra=_extra))
