@@ -23,6 +23,13 @@ Figures (per work level, per runtime, for 1 and 2 VMs; medians, min, max):
 - ``per_exit_us``: wall time per exit of one VM alone (1 VM case).
 - ``vm_cpu_cores``: CPU the VMs used during the window (in-process: this
   process; process: the VM processes; guest time included), in cores.
+- ``python_us_per_exit`` / ``kvm_us_per_exit``: CPU per work exit spent
+  in user mode outside the guest (Python: the runner and the work device,
+  holding the GIL; ``utime - guest_time`` of ``/proc/PID/stat``) and in
+  ``KVM_RUN`` (``stime + guest_time``, the GIL released).
+- ``gil_bound_2_over_1`` (in-process only): the 2-VM scaling one GIL allows
+  at the 1-VM CPU split, ``min(2, (python + kvm) / python)``, if nothing else
+  limits it.
 - ``host_busy_cores``: the whole machine's busy cores during the window
   (``/proc/stat``): what the VMs used plus everybody else's load.
 - ``scaling_2_over_1`` and ``process_over_inprocess`` ratios of the medians.
@@ -63,11 +70,21 @@ def _host_ticks() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-def _process_ticks(pid: int) -> int:
-    """utime + stime of process ``pid`` (all its threads), in clock ticks."""
+def _process_ticks(pid: int) -> tuple[int, int, int]:
+    """(utime, stime, guest_time) of process ``pid`` (all its threads), in clock ticks.
+
+    utime includes guest_time (the vCPU inside ``KVM_RUN`` in guest mode), so
+    ``utime - guest_time`` is the user-mode time outside the guest: Python,
+    holding the GIL.
+    """
     with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        after_name = f.read().rsplit(")", 1)[1].split()
-    return int(after_name[11]) + int(after_name[12])  # fields 14 and 15 of stat(5)
+        fields = f.read().rsplit(")", 1)[1].split()  # fields[k - 3] is field k of proc(5)
+    return int(fields[11]), int(fields[12]), int(fields[40])  # fields 14, 15 and 43
+
+
+def _ticks(pids: list[int]) -> tuple[int, int, int]:
+    per_pid = [_process_ticks(pid) for pid in pids]
+    return (sum(t[0] for t in per_pid), sum(t[1] for t in per_pid), sum(t[2] for t in per_pid))
 
 
 def _cpu_pids(mode: str, vms: list[Any]) -> list[int]:
@@ -90,7 +107,7 @@ async def _window(rt: Any, mode: str, vms: list[Any], ids: list[str],
     for vm in vms:
         await vm.wait_heartbeats(1)  # running, past the resume
     pids = _cpu_pids(mode, vms)
-    ticks0 = sum(_process_ticks(pid) for pid in pids)
+    user0, sys0, guest0 = _ticks(pids)
     busy0, total0 = _host_ticks()
     before = [vm.guest_progress()[0] for vm in vms]
     t0 = time.perf_counter()
@@ -98,13 +115,18 @@ async def _window(rt: Any, mode: str, vms: list[Any], ids: list[str],
     after = [vm.guest_progress()[0] for vm in vms]
     took = time.perf_counter() - t0
     busy1, total1 = _host_ticks()
-    ticks1 = sum(_process_ticks(pid) for pid in pids)
+    user1, sys1, guest1 = _ticks(pids)
     for vm_id in ids:
         await rt.pause(vm_id)
     ncpu = os.cpu_count() or 1
+    done = max(1, sum(a - b for a, b in zip(after, before, strict=True)))
+    python_s = (user1 - user0 - (guest1 - guest0)) / _CLK_TCK
+    kvm_s = (sys1 - sys0 + guest1 - guest0) / _CLK_TCK
     return {
         "progress_per_s": sum(a - b for a, b in zip(after, before, strict=True)) / took,
-        "vm_cpu_cores": (ticks1 - ticks0) / _CLK_TCK / took,
+        "vm_cpu_cores": (python_s + kvm_s) / took,
+        "python_us_per_exit": python_s * 1e6 / done,
+        "kvm_us_per_exit": kvm_s * 1e6 / done,
         "host_busy_cores": (busy1 - busy0) / max(1, total1 - total0) * ncpu,
     }
 
@@ -153,12 +175,27 @@ async def _level(work_units: int, reps: int, window_s: float) -> dict[str, Any]:
                 str(n): _common.summarize([s["vm_cpu_cores"] for s in samples[(mode, n)]])
                 .to_dict(digits=2) for n in VM_COUNTS
             },
+            "python_us_per_exit": {
+                str(n): round(_common.summarize(
+                    [s["python_us_per_exit"] for s in samples[(mode, n)]]).median, 2)
+                for n in VM_COUNTS
+            },
+            "kvm_us_per_exit": {
+                str(n): round(_common.summarize(
+                    [s["kvm_us_per_exit"] for s in samples[(mode, n)]]).median, 2)
+                for n in VM_COUNTS
+            },
             "host_busy_cores": {
                 str(n): _common.summarize([s["host_busy_cores"] for s in samples[(mode, n)]])
                 .to_dict(digits=2) for n in VM_COUNTS
             },
             "scaling_2_over_1": _common.ratio(medians["2"], medians["1"]),
         }  # fmt: skip
+    one = out["inprocess"]
+    python_us, kvm_us = one["python_us_per_exit"]["1"], one["kvm_us_per_exit"]["1"]
+    one["gil_bound_2_over_1"] = (
+        round(min(2.0, (python_us + kvm_us) / python_us), 3) if python_us > 0 else None
+    )
     out["process_over_inprocess"] = {
         str(n): _common.ratio(out["process"]["progress_per_s"][str(n)]["median"],
                               out["inprocess"]["progress_per_s"][str(n)]["median"])
@@ -195,6 +232,7 @@ def main(args: Any) -> dict[str, Any]:
         "exits_per_s": {mode: head[mode]["exits_per_s"] for mode in MODES},
         "scaling_2_over_1": {mode: head[mode]["scaling_2_over_1"] for mode in MODES},
         "process_over_inprocess_2_vms": head["process_over_inprocess"]["2"],
+        "inprocess_gil_bound_2_over_1": head["inprocess"]["gil_bound_2_over_1"],
         "levels": results,
         "window_s": window_s,
         "reps": args.reps,
