@@ -99,8 +99,9 @@ async def _runtime(mode: str) -> Any:
     return rt
 
 
-async def _window(rt: Any, mode: str, vms: list[Any], ids: list[str],
-                  window_s: float) -> dict[str, float]:
+async def _window(
+    rt: Any, mode: str, vms: list[Any], ids: list[str], window_s: float
+) -> dict[str, float]:
     """Run ``vms`` together for one window; progress, CPU and host load figures."""
     for vm_id in ids:
         await rt.resume(vm_id)
@@ -154,8 +155,13 @@ async def _level(work_units: int, reps: int, window_s: float) -> dict[str, Any]:
         for rep in range(1 + reps):  # the first round warms up, unrecorded
             for mode in MODES:
                 for n in VM_COUNTS:
-                    figures = await _window(runtimes[mode], mode, handles[mode][:n],
-                                            [f"x{i}" for i in range(n)], window_s)
+                    figures = await _window(
+                        runtimes[mode],
+                        mode,
+                        handles[mode][:n],
+                        [f"x{i}" for i in range(n)],
+                        window_s,
+                    )
                     if rep > 0:
                         samples[(mode, n)].append(figures)
     finally:
@@ -163,8 +169,10 @@ async def _level(work_units: int, reps: int, window_s: float) -> dict[str, Any]:
             await rt.aclose()
     out: dict[str, Any] = {}
     for mode in MODES:
-        progress = {str(n): _common.summarize([s["progress_per_s"] for s in samples[(mode, n)]])
-                    for n in VM_COUNTS}
+        progress = {
+            str(n): _common.summarize([s["progress_per_s"] for s in samples[(mode, n)]])
+            for n in VM_COUNTS
+        }
         medians = {n: progress[n].median for n in progress}
         out[mode] = {
             "progress_per_s": {n: stats.to_dict(digits=1) for n, stats in progress.items()},
@@ -218,8 +226,10 @@ def main(args: Any) -> dict[str, Any]:
     async def run() -> dict[str, Any]:
         results = {}
         for work_units in levels:
-            _common.log(f"work_units={work_units}: {args.reps} rounds of "
-                        f"{len(MODES) * len(VM_COUNTS)} windows of {window_s} s")
+            _common.log(
+                f"work_units={work_units}: {args.reps} rounds of "
+                f"{len(MODES) * len(VM_COUNTS)} windows of {window_s} s"
+            )
             results[str(work_units)] = await _level(work_units, args.reps, window_s)
         return results
 

@@ -8,9 +8,12 @@ import threading
 import attrs
 import pytest
 
+from squibd.api import make_wire_converter, structure_params
+from squibd.api.models import VmCreateParams
 from squibd.kvm import GuestProgramError, VcpuRunner, programs
 from squibd.kvm.guest import EXITER_DEFAULT_WORK_UNITS, PROGRAM_PARAMETERS, WORK_PORT, build_guest
 from squibd.kvm.workdevice import WorkDevice, work
+from squibd.rpc import RpcError
 from squibd.snapshot.models import PROGRAM_NAMES
 from squibd.vm.memory import GuestMemory
 
@@ -65,6 +68,16 @@ def exiter1() -> collections.abc.Iterator[_Exiter]:
 def test_exiter_is_a_program_name_with_one_parameter() -> None:
     assert "exiter" in PROGRAM_NAMES
     assert PROGRAM_PARAMETERS["exiter"] == ("work_units",)
+
+
+def test_vm_create_takes_exiter_with_work_units_only() -> None:
+    converter = make_wire_converter()
+    create = {"vm_id": "x", "vcpu_count": 1, "mem_size_mib": 64}
+    guest = {"program": "exiter", "work_units": 8}
+    params = structure_params(converter, {**create, "guest": guest}, VmCreateParams)
+    assert (params.guest.program, params.guest.params) == ("exiter", {"work_units": 8})
+    with pytest.raises(RpcError, match=r"params\.guest\.pages: unknown field"):
+        structure_params(converter, {**create, "guest": {**guest, "pages": 1}}, VmCreateParams)
 
 
 def test_exiter_writes_its_request_size_to_the_work_port() -> None:
