@@ -32,6 +32,11 @@ Figures (per work level, per runtime, for 1 and 2 VMs; medians, min, max):
   limits it.
 - ``host_busy_cores``: the whole machine's busy cores during the window
   (``/proc/stat``): what the VMs used plus everybody else's load.
+- Baseline, ``spin``: each round also runs 1 and then 2 processes that only
+  spin (pure CPU, no exits, no GIL sharing) for a window: ``spin.cores`` is
+  the CPU they got and ``spin.scaling_2_over_1`` the best scaling this
+  machine allowed at that moment (the host is shared: when other load holds
+  the cores, no runtime can reach 2x).
 - ``scaling_2_over_1`` and ``process_over_inprocess`` ratios of the medians.
 The headline fields repeat the default work level
 (``squibd.kvm.guest.EXITER_DEFAULT_WORK_UNITS``). ``uptime`` load averages
@@ -41,6 +46,8 @@ before and after the run are reported too.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -85,6 +92,31 @@ def _process_ticks(pid: int) -> tuple[int, int, int]:
 def _ticks(pids: list[int]) -> tuple[int, int, int]:
     per_pid = [_process_ticks(pid) for pid in pids]
     return (sum(t[0] for t in per_pid), sum(t[1] for t in per_pid), sum(t[2] for t in per_pid))
+
+
+#: A process that spins for argv[1] seconds and prints the CPU cores it got.
+_SPIN = (
+    "import sys, time\n"
+    "end = time.perf_counter() + float(sys.argv[1]); t0 = time.perf_counter()\n"
+    "c0 = time.process_time()\n"
+    "while time.perf_counter() < end: pass\n"
+    "print((time.process_time() - c0) / (time.perf_counter() - t0))\n"
+)
+
+
+async def _spin_cores(count: int, window_s: float) -> float:
+    """Total CPU cores ``count`` spinning processes got over ``window_s``."""
+
+    def spin() -> float:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _SPIN, str(window_s)], stdout=subprocess.PIPE, text=True
+            )
+            for _ in range(count)
+        ]
+        return sum(float(proc.communicate()[0]) for proc in procs)
+
+    return await trio.to_thread.run_sync(spin)
 
 
 def _cpu_pids(mode: str, vms: list[Any]) -> list[int]:
@@ -152,6 +184,7 @@ async def _level(work_units: int, reps: int, window_s: float) -> dict[str, Any]:
         samples: dict[tuple[str, int], list[dict[str, float]]] = {
             (mode, n): [] for mode in MODES for n in VM_COUNTS
         }
+        spins: dict[int, list[float]] = {n: [] for n in VM_COUNTS}
         for rep in range(1 + reps):  # the first round warms up, unrecorded
             for mode in MODES:
                 for n in VM_COUNTS:
@@ -164,6 +197,10 @@ async def _level(work_units: int, reps: int, window_s: float) -> dict[str, Any]:
                     )
                     if rep > 0:
                         samples[(mode, n)].append(figures)
+            for n in VM_COUNTS:
+                cores = await _spin_cores(n, window_s)
+                if rep > 0:
+                    spins[n].append(cores)
     finally:
         for rt in runtimes.values():
             await rt.aclose()
@@ -199,6 +236,11 @@ async def _level(work_units: int, reps: int, window_s: float) -> dict[str, Any]:
             },
             "scaling_2_over_1": _common.ratio(medians["2"], medians["1"]),
         }  # fmt: skip
+    spin = {str(n): _common.summarize(spins[n]) for n in VM_COUNTS}
+    out["spin"] = {
+        "cores": {n: stats.to_dict(digits=2) for n, stats in spin.items()},
+        "scaling_2_over_1": _common.ratio(spin["2"].median, spin["1"].median),
+    }
     one = out["inprocess"]
     python_us, kvm_us = one["python_us_per_exit"]["1"], one["kvm_us_per_exit"]["1"]
     one["gil_bound_2_over_1"] = (
@@ -243,6 +285,7 @@ def main(args: Any) -> dict[str, Any]:
         "scaling_2_over_1": {mode: head[mode]["scaling_2_over_1"] for mode in MODES},
         "process_over_inprocess_2_vms": head["process_over_inprocess"]["2"],
         "inprocess_gil_bound_2_over_1": head["inprocess"]["gil_bound_2_over_1"],
+        "spin_scaling_2_over_1": head["spin"]["scaling_2_over_1"],
         "levels": results,
         "window_s": window_s,
         "reps": args.reps,
