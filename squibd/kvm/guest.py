@@ -100,9 +100,9 @@ _MEMWRITER_DEFAULTS: Final = {
     "stride_pages": 1,
     "write_rate_pages_per_sec": 0,
 }
-#: Work units per ``exiter`` request when the caller names none: about 20-40 us
-#: of Python work in the VMM per exit here, about the cost of the exit itself
-#: (measured here: some 35 us in ``KVM_RUN`` and 8 us of runner Python per exit).
+#: Work units per ``exiter`` request when the caller names none: about 20 us of
+#: Python work in the VMM per exit here, besides some 10 us of the runner's own
+#: Python and some 30 us in ``KVM_RUN`` (``bench/vm_scaling.py`` measures the split).
 EXITER_DEFAULT_WORK_UNITS: Final = 32
 #: The largest request: the guest sends its size in one byte.
 _EXITER_MAX_WORK_UNITS: Final = 0xFF

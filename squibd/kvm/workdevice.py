@@ -7,7 +7,7 @@ The ``exiter`` guest program (:mod:`squibd.kvm.programs`) writes one byte to
 request in work units. The vCPU thread that took the exit calls
 :meth:`WorkDevice.handle` (through the runner's ``io_handler``), which does
 that much pure-Python work (a unit is :data:`ROUNDS_PER_UNIT` rounds of a
-64-bit LCG over the device's state, about a microsecond here) while holding
+64-bit LCG over the device's state, well under a microsecond here) while holding
 the GIL, as a device model written in Python would; only then does the
 guest's ``OUT`` complete. So the guest's progress is bounded by the exit
 cost plus this work, and several vCPUs in one Python process share one GIL
@@ -25,7 +25,7 @@ from typing import Final
 
 import attrs
 
-__all__ = ["ROUNDS_PER_UNIT", "WorkDevice"]
+__all__ = ["ROUNDS_PER_UNIT", "WorkDevice", "work"]
 
 #: LCG rounds per work unit (Knuth's MMIX constants, modulo 2**64).
 ROUNDS_PER_UNIT: Final = 8
