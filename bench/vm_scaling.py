@@ -36,7 +36,10 @@ Figures (per work level, per runtime, for 1 and 2 VMs; medians, min, max):
   spin (pure CPU, no exits, no GIL sharing) for a window: ``spin.cores`` is
   the CPU they got and ``spin.scaling_2_over_1`` the best scaling this
   machine allowed at that moment (the host is shared: when other load holds
-  the cores, no runtime can reach 2x).
+  the cores, no runtime can reach 2x). A round is *clean* when that scaling
+  was at least 1.8 just before and just after it; ``clean`` repeats the
+  figures over the clean rounds only (``--clean-rounds N`` keeps measuring,
+  up to ``--max-rounds``, until N rounds were clean).
 - ``scaling_2_over_1`` and ``process_over_inprocess`` ratios of the medians.
 The headline fields repeat the default work level
 (``squibd.kvm.guest.EXITER_DEFAULT_WORK_UNITS``). ``uptime`` load averages
@@ -62,6 +65,11 @@ QUICK_WINDOW_S = 0.3
 #: Work units per exit measured besides the default: none (the exit and the
 #: runner alone) and a heavy device model (the GIL share of each exit grows).
 EXTRA_WORK_LEVELS = (0, 128)
+#: A round is "clean" when 2 spinning processes got at least this many times
+#: the CPU of one, both just before and just after it (a second core was free).
+CLEAN_SPIN_SCALING = 1.8
+#: Rounds a level runs at most while waiting for clean rounds (``--clean-rounds``).
+MAX_ROUNDS = 40
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: /proc/stat cpu line: user nice system idle iowait irq softirq steal (guest
 #: time is already inside user and nice, so the two guest columns are left out).
@@ -164,83 +172,39 @@ async def _window(
     }
 
 
-async def _level(work_units: int, reps: int, window_s: float) -> dict[str, Any]:
-    from squibd.kvm.programs import EXITER_HEARTBEAT_INTERVAL
-    from squibd.vm.models import GuestSpec
+def _spin_scaling(spin: dict[int, float]) -> float:
+    return spin[2] / spin[1] if spin[1] > 0 else 0.0
 
-    guest = GuestSpec("exiter", {"work_units": work_units})
-    runtimes: dict[str, Any] = {}
-    handles: dict[str, list[Any]] = {}
-    try:
-        for mode in MODES:
-            rt = runtimes[mode] = await _runtime(mode)
-            handles[mode] = []
-            for i in range(max(VM_COUNTS)):
-                vm = await rt.create_vm(f"x{i}", 1, MEM_MIB, False, guest)
-                await rt.start(f"x{i}")
-                await vm.wait_heartbeats(1)
-                await rt.pause(f"x{i}")
-                handles[mode].append(vm)
-        samples: dict[tuple[str, int], list[dict[str, float]]] = {
-            (mode, n): [] for mode in MODES for n in VM_COUNTS
-        }
-        spins: dict[int, list[float]] = {n: [] for n in VM_COUNTS}
-        for rep in range(1 + reps):  # the first round warms up, unrecorded
-            for mode in MODES:
-                for n in VM_COUNTS:
-                    figures = await _window(
-                        runtimes[mode],
-                        mode,
-                        handles[mode][:n],
-                        [f"x{i}" for i in range(n)],
-                        window_s,
-                    )
-                    if rep > 0:
-                        samples[(mode, n)].append(figures)
-            for n in VM_COUNTS:
-                cores = await _spin_cores(n, window_s)
-                if rep > 0:
-                    spins[n].append(cores)
-    finally:
-        for rt in runtimes.values():
-            await rt.aclose()
+
+async def _spins(window_s: float) -> dict[int, float]:
+    return {n: await _spin_cores(n, window_s) for n in VM_COUNTS}
+
+
+def _summary(samples: dict[tuple[str, int], list[dict[str, float]]]) -> dict[str, Any]:
+    """Per runtime: the figures' statistics over the recorded rounds."""
+    from squibd.kvm.programs import EXITER_HEARTBEAT_INTERVAL
+
+    exits_per_request = 1 + 1 / EXITER_HEARTBEAT_INTERVAL
+
+    def stats(mode: str, n: int, key: str) -> _common.Stats:
+        return _common.summarize([s[key] for s in samples[(mode, n)]])
+
     out: dict[str, Any] = {}
     for mode in MODES:
-        progress = {
-            str(n): _common.summarize([s["progress_per_s"] for s in samples[(mode, n)]])
-            for n in VM_COUNTS
-        }
-        medians = {n: progress[n].median for n in progress}
+        medians = {str(n): stats(mode, n, "progress_per_s").median for n in VM_COUNTS}
         out[mode] = {
-            "progress_per_s": {n: stats.to_dict(digits=1) for n, stats in progress.items()},
-            "exits_per_s": {n: round(m * (1 + 1 / EXITER_HEARTBEAT_INTERVAL))
-                            for n, m in medians.items()},
-            "per_exit_us": round(1e6 / (medians["1"] * (1 + 1 / EXITER_HEARTBEAT_INTERVAL)), 2),
-            "vm_cpu_cores": {
-                str(n): _common.summarize([s["vm_cpu_cores"] for s in samples[(mode, n)]])
-                .to_dict(digits=2) for n in VM_COUNTS
+            "progress_per_s": {
+                str(n): stats(mode, n, "progress_per_s").to_dict(digits=1) for n in VM_COUNTS
             },
-            "python_us_per_exit": {
-                str(n): round(_common.summarize(
-                    [s["python_us_per_exit"] for s in samples[(mode, n)]]).median, 2)
-                for n in VM_COUNTS
-            },
-            "kvm_us_per_exit": {
-                str(n): round(_common.summarize(
-                    [s["kvm_us_per_exit"] for s in samples[(mode, n)]]).median, 2)
-                for n in VM_COUNTS
-            },
-            "host_busy_cores": {
-                str(n): _common.summarize([s["host_busy_cores"] for s in samples[(mode, n)]])
-                .to_dict(digits=2) for n in VM_COUNTS
-            },
+            "exits_per_s": {n: round(m * exits_per_request) for n, m in medians.items()},
+            "per_exit_us": round(1e6 / (medians["1"] * exits_per_request), 2),
             "scaling_2_over_1": _common.ratio(medians["2"], medians["1"]),
+            **{
+                key: {str(n): round(stats(mode, n, key).median, 2) for n in VM_COUNTS}
+                for key in ("vm_cpu_cores", "python_us_per_exit", "kvm_us_per_exit",
+                            "host_busy_cores")
+            },
         }  # fmt: skip
-    spin = {str(n): _common.summarize(spins[n]) for n in VM_COUNTS}
-    out["spin"] = {
-        "cores": {n: stats.to_dict(digits=2) for n, stats in spin.items()},
-        "scaling_2_over_1": _common.ratio(spin["2"].median, spin["1"].median),
-    }
     one = out["inprocess"]
     python_us, kvm_us = one["python_us_per_exit"]["1"], one["kvm_us_per_exit"]["1"]
     one["gil_bound_2_over_1"] = (
@@ -251,6 +215,71 @@ async def _level(work_units: int, reps: int, window_s: float) -> dict[str, Any]:
                               out["inprocess"]["progress_per_s"][str(n)]["median"])
         for n in VM_COUNTS
     }  # fmt: skip
+    return out
+
+
+async def _level(work_units: int, args: Any, window_s: float) -> dict[str, Any]:
+    from squibd.vm.models import GuestSpec
+
+    guest = GuestSpec("exiter", {"work_units": work_units})
+    runtimes: dict[str, Any] = {}
+    handles: dict[str, list[Any]] = {}
+    Samples = dict[tuple[str, int], list[dict[str, float]]]
+    samples: Samples = {(mode, n): [] for mode in MODES for n in VM_COUNTS}
+    clean: Samples = {(mode, n): [] for mode in MODES for n in VM_COUNTS}
+    spins: dict[int, list[float]] = {n: [] for n in VM_COUNTS}
+    rounds = 0
+    try:
+        for mode in MODES:
+            rt = runtimes[mode] = await _runtime(mode)
+            handles[mode] = []
+            for i in range(max(VM_COUNTS)):
+                vm = await rt.create_vm(f"x{i}", 1, MEM_MIB, False, guest)
+                await rt.start(f"x{i}")
+                await vm.wait_heartbeats(1)
+                await rt.pause(f"x{i}")
+                handles[mode].append(vm)
+        spin_before = await _spins(window_s)
+        # Round 0 warms up, unrecorded; then at least ``reps`` rounds, and more
+        # (up to ``max_rounds``) until ``clean_rounds`` rounds were clean.
+        while True:
+            figures = {
+                (mode, n): await _window(
+                    runtimes[mode], mode, handles[mode][:n], [f"x{i}" for i in range(n)], window_s
+                )
+                for mode in MODES
+                for n in VM_COUNTS
+            }
+            spin_after = await _spins(window_s)
+            if rounds > 0:
+                for key, value in figures.items():
+                    samples[key].append(value)
+                for n in VM_COUNTS:
+                    spins[n].append(spin_after[n])
+                free = min(_spin_scaling(spin_before), _spin_scaling(spin_after))
+                if free >= CLEAN_SPIN_SCALING:
+                    for key, value in figures.items():
+                        clean[key].append(value)
+            spin_before = spin_after
+            clean_count = len(clean[(MODES[0], 1)])
+            if rounds >= args.reps and clean_count >= args.clean_rounds:
+                break
+            if rounds >= max(args.reps, args.max_rounds):
+                break
+            rounds += 1
+    finally:
+        for rt in runtimes.values():
+            await rt.aclose()
+    out = _summary(samples)
+    spin = {str(n): _common.summarize(spins[n]) for n in VM_COUNTS}
+    out["spin"] = {
+        "cores": {n: stats.to_dict(digits=2) for n, stats in spin.items()},
+        "scaling_2_over_1": _common.ratio(spin["2"].median, spin["1"].median),
+    }
+    out["rounds"] = len(samples[(MODES[0], 1)])
+    out["clean"] = {"rounds": len(clean[(MODES[0], 1)])}
+    if clean[(MODES[0], 1)]:
+        out["clean"].update(_summary(clean))
     return out
 
 
@@ -272,7 +301,7 @@ def main(args: Any) -> dict[str, Any]:
                 f"work_units={work_units}: {args.reps} rounds of "
                 f"{len(MODES) * len(VM_COUNTS)} windows of {window_s} s"
             )
-            results[str(work_units)] = await _level(work_units, args.reps, window_s)
+            results[str(work_units)] = await _level(work_units, args, window_s)
         return results
 
     results = trio.run(run)
@@ -286,6 +315,10 @@ def main(args: Any) -> dict[str, Any]:
         "process_over_inprocess_2_vms": head["process_over_inprocess"]["2"],
         "inprocess_gil_bound_2_over_1": head["inprocess"]["gil_bound_2_over_1"],
         "spin_scaling_2_over_1": head["spin"]["scaling_2_over_1"],
+        "clean_rounds": head["clean"]["rounds"],
+        "clean_scaling_2_over_1": {
+            mode: head["clean"][mode]["scaling_2_over_1"] for mode in MODES
+        } if head["clean"]["rounds"] else None,
         "levels": results,
         "window_s": window_s,
         "reps": args.reps,
@@ -296,6 +329,19 @@ def main(args: Any) -> dict[str, Any]:
 
 
 def _extra(parser: Any) -> None:
+    parser.add_argument(
+        "--clean-rounds",
+        type=int,
+        default=0,
+        help="per work level, keep measuring (up to --max-rounds) until this "
+        "many rounds were clean (a second core free); default 0",
+    )
+    parser.add_argument(
+        "--max-rounds",
+        type=int,
+        default=MAX_ROUNDS,
+        help=f"the most rounds per work level (default {MAX_ROUNDS})",
+    )
     parser.add_argument("--window", type=float, default=None,
                         help=f"seconds per measuring window (default {WINDOW_S}, "
                              f"--quick {QUICK_WINDOW_S})")  # fmt: skip
