@@ -298,7 +298,8 @@ def main(args: Any) -> dict[str, Any]:
         results = {}
         for work_units in levels:
             _common.log(
-                f"work_units={work_units}: {args.reps} rounds of "
+                f"work_units={work_units}: {args.reps}+ rounds (until {args.clean_rounds} "
+                f"clean, at most {max(args.reps, args.max_rounds)}) of "
                 f"{len(MODES) * len(VM_COUNTS)} windows of {window_s} s"
             )
             results[str(work_units)] = await _level(work_units, args, window_s)
