@@ -1,4 +1,4 @@
-"""Built-in guest programs: ``counter`` and ``memwriter``, in long mode at ring 3.
+"""Built-in guest programs: ``counter``, ``memwriter`` and ``exiter``, in long mode at ring 3.
 
 Theory of operation
 -------------------
@@ -12,7 +12,12 @@ addresses and ports other parts use.
 set (``working_set_mib`` MiB from ``0x100000``, every ``stride_pages``-th
 page, at byte offset ``8 * vcpu_index``), wrapping around, and counts writes
 in its progress counter; ``write_rate_pages_per_sec`` (per vCPU, 0 = no
-limit) spaces writes with RDTSC. vCPU ``i``'s 64-bit progress counter is at
+limit) spaces writes with RDTSC.
+``exiter``: each vCPU exits to the VMM on every iteration, an ``OUT`` of
+``work_units`` (0-255, default :data:`EXITER_DEFAULT_WORK_UNITS`) to
+:data:`WORK_PORT`, which the VMM's work device answers with that much Python
+work (:mod:`squibd.kvm.workdevice`), and counts completed requests in its
+progress counter. vCPU ``i``'s 64-bit progress counter is at
 guest-physical ``0x20000 + i * 0x1000`` and its control word 8 bytes later.
 """
 
@@ -50,7 +55,9 @@ from .programs import (
     HEARTBEAT_PORT,
     PROGRAM_NAMES,
     STALL_PORT,
+    WORK_PORT,
     counter_program,
+    exiter_program,
     memwriter_program,
 )
 
@@ -61,6 +68,7 @@ __all__ = [
     "CODE_ADDR",
     "CONTROL_CHECK_INTERVAL",
     "CONTROL_OFFSET",
+    "EXITER_DEFAULT_WORK_UNITS",
     "GUEST_PAGE",
     "HEARTBEAT_PORT",
     "MAX_GUEST_VCPUS",
@@ -69,6 +77,7 @@ __all__ = [
     "PROGRESS_BASE",
     "STALL_PORT",
     "WORKING_SET_BASE",
+    "WORK_PORT",
     "GuestImage",
     "GuestMemoryLike",
     "build_guest",
@@ -91,10 +100,22 @@ _MEMWRITER_DEFAULTS: Final = {
     "stride_pages": 1,
     "write_rate_pages_per_sec": 0,
 }
+#: Work units per ``exiter`` request when the caller names none: about 20 us of
+#: Python work in the VMM per exit here, besides some 10 us of the runner's own
+#: Python and some 30 us in ``KVM_RUN`` (``bench/vm_scaling.py`` measures the split).
+EXITER_DEFAULT_WORK_UNITS: Final = 32
+#: The largest request: the guest sends its size in one byte.
+_EXITER_MAX_WORK_UNITS: Final = 0xFF
+_EXITER_DEFAULTS: Final = {"work_units": EXITER_DEFAULT_WORK_UNITS}
+_PROGRAM_DEFAULTS: Final[dict[str, dict[str, int]]] = {
+    "memwriter": _MEMWRITER_DEFAULTS,
+    "exiter": _EXITER_DEFAULTS,
+}
 #: The integer parameters each built-in program takes (counter none; memwriter's
-#: working set size, stride and write rate), keyed by ``PROGRAM_NAMES``.
+#: working set size, stride and write rate; exiter's work units per request),
+#: keyed by ``PROGRAM_NAMES``.
 PROGRAM_PARAMETERS: Final[dict[str, tuple[str, ...]]] = {
-    name: tuple(_MEMWRITER_DEFAULTS) if name == "memwriter" else () for name in PROGRAM_NAMES
+    name: tuple(_PROGRAM_DEFAULTS.get(name, {})) for name in PROGRAM_NAMES
 }
 
 
@@ -210,6 +231,21 @@ def _memwriter_params(params: Mapping[str, int], memory_size: int) -> dict[str, 
     return out
 
 
+def _exiter_params(params: Mapping[str, int]) -> dict[str, int]:
+    unknown = set(params) - set(_EXITER_DEFAULTS)
+    if unknown:
+        raise GuestProgramError(
+            f"exiter does not take {', '.join(sorted(unknown))}; "
+            f"its parameters are {', '.join(_EXITER_DEFAULTS)}"
+        )
+    out = {**_EXITER_DEFAULTS, **{k: int(v) for k, v in params.items()}}
+    if not 0 <= out["work_units"] <= _EXITER_MAX_WORK_UNITS:
+        raise GuestProgramError(
+            f"exiter needs 0 <= work_units <= {_EXITER_MAX_WORK_UNITS} (got {out['work_units']})"
+        )
+    return out
+
+
 def build_guest(
     memory: GuestMemoryLike,
     program: str,
@@ -223,10 +259,11 @@ def build_guest(
     Args:
         memory: guest RAM (``squibd.vm.memory.GuestMemory``), at least 1 MiB
             plus the working set.
-        program: ``"counter"`` or ``"memwriter"``.
+        program: ``"counter"``, ``"memwriter"`` or ``"exiter"``.
         params: ``{}`` for counter; memwriter takes ``working_set_mib``
             (default 16), ``stride_pages`` (default 1) and
-            ``write_rate_pages_per_sec`` (per vCPU; 0, the default, = no limit).
+            ``write_rate_pages_per_sec`` (per vCPU; 0, the default, = no limit);
+            exiter takes ``work_units`` (0-255, default 32).
         vcpu_count: 1 to 32.
         tsc_khz: guest TSC frequency, needed only with a write rate
             (default: asked of KVM through a scratch vCPU).
@@ -248,6 +285,9 @@ def build_guest(
             raise GuestProgramError(f"counter takes no parameters, got {sorted(params)}")
         clean: dict[str, int] = {}
         asm = counter_program()
+    elif program == "exiter":
+        clean = _exiter_params(params)
+        asm = exiter_program()
     else:
         clean = _memwriter_params(params, memory.total_size)
         asm = memwriter_program()
@@ -274,7 +314,8 @@ def build_guest(
                 r8=first,
                 r9=WORKING_SET_BASE + clean.get("working_set_mib", 0) * _MIB,
                 r10=clean.get("stride_pages", 0) * GUEST_PAGE,
-                r11=first, r12=0, r13=ticks_per_write, r14=0, r15=0,
+                r11=first, r12=clean.get("work_units", 0),
+                r13=ticks_per_write, r14=0, r15=0,
                 rip=CODE_ADDR, rflags=RFLAGS,
             )
         )  # fmt: skip

@@ -13,6 +13,13 @@ set (``working_set_mib`` MiB from ``0x100000``, every ``stride_pages``-th
 page, at byte offset ``8 * vcpu_index``), wrapping around, and counts writes
 in its progress counter; ``write_rate_pages_per_sec`` (per vCPU, 0 = no
 limit) spaces writes with RDTSC.
+``exiter``: exits to the VMM on every iteration: an ``OUT`` to
+:data:`WORK_PORT` whose byte is the request size (``work_units``, held in
+r12), which the VMM's work device (:mod:`squibd.kvm.workdevice`) answers
+with that much Python work; then it counts the completed request in its
+progress counter. It reads its control word every iteration and sends a
+heartbeat every :data:`EXITER_HEARTBEAT_INTERVAL` requests, so its exits
+are ``progress * (1 + 1 / EXITER_HEARTBEAT_INTERVAL)`` plus stalls.
 """
 
 from __future__ import annotations
@@ -26,12 +33,15 @@ from ._asm import Assembler
 __all__ = [
     "CONTROL_CHECK_INTERVAL",
     "COUNTER_HEARTBEAT_INTERVAL",
+    "EXITER_HEARTBEAT_INTERVAL",
     "HEARTBEAT_PORT",
     "MEMWRITER_CONTROL_INTERVAL",
     "MEMWRITER_HEARTBEAT_INTERVAL",
     "PROGRAM_NAMES",
     "STALL_PORT",
+    "WORK_PORT",
     "counter_program",
+    "exiter_program",
     "memwriter_program",
 ]
 
@@ -39,6 +49,8 @@ __all__ = [
 HEARTBEAT_PORT: Final = 0xE0
 #: I/O port of the stall hook (see :meth:`squibd.kvm.runner.VcpuRunner.arm_stall`).
 STALL_PORT: Final = 0xE1
+#: I/O port of the ``exiter``'s work requests (the VMM's work device).
+WORK_PORT: Final = 0xE2
 
 #: Iterations between control-word checks (a power of two: mask = value - 1).
 CONTROL_CHECK_INTERVAL: Final = 1 << 16
@@ -46,6 +58,8 @@ CONTROL_CHECK_INTERVAL: Final = 1 << 16
 COUNTER_HEARTBEAT_INTERVAL: Final = 1 << 24
 MEMWRITER_HEARTBEAT_INTERVAL: Final = 1 << 18
 MEMWRITER_CONTROL_INTERVAL: Final = 1 << 12
+#: Work requests (exits) between heartbeats of ``exiter``.
+EXITER_HEARTBEAT_INTERVAL: Final = 1 << 10
 
 
 def _control_check(asm: Assembler, done: str) -> None:
@@ -108,6 +122,23 @@ def memwriter_program() -> Assembler:
     _control_check(asm, "checked")
     asm.load64("rax", "rdi")
     asm.test_eax_imm(MEMWRITER_HEARTBEAT_INTERVAL - 1)
+    asm.jcc("jnz", "loop")
+    asm.mov_dx_imm(HEARTBEAT_PORT)
+    asm.out_dx_al()
+    asm.jmp("loop")
+    return asm
+
+
+def exiter_program() -> Assembler:
+    """``exiter``: rdi progress, rsi control, r12 work units per request (0-255)."""
+    asm = Assembler()
+    asm.label("loop")
+    asm.mov_rr("rax", "r12")
+    asm.mov_dx_imm(WORK_PORT)
+    asm.out_dx_al()  # the request: the VMM does AL units of work before we go on
+    asm.inc_mem64("rdi")  # progress = requests completed
+    _control_check(asm, "checked")
+    asm.test_mem32_imm("rdi", EXITER_HEARTBEAT_INTERVAL - 1)
     asm.jcc("jnz", "loop")
     asm.mov_dx_imm(HEARTBEAT_PORT)
     asm.out_dx_al()

@@ -47,7 +47,7 @@ __all__ = [
 #: The built-in guest programs (squibd/kvm/programs.py assembles them). The one
 #: spelling of their names: the API model, squibctl, the Firecracker API and the
 #: KVM backend import these (this module is the layer every other one may import).
-ProgramName = Literal["counter", "memwriter"]
+ProgramName = Literal["counter", "memwriter", "exiter"]
 PROGRAM_NAMES: Final[tuple[ProgramName, ...]] = get_args(ProgramName)
 #: The program ``vm.create`` runs when the caller names none.
 DEFAULT_PROGRAM: Final[ProgramName] = "counter"

@@ -30,6 +30,7 @@ from ..kvm.runner import VcpuRunner
 from ..kvm.system import Kvm
 from ..kvm.vcpu import Vcpu
 from ..kvm.vm import KvmVm
+from ..kvm.workdevice import WorkDevice
 from ..snapshot.bitmap import Words
 from ..snapshot.compat import MAX_VCPUS
 from ..snapshot.memwriter import RegionSource
@@ -116,6 +117,8 @@ class Vm:
     _access: GuestAccess = attrs.field(init=False, repr=False)
     _probe: ProgressProbe = attrs.field(init=False, repr=False)
     _populator: Populator = attrs.field(init=False, repr=False)
+    #: Answers the ``exiter`` guest's work requests (vCPU threads).
+    _work: WorkDevice = attrs.field(factory=WorkDevice, init=False, repr=False)
     #: One debug-API memory access (read/write_memory) at a time per VM.
     memory_limiter: trio.CapacityLimiter = attrs.field(
         init=False, repr=False, factory=lambda: trio.CapacityLimiter(1)
@@ -195,7 +198,9 @@ class Vm:
     # --- vCPU thread callbacks --------------------------------------------
 
     def _io_from_thread(self, port: int, size: int, is_write: bool, data: bytes) -> bytes | None:
-        if port == kvm_guest.HEARTBEAT_PORT:
+        if port == kvm_guest.WORK_PORT and is_write:
+            self._work.handle(data)
+        elif port == kvm_guest.HEARTBEAT_PORT:
             with contextlib.suppress(trio.RunFinishedError):
                 self._gate.token.run_sync_soon(self._heartbeat)
         return None

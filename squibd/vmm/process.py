@@ -41,6 +41,7 @@ from ..kvm.runner import VcpuRunner, install_signal_handler
 from ..kvm.system import Kvm
 from ..kvm.vcpu import Vcpu
 from ..kvm.vm import KvmVm
+from ..kvm.workdevice import WorkDevice
 from ..snapshot.codec import make_state_converter
 from ..snapshot.manifest import MemoryRegion
 from ..snapshot.models import X86VcpuState, X86VmState
@@ -132,6 +133,8 @@ class VmServer:
         self._lock = threading.Lock()
         self._heartbeats = 0
         self._heartbeat_waiters: list[tuple[int, int]] = []
+        #: Answers the ``exiter`` guest's work requests (vCPU threads).
+        self._work = WorkDevice()
         self._generation = 0
         self._acked: set[int] = set()
         self._pause_id: int | None = None
@@ -251,7 +254,9 @@ class VmServer:
     # --- vCPU callbacks (vCPU threads) ------------------------------------------------
 
     def _io(self, port: int, size: int, is_write: bool, data: bytes) -> bytes | None:
-        if port == kvm_guest.HEARTBEAT_PORT:
+        if port == kvm_guest.WORK_PORT and is_write:
+            self._work.handle(data)
+        elif port == kvm_guest.HEARTBEAT_PORT:
             with self._lock:
                 self._heartbeats += 1
                 ready = [w for w in self._heartbeat_waiters if w[1] <= self._heartbeats]
