@@ -73,6 +73,15 @@ def _control_check(asm: Assembler, done: str) -> None:
     asm.label(done)
 
 
+def _heartbeat_then_loop(asm: Assembler, interval: int) -> None:
+    """Every ``interval`` counts of the progress counter (rdi), OUT to the heartbeat port."""
+    asm.test_mem32_imm("rdi", interval - 1)
+    asm.jcc("jnz", "loop")
+    asm.mov_dx_imm(HEARTBEAT_PORT)
+    asm.out_dx_al()
+    asm.jmp("loop")
+
+
 def counter_program() -> Assembler:
     """``counter``: rdi = progress counter, rsi = control word."""
     asm = Assembler()
@@ -81,11 +90,7 @@ def counter_program() -> Assembler:
     asm.test_mem32_imm("rdi", CONTROL_CHECK_INTERVAL - 1)
     asm.jcc("jnz", "loop")
     _control_check(asm, "checked")
-    asm.test_mem32_imm("rdi", COUNTER_HEARTBEAT_INTERVAL - 1)
-    asm.jcc("jnz", "loop")
-    asm.mov_dx_imm(HEARTBEAT_PORT)
-    asm.out_dx_al()
-    asm.jmp("loop")
+    _heartbeat_then_loop(asm, COUNTER_HEARTBEAT_INTERVAL)
     return asm
 
 
@@ -138,9 +143,5 @@ def exiter_program() -> Assembler:
     asm.out_dx_al()  # the request: the VMM does AL units of work before we go on
     asm.inc_mem64("rdi")  # progress = requests completed
     _control_check(asm, "checked")
-    asm.test_mem32_imm("rdi", EXITER_HEARTBEAT_INTERVAL - 1)
-    asm.jcc("jnz", "loop")
-    asm.mov_dx_imm(HEARTBEAT_PORT)
-    asm.out_dx_al()
-    asm.jmp("loop")
+    _heartbeat_then_loop(asm, EXITER_HEARTBEAT_INTERVAL)
     return asm
