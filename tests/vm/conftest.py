@@ -12,8 +12,12 @@ import pytest
 from squibd.vm.models import DEFAULT_VM_ISOLATION
 from squibd.vm.runtime import Runtime
 
-#: ``SQUIBD_TEST_VM_ISOLATION=inprocess`` runs these tests against the in-process runtime.
-VM_ISOLATION = os.environ.get("SQUIBD_TEST_VM_ISOLATION", DEFAULT_VM_ISOLATION)
+#: The runtime tests run against both runtimes: VM processes (the default) and VMs in
+#: this process. ``SQUIBD_TEST_VM_ISOLATION=process`` (or ``inprocess``) runs one only.
+_CHOSEN = os.environ.get("SQUIBD_TEST_VM_ISOLATION")
+VM_ISOLATIONS = (_CHOSEN,) if _CHOSEN else (DEFAULT_VM_ISOLATION, "inprocess")
+#: The runtime of tests that build their own ``Runtime``.
+VM_ISOLATION = VM_ISOLATIONS[0]
 
 #: Short enough that a test provoking a quiesce timeout stays fast.
 TEST_QUIESCE_TIMEOUT_S = 0.5
@@ -22,10 +26,17 @@ TEST_QUIESCE_TIMEOUT_S = 0.5
 PATIENT_QUIESCE_TIMEOUT_S = 30.0
 
 
+@pytest.fixture(params=VM_ISOLATIONS)
+def vm_isolation(request: pytest.FixtureRequest) -> str:
+    """Each runtime in turn (see ``VM_ISOLATIONS``)."""
+    mode: str = request.param
+    return mode
+
+
 @pytest.fixture
-async def runtime() -> AsyncIterator[Runtime]:
+async def runtime(vm_isolation: str) -> AsyncIterator[Runtime]:
     """A fresh runtime; every VM it still holds is destroyed afterwards."""
-    rt = Runtime(quiesce_timeout_s=PATIENT_QUIESCE_TIMEOUT_S, vm_isolation=VM_ISOLATION)
+    rt = Runtime(quiesce_timeout_s=PATIENT_QUIESCE_TIMEOUT_S, vm_isolation=vm_isolation)
     try:
         yield rt
     finally:
@@ -33,9 +44,9 @@ async def runtime() -> AsyncIterator[Runtime]:
 
 
 @pytest.fixture
-async def impatient_runtime() -> AsyncIterator[Runtime]:
+async def impatient_runtime(vm_isolation: str) -> AsyncIterator[Runtime]:
     """A runtime whose quiesce scope is short: for tests that provoke a timeout."""
-    rt = Runtime(quiesce_timeout_s=TEST_QUIESCE_TIMEOUT_S, vm_isolation=VM_ISOLATION)
+    rt = Runtime(quiesce_timeout_s=TEST_QUIESCE_TIMEOUT_S, vm_isolation=vm_isolation)
     try:
         yield rt
     finally:
