@@ -186,7 +186,7 @@ class RemoteVm:
         """Wire the connection's events to this VM and start reading."""
         self._conn._on_event = self._event_from_thread
         self._conn._on_closed = self._closed_from_thread
-        self._conn.start()
+        self._conn.start(self._token)
 
     # --- shape -----------------------------------------------------------
 
