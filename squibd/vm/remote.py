@@ -20,6 +20,15 @@ holds the daemon's side:
   caller's cancel scope; on timeout or cancellation it tells the process
   to resume (``quiesce_timeout_s``, SPEC section 6).
 
+A pause during a save (the runtime marks the VM ``busy``; nothing else
+pauses a busy VM) saves round trips in the pause window when the process
+offers protocol revision 1: the ``pause`` asks for the dirty log harvested
+as the last vCPU parks, and a ``capture`` is pipelined right behind it,
+which the process answers while the daemon writes. The save's next
+harvest and capture take these *prefetched* answers, as long as the VM has
+not been resumed since (a resume voids the capture; harvested words are
+never dropped: the next harvest merges them).
+
 The death of the process (its socket closes) puts the VM in the error state
 with the cause the zygote reports (``describe_status``).
 """
@@ -34,6 +43,7 @@ import os
 import signal
 import socket
 import struct
+import threading
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -49,9 +59,9 @@ from ..snapshot.memwriter import RegionSource
 from ..snapshot.models import VmInfo, X86VcpuState, X86VmState
 from ..uffd import UffdBackend, UffdError
 from ..vmm.channel import Channel
-from ..vmm.host import Connection, RequestFailed, ZygoteHost, describe_status
+from ..vmm.host import Connection, Reply, RequestFailed, ZygoteHost, describe_status
 from ..vmm.protocol import Message
-from .dirty import DirtySet, runs_of
+from .dirty import DirtySet, or_words, runs_of
 from .errors import GuestMemoryUnavailable, InvalidVmConfig, VmFailed
 from .guest_access import GuestAccess, ProgressProbe, ProgressReading
 from .machine import PAGE_SIZE, CapturedState
@@ -163,6 +173,15 @@ class RemoteVm:
     )
     _access: GuestAccess = attrs.field(init=False, repr=False)
     _probe: ProgressProbe = attrs.field(init=False, repr=False)
+    #: The protocol revision the process offers (``protocol/vmm.md``).
+    revision: int = 0
+    _prefetch_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False, repr=False)
+    #: Dirty words harvested by pauses and not taken by a harvest yet.
+    _prefetched_words: list[Words] | None = attrs.field(default=None, init=False, repr=False)
+    #: The capture pipelined behind the last pause (void once resumed).
+    _prefetched_capture: Reply | None = attrs.field(default=None, init=False, repr=False)
+    #: No resume since the pause that harvested ``_prefetched_words``.
+    _prefetch_current: bool = attrs.field(default=False, init=False, repr=False)
     memory_limiter: trio.CapacityLimiter = attrs.field(
         init=False, repr=False, factory=lambda: trio.CapacityLimiter(1)
     )
@@ -231,15 +250,23 @@ class RemoteVm:
     async def pause(self) -> None:
         """Quiesce across the process boundary; Running -> Paused.
 
+        During a save, also prefetches the harvest and the state (module doc).
+
         Raises:
             QuiesceTimeout: the process did not report every vCPU parked in
                 ``quiesce_timeout_s``; it was told to resume.
             VmFailed: the VM process is gone.
         """
+        prefetch = self.busy is not None and self.revision >= 1
+        params: dict[str, Any] = {}
+        if prefetch and self._log_enabled_in_process():
+            params["harvest"] = True
         done = False
         try:
             with trio.move_on_after(self.quiesce_timeout_s):
-                await self._conn.acall("pause")
+                reply = self._conn.begin("pause", on_trio=True, **params)
+                capture = self._conn.begin("capture") if prefetch else None
+                result = await reply.await_result()
                 done = True
         except RequestFailed as error:
             self._conn.send("resume")
@@ -253,12 +280,27 @@ class RemoteVm:
                 detail=f"the VM process did not report every vCPU parked within "
                 f"{self.quiesce_timeout_s} s"
             )
+        words = result.get("words")
+        with self._prefetch_lock:
+            if words is not None:
+                harvested = _words_of(words)
+                old = self._prefetched_words
+                self._prefetched_words = harvested if old is None else _or_all(old, harvested)
+            self._prefetched_capture = capture
+            self._prefetch_current = True
         self.state = VmState.PAUSED
+
+    def _log_enabled_in_process(self) -> bool:
+        # The process logs when the savers want it, and always for a private mapping.
+        return self._log_enabled or self.shadowed
 
     def resume(self) -> None:
         """Paused -> Running (a VM in the error state stays parked)."""
         if self.error is not None:
             return
+        with self._prefetch_lock:
+            self._prefetch_current = False
+            self._prefetched_capture = None
         self._conn.send("resume")
         self.state = VmState.RUNNING
 
@@ -310,8 +352,20 @@ class RemoteVm:
             raise
 
     def capture_state(self) -> CapturedState:
-        """VM-level and vCPU state (every vCPU parked)."""
-        result = self._call("capture")
+        """VM-level and vCPU state (every vCPU parked); the prefetched one if current."""
+        with self._prefetch_lock:
+            pending = self._prefetched_capture if self._prefetch_current else None
+            self._prefetched_capture = None
+        result: Message | None = None
+        if pending is not None:
+            try:
+                result = pending.wait()
+            except RequestFailed as error:
+                if error.kind == "ProcessGone":
+                    raise VmFailed(self.vm_id, "capture", error.message) from error
+                # e.g. PauseAbandoned: ask again below (and fail with the reason then).
+        if result is None:
+            result = self._call("capture")
         return CapturedState(
             vm_state=_CONVERTER.structure(result["vm_state"], X86VmState),
             vcpu_states=tuple(
@@ -333,8 +387,15 @@ class RemoteVm:
     def _harvest(self) -> list[Words]:
         if self._resync_on_harvest:
             self._full_sync()
-        result = self._call("harvest")
-        words = [np.frombuffer(raw, dtype="<u8").astype(np.uint64) for raw in result["words"]]
+        with self._prefetch_lock:
+            prefetched, current = self._prefetched_words, self._prefetch_current
+            self._prefetched_words = None
+        if prefetched is not None and current:
+            words = prefetched  # parked since: the log has nothing newer
+        else:
+            words = _words_of(self._call("harvest")["words"])
+            if prefetched is not None:
+                words = _or_all(prefetched, words)
         if self.shadowed:
             self._sync_shadow(words)
         return words
@@ -509,6 +570,17 @@ class RemoteVm:
         self.memory.close()
 
 
+def _or_all(a: list[Words], b: list[Words]) -> list[Words]:
+    merged = or_words(a, b)
+    assert merged is not None
+    return merged
+
+
+def _words_of(raw: Sequence[bytes]) -> list[Words]:
+    """The dirty words of a ``harvest`` (or ``pause``) result, per region."""
+    return [np.frombuffer(chunk, dtype="<u8").astype(np.uint64) for chunk in raw]
+
+
 def _progress_addrs(guest: GuestSpec | None, vcpu_count: int) -> tuple[int, ...]:
     if guest is None:
         return ()
@@ -614,6 +686,7 @@ def spawn_remote(
             host=host,
             state_files=tuple(p for p in (paths.socket, paths.record) if p is not None),
             token=token,
+            revision=int(result.get("revision", 0)),
         )
     except BaseException:
         if conn is not None:
@@ -741,6 +814,7 @@ def attach_remote(
         token=token,
         shadowed=kind != "shared",
         page_served=kind == "uffd",
+        revision=int(d.get("revision", 0)),
     )
     if kind != "shared":
         # What the guest wrote before this daemon came is unknown here: the

@@ -12,9 +12,15 @@ VM, may drop privileges (``confine.py``), and serves requests until
 ``shutdown`` or until it is killed (``protocol/vmm.md`` lists them).
 
 Requests are read by the main thread and answered in order, except
-``pause`` (answered by the vCPU thread whose acknowledgement completes it)
-and ``wait_stalled``/``wait_heartbeats`` (answered when the condition holds).
-A vCPU exit error is reported as a ``vcpu_error`` event.
+``pause`` (answered by the vCPU thread whose acknowledgement completes it,
+with the dirty log harvested right there when asked), a ``capture`` that
+arrives while a pause is under way (answered by the collector thread once
+every vCPU is parked, so that the daemon can pipeline it behind ``pause``
+and capture overlaps the daemon's work), and ``wait_stalled``/
+``wait_heartbeats`` (answered when the condition holds). A ``resume``
+waits for a capture in progress, and answers every pause or capture it
+overtakes with ``PauseAbandoned``. A vCPU exit error is reported as a
+``vcpu_error`` event.
 
 When the connection to the daemon ends and the VM has a ``listen`` path, the
 process keeps running its guest and waits there for a new daemon (issue 11:
@@ -27,10 +33,11 @@ import contextlib
 import logging
 import mmap
 import os
+import queue
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -50,7 +57,7 @@ from ..vm.errors import InvalidVmConfig
 from ..vm.guest_access import release_lazy_pages
 from ..vm.memory import GuestMemory, GuestRegion, _mapping_address
 from .channel import Channel, ChannelClosed
-from .protocol import Message, error_reply, ok_reply
+from .protocol import REVISION, Message, error_reply, ok_reply
 
 __all__ = ["VmServer", "main", "serve_fd"]
 
@@ -134,6 +141,12 @@ class VmServer:
         self._generation = 0
         self._acked: set[int] = set()
         self._pause_id: int | None = None
+        self._pause_harvest = False
+        #: ``capture`` requests waiting for the pause under way.
+        self._deferred_captures: list[int] = []
+        #: Held while the collector captures, and by ``resume`` (never under ``_lock``).
+        self._capture_lock = threading.Lock()
+        self._collector: queue.SimpleQueue[Callable[[], None]] | None = None
         self._paused = False
         self._started = False
 
@@ -198,6 +211,7 @@ class VmServer:
         return {
             "pid": os.getpid(),
             "host_addrs": [region.host_addr for region in self.memory.regions],
+            "revision": REVISION,
         }
 
     def prepare(self) -> None:
@@ -263,6 +277,7 @@ class VmServer:
         return None
 
     def _on_paused(self, index: int) -> None:
+        # Runs on the vCPU thread, under its runner's lock (``runner.py``): quick work only.
         with self._lock:
             if self._pause_id is None:
                 return
@@ -270,8 +285,50 @@ class VmServer:
             if len(self._acked) < len(self.runners):
                 return
             request_id, self._pause_id = self._pause_id, None
+            captures, self._deferred_captures = self._deferred_captures, []
+            harvest, generation = self._pause_harvest, self._generation
             self._paused = True
-        self._send(ok_reply(request_id))
+        result: Message = {}
+        if harvest and self.log_enabled:
+            try:
+                result["words"] = self._harvest_words()
+            except Exception:  # the daemon harvests with its own request then, and sees why
+                _log.exception("VM %s: harvest at pause failed", self.vm_id)
+        self._send(ok_reply(request_id, result))
+        if captures:
+            self._in_collector(lambda: self._capture_deferred(captures, generation))
+
+    def _in_collector(self, job: Callable[[], None]) -> None:
+        """Run ``job`` in the collector thread (started on first use)."""
+        if self._collector is None:
+            jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+            def serve() -> None:
+                while True:
+                    jobs.get()()
+
+            threading.Thread(target=serve, name="vmm-collector", daemon=True).start()
+            self._collector = jobs
+        self._collector.put(job)
+
+    def _capture_deferred(self, request_ids: list[int], generation: int) -> None:
+        with self._capture_lock:
+            with self._lock:
+                current = self._generation == generation
+            if not current:  # a resume came first (it answered nothing of these)
+                replies = [
+                    error_reply(i, "PauseAbandoned", "a resume arrived first") for i in request_ids
+                ]
+            else:
+                try:
+                    state = self._capture()
+                    replies = [ok_reply(i, state) for i in request_ids]
+                except Exception as error:
+                    _log.exception("VM %s: capture failed", self.vm_id)
+                    kind, text = type(error).__name__, str(error)
+                    replies = [error_reply(i, kind, text) for i in request_ids]
+        for reply in replies:
+            self._send(reply)
 
     def _on_exit_error(self, index: int, message: str) -> None:
         text = f"vCPU {index} stopped: {message}"
@@ -336,18 +393,22 @@ class VmServer:
             self._generation += 1
             self._acked = set()
             self._pause_id = request_id
+            self._pause_harvest = bool(message.get("harvest", False))
         for runner in self.runners:
             runner.request_pause()
         return None
 
     def op_resume(self, request_id: int, message: Message) -> Message:
-        with self._lock:
+        with self._capture_lock, self._lock:  # a capture in progress ends first
             self._generation += 1
             abandoned, self._pause_id = self._pause_id, None
+            captures, self._deferred_captures = self._deferred_captures, []
             self._acked = set()
             error = self.error
         if abandoned is not None:
-            self._send(error_reply(abandoned, "PauseAbandoned", "a resume arrived first"))
+            captures.insert(0, abandoned)
+        for overtaken in captures:
+            self._send(error_reply(overtaken, "PauseAbandoned", "a resume arrived first"))
         if error is not None:
             return {"running": False}
         if not self._started:
@@ -358,7 +419,14 @@ class VmServer:
         self._paused = False
         return {"running": True}
 
-    def op_capture(self, request_id: int, message: Message) -> Message:
+    def op_capture(self, request_id: int, message: Message) -> Message | None:
+        with self._lock:
+            if self._pause_id is not None:  # answered once every vCPU is parked
+                self._deferred_captures.append(request_id)
+                return None
+        return self._capture()
+
+    def _capture(self) -> Message:
         assert self.kvm_vm is not None
         return {
             "vm_state": _CONVERTER.unstructure(self.kvm_vm.capture_vm_state(), X86VmState),
@@ -380,11 +448,14 @@ class VmServer:
         assert self.kvm_vm is not None and self.memory is not None
         if not self.log_enabled:
             raise RequestError("NotLogging", "dirty logging is off")
-        words = [
+        return {"words": self._harvest_words()}
+
+    def _harvest_words(self) -> list[bytes]:
+        assert self.kvm_vm is not None and self.memory is not None
+        return [
             np.asarray(self.kvm_vm.harvest_dirty_log(slot), dtype="<u8").tobytes()
             for slot in range(len(self.memory.regions))
         ]
-        return {"words": words}
 
     def op_arm_stall(self, request_id: int, message: Message) -> Message:
         self.runners[int(message["index"])].arm_stall(kick=True)
@@ -448,6 +519,7 @@ class VmServer:
             "heartbeats": self._heartbeats,
             "host_addrs": [region.host_addr for region in self.memory.regions],
             "uid": os.getuid(),
+            "revision": REVISION,
         }
 
     def op_release_lazy(self, request_id: int, message: Message) -> Message:

@@ -25,6 +25,7 @@ import msgpack
 
 __all__ = [
     "MAX_FRAME",
+    "REVISION",
     "VERSION",
     "FrameDecoder",
     "ProtocolError",
@@ -36,6 +37,9 @@ __all__ = [
 
 #: The protocol version this module speaks (``protocol/vmm.md``).
 VERSION: Final = 1
+#: The optional additions to version 1 this implementation offers
+#: (``protocol/vmm.md``, "Revisions"); a peer that reports none offers revision 0.
+REVISION: Final = 1
 #: Largest frame accepted (a dirty bitmap of 1 TiB of 4 KiB pages is 32 MiB).
 MAX_FRAME: Final = 64 * 1024 * 1024
 _LEN: Final = struct.Struct("<I")

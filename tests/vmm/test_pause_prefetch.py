@@ -1,0 +1,113 @@
+"""VMM protocol revision 1: a pause that harvests, a capture pipelined behind it (real KVM)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trio
+
+from squibd.kvm.guest import PROGRESS_BASE
+from squibd.vm.models import GuestSpec
+from squibd.vm.remote import RemoteVm
+from squibd.vm.runtime import Runtime
+from squibd.vmm.host import RequestFailed
+from squibd.vmm.protocol import REVISION
+from tests.vm._helpers import wait_progress_beyond
+
+pytestmark = pytest.mark.kvm
+
+WAIT_S = 60.0
+_PROGRESS_PAGE = PROGRESS_BASE // 4096
+
+
+def _bit(words: list[np.ndarray], page: int) -> bool:
+    return bool((int(words[0][page // 64]) >> (page % 64)) & 1)
+
+
+async def _counter(rt: Runtime, vm_id: str, vcpus: int, track: bool) -> RemoteVm:
+    vm = await rt.create_vm(vm_id, vcpus, 64, track, GuestSpec("counter"))
+    assert isinstance(vm, RemoteVm)
+    await rt.start(vm_id)
+    await wait_progress_beyond(vm, [0] * vcpus)
+    return vm
+
+
+async def test_pause_harvests_and_answers_the_capture_pipelined_behind_it() -> None:
+    rt = Runtime(quiesce_timeout_s=30.0, vm_isolation="process")
+    try:
+        vm = await _counter(rt, "p", 1, True)
+        assert vm.revision == REVISION == 1
+        conn = vm._conn
+        await trio.to_thread.run_sync(lambda: conn.call("harvest"))  # reset the log
+        await wait_progress_beyond(vm, vm.guest_progress())  # written since
+        pause = conn.begin("pause", on_trio=True, harvest=True)
+        capture = conn.begin("capture")  # sent before the vCPUs parked: answered after
+        with trio.fail_after(WAIT_S):
+            paused = await pause.await_result()
+        words = [np.frombuffer(raw, dtype="<u8") for raw in paused["words"]]
+        assert _bit(words, _PROGRESS_PAGE)  # the counter wrote its progress page
+        pipelined = await trio.to_thread.run_sync(capture.wait)
+        again = await trio.to_thread.run_sync(lambda: conn.call("capture"))
+        for field in ("regs", "sregs", "xsave"):  # parked all along (the clocks move on)
+            assert pipelined["vcpu_states"][0][field] == again["vcpu_states"][0][field]
+        # The pause reset the log: nothing ran since, so a harvest finds nothing.
+        after = await trio.to_thread.run_sync(lambda: conn.call("harvest"))
+        assert not any(np.frombuffer(raw, dtype="<u8").any() for raw in after["words"])
+        conn.send("resume")
+        await wait_progress_beyond(vm, vm.guest_progress())
+    finally:
+        await rt.aclose()
+
+
+async def test_a_resume_answers_the_pause_and_the_pipelined_capture_it_overtakes() -> None:
+    rt = Runtime(quiesce_timeout_s=30.0, vm_isolation="process")
+    try:
+        vm = await _counter(rt, "s", 2, False)
+        await trio.to_thread.run_sync(lambda: vm.arm_stall(1))
+        assert await trio.to_thread.run_sync(lambda: vm.wait_stalled(1, WAIT_S))
+        conn = vm._conn
+        pause = conn.begin("pause", on_trio=True)  # vCPU 1 is held: never completes
+        capture = conn.begin("capture")
+        conn.send("resume")
+        with pytest.raises(RequestFailed) as paused:
+            await pause.await_result()
+        assert paused.value.kind == "PauseAbandoned"
+        with pytest.raises(RequestFailed) as captured:
+            await trio.to_thread.run_sync(capture.wait)
+        assert captured.value.kind == "PauseAbandoned"
+        await trio.to_thread.run_sync(lambda: vm.release_stall(1))
+        await wait_progress_beyond(vm, vm.guest_progress())
+    finally:
+        await rt.aclose()
+
+
+async def test_words_a_save_pause_harvested_survive_a_resume() -> None:
+    """A pause during a save harvests in the process; resumed before the save's
+    harvest, those words still reach the dirty set (the KVM log was reset)."""
+    rt = Runtime(quiesce_timeout_s=30.0, vm_isolation="process")
+    try:
+        vm = await _counter(rt, "w", 1, True)
+        await trio.to_thread.run_sync(vm.harvest_kvm)
+        vm.dirty.clear(vm.dirty.words())
+        await wait_progress_beyond(vm, vm.guest_progress())  # written since
+        vm.busy = "test"  # what the runtime sets for a save: the pause prefetches
+        try:
+            await vm.pause()
+        finally:
+            vm.busy = None
+        # Hold the vCPU before it runs again: the guest writes nothing after the resume.
+        await trio.to_thread.run_sync(lambda: vm.arm_stall(0))
+        vm.resume()
+        assert await trio.to_thread.run_sync(lambda: vm.wait_stalled(0, WAIT_S))
+        harvested = await trio.to_thread.run_sync(vm.harvest_kvm)
+        assert _bit(harvested, _PROGRESS_PAGE)
+        assert _bit(vm.dirty.words(), _PROGRESS_PAGE)
+        # The capture pipelined behind that pause was voided by the resume: a
+        # capture now asks the process again (and still succeeds).
+        await trio.to_thread.run_sync(lambda: vm.release_stall(0))
+        await vm.pause()
+        state = await trio.to_thread.run_sync(vm.capture_state)
+        assert len(state.vcpu_states) == 1
+        vm.resume()
+    finally:
+        await rt.aclose()
