@@ -146,6 +146,7 @@ class Connection:
         self.last_fds: list[int] = []
         self._ended = threading.Event()
         self._started = False
+        self._token: trio.lowlevel.TrioToken | None = None
         #: The trio reader owns the socket's closing (trio must not wait on a closed fd).
         self._trio_reader = False
 
@@ -156,6 +157,7 @@ class Connection:
                 return
             self._started = True
             self._trio_reader = token is not None
+            self._token = token
         if token is None:
             self._start_thread()
             return
@@ -201,12 +203,39 @@ class Connection:
         return pending
 
     def call(self, op: str, fds: Sequence[int] = (), **params: Any) -> Message:
-        """Send a request and block (worker thread, never trio's) for its result.
+        """Send a request and block for its result.
+
+        Meant for worker threads. Called on the trio thread whose task reads
+        this connection (tests do), it reads the socket itself meanwhile: that
+        task cannot run while the thread blocks.
 
         Raises:
             RequestFailed: the process answered an error or died.
         """
-        return self.begin(op, fds, **params).wait()
+        reply = self.begin(op, fds, **params)
+        if not reply.done and self._on_reader_trio_thread():
+            self._read_until(reply)
+        return reply.wait()
+
+    def _on_reader_trio_thread(self) -> bool:
+        with self._lock:
+            if not self._trio_reader or self._token is None:
+                return False
+        try:
+            return trio.lowlevel.current_trio_token() is self._token
+        except RuntimeError:
+            return False
+
+    def _read_until(self, reply: Reply) -> None:
+        # The trio reader is suspended (same thread): the channel is ours until we return.
+        try:
+            while not reply.done:
+                message, fds = self.channel.receive()
+                self._dispatch(message, fds, on_trio_thread=True)
+        except ChannelClosed as error:  # the trio reader sees the end too, and reports it
+            self._end(f"connection closed ({error})", on_trio_thread=True)
+        except ProtocolError as error:
+            self._end(f"protocol error: {error}", on_trio_thread=True)
 
     def send(self, op: str, **params: Any) -> None:
         """Send a request without waiting (its reply is dropped)."""

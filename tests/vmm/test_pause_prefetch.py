@@ -111,3 +111,17 @@ async def test_words_a_save_pause_harvested_survive_a_resume() -> None:
         vm.resume()
     finally:
         await rt.aclose()
+
+
+async def test_a_blocking_call_on_the_trio_thread_is_answered() -> None:
+    """Trio's own task reads the VM socket; a blocking call made on trio's
+    thread (tests do) reads it itself meanwhile instead of waiting forever."""
+    rt = Runtime(quiesce_timeout_s=30.0, vm_isolation="process")
+    try:
+        vm = await _counter(rt, "t", 1, False)
+        pending = vm._conn.begin("wait_heartbeats", on_trio=True, count=1)
+        assert vm._conn.call("describe")["pid"] == vm.process_id  # blocks this thread
+        with trio.fail_after(WAIT_S):
+            await pending.await_result()  # answered while either reader read
+    finally:
+        await rt.aclose()
