@@ -265,7 +265,7 @@ class RemoteVm:
         try:
             with trio.move_on_after(self.quiesce_timeout_s):
                 reply = self._conn.begin("pause", on_trio=True, **params)
-                capture = self._conn.begin("capture") if prefetch else None
+                capture = self._conn.begin("capture", convert=_captured) if prefetch else None
                 result = await reply.await_result()
                 done = True
         except RequestFailed as error:
@@ -356,7 +356,6 @@ class RemoteVm:
         with self._prefetch_lock:
             pending = self._prefetched_capture if self._prefetch_current else None
             self._prefetched_capture = None
-        result: Message | None = None
         if pending is not None:
             try:
                 result = pending.wait()
@@ -364,14 +363,11 @@ class RemoteVm:
                 if error.kind == "ProcessGone":
                     raise VmFailed(self.vm_id, "capture", error.message) from error
                 # e.g. PauseAbandoned: ask again below (and fail with the reason then).
-        if result is None:
-            result = self._call("capture")
-        return CapturedState(
-            vm_state=_CONVERTER.structure(result["vm_state"], X86VmState),
-            vcpu_states=tuple(
-                _CONVERTER.structure(plain, X86VcpuState) for plain in result["vcpu_states"]
-            ),
-        )
+            else:
+                if isinstance(pending.converted, CapturedState):
+                    return pending.converted
+                return _captured(result)
+        return _captured(self._call("capture"))
 
     @property
     def dirty_logging(self) -> bool:
@@ -568,6 +564,16 @@ class RemoteVm:
         self._conn.join(_SHUTDOWN_GRACE_S)
         self._access.close(_SHUTDOWN_GRACE_S)
         self.memory.close()
+
+
+def _captured(result: Message) -> CapturedState:
+    """The state of a ``capture`` result."""
+    return CapturedState(
+        vm_state=_CONVERTER.structure(result["vm_state"], X86VmState),
+        vcpu_states=tuple(
+            _CONVERTER.structure(plain, X86VcpuState) for plain in result["vcpu_states"]
+        ),
+    )
 
 
 def _or_all(a: list[Words], b: list[Words]) -> list[Words]:

@@ -60,19 +60,32 @@ def describe_status(status: int) -> str:
 
 
 class Reply:
-    """The reply to one request, awaited on trio or waited for in a thread."""
+    """The reply to one request, awaited on trio or waited for in a thread.
 
-    def __init__(self, on_trio: bool) -> None:
+    ``convert``, if given, is applied to a successful result by whoever
+    reads the reply, as it arrives (so that a waiter finds the work done);
+    :attr:`converted` holds its value (None: not converted, e.g. it raised:
+    the waiter converts then, and sees the error).
+    """
+
+    def __init__(self, on_trio: bool, convert: Callable[[Message], Any] | None = None) -> None:
         self.thread_event = threading.Event()
         self._token = trio.lowlevel.current_trio_token() if on_trio else None
         self.trio_event: trio.Event | None = trio.Event() if on_trio else None
         self.reply: Message | None = None
         self.error: RequestFailed | None = None
+        self._convert = convert
+        self.converted: Any = None
 
     def complete(self, reply: Message | None, error: RequestFailed | None, *,
                  on_trio_thread: bool = False) -> None:  # fmt: skip
         """Hand over the reply (or why none comes); ``on_trio_thread``: called by trio's reader."""
         self.reply, self.error = reply, error
+        if self._convert is not None and reply is not None and reply.get("ok"):
+            try:
+                self.converted = self._convert(reply.get("result") or {})
+            except Exception:  # the waiter converts again and gets the error
+                self.converted = None
         self.thread_event.set()
         if self.trio_event is not None:
             if on_trio_thread:
@@ -182,12 +195,13 @@ class Connection:
         threading.Thread(target=self._read_thread, name="vmm-reader", daemon=True).start()
 
     def begin(self, op: str, fds: Sequence[int] = (), *, on_trio: bool = False,
-              **params: Any) -> Reply:  # fmt: skip
+              convert: Callable[[Message], Any] | None = None, **params: Any) -> Reply:  # fmt: skip
         """Send a request now; its :class:`Reply` is awaited (``on_trio``) or waited for later.
 
         Requests are sent in call order, so a caller may pipeline several.
+        ``convert``: see :class:`Reply`.
         """
-        pending = Reply(on_trio)
+        pending = Reply(on_trio, convert)
         with self._lock:
             request_id = next(self._ids)
             if self._closed_reason is not None:

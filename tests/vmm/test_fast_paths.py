@@ -134,6 +134,31 @@ async def test_a_blocking_call_on_the_trio_thread_is_answered() -> None:
         await rt.aclose()
 
 
+async def test_a_save_pause_prefetches_harvest_and_state_that_the_save_then_takes() -> None:
+    rt = Runtime(quiesce_timeout_s=30.0, vm_isolation="process")
+    try:
+        vm = await _counter(rt, "c", 2, True)
+        await trio.to_thread.run_sync(vm.harvest_kvm)
+        await wait_progress_beyond(vm, vm.guest_progress())  # written since
+        vm.busy = "test"  # what the runtime sets for a save: the pause prefetches
+        try:
+            await vm.pause()
+        finally:
+            vm.busy = None
+        prefetched = vm._prefetched_capture
+        assert prefetched is not None and vm._prefetched_words is not None
+        state = await trio.to_thread.run_sync(vm.capture_state)
+        assert state is prefetched.converted  # converted as it arrived, no new request
+        assert len(state.vcpu_states) == 2
+        harvested = await trio.to_thread.run_sync(vm.harvest_kvm)
+        assert _bit(harvested, _PROGRESS_PAGE)
+        assert vm._prefetched_words is None  # taken once
+        vm.resume()
+        await wait_progress_beyond(vm, vm.guest_progress())
+    finally:
+        await rt.aclose()
+
+
 def _thread_nice(pid: int, tid: str) -> int:
     with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii") as f:
         fields = f.read().rsplit(")", 1)[1].split()
