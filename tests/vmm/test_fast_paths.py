@@ -1,12 +1,10 @@
 """The quiesce and live-pause fast paths across the VM-process boundary (real KVM).
 
 VMM protocol revision 1 (a pause that harvests, a capture pipelined behind
-it), trio reading the VM socket itself, the control thread's priority.
+it) and trio reading the VM socket itself.
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import pytest
@@ -17,7 +15,6 @@ from squibd.vm.models import GuestSpec
 from squibd.vm.remote import RemoteVm
 from squibd.vm.runtime import Runtime
 from squibd.vmm.host import RequestFailed
-from squibd.vmm.process import CONTROL_NICE
 from squibd.vmm.protocol import REVISION
 from tests.vm._helpers import wait_progress_beyond
 
@@ -158,22 +155,3 @@ async def test_a_save_pause_prefetches_harvest_and_state_that_the_save_then_take
     finally:
         await rt.aclose()
 
-
-def _thread_nice(pid: int, tid: str) -> int:
-    with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[16])  # field 19 of stat(5), counted from field 3 here
-
-
-async def test_only_the_control_thread_runs_at_the_raised_priority() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("raising a thread's priority needs CAP_SYS_NICE")
-    rt = Runtime(quiesce_timeout_s=30.0, vm_isolation="process")
-    try:
-        vm = await _counter(rt, "n", 2, False)
-        pid = vm.process_id
-        nices = {tid: _thread_nice(pid, tid) for tid in os.listdir(f"/proc/{pid}/task")}
-        assert nices.pop(str(pid)) == CONTROL_NICE  # the main thread
-        assert len(nices) >= 2 and set(nices.values()) == {0}  # vCPU threads among them
-    finally:
-        await rt.aclose()
