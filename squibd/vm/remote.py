@@ -60,7 +60,7 @@ from ..snapshot.models import VmInfo, X86VcpuState, X86VmState
 from ..uffd import UffdBackend, UffdError
 from ..vmm.channel import Channel
 from ..vmm.host import Connection, Reply, RequestFailed, ZygoteHost, describe_status
-from ..vmm.protocol import Message
+from ..vmm.protocol import Message, unpack_dirty_words
 from .dirty import DirtySet, or_words, runs_of
 from .errors import GuestMemoryUnavailable, InvalidVmConfig, VmFailed
 from .guest_access import GuestAccess, ProgressProbe, ProgressReading
@@ -280,10 +280,9 @@ class RemoteVm:
                 detail=f"the VM process did not report every vCPU parked within "
                 f"{self.quiesce_timeout_s} s"
             )
-        words = result.get("words")
         with self._prefetch_lock:
-            if words is not None:
-                harvested = _words_of(words)
+            if "dirty" in result or "words" in result:
+                harvested = _words_of(result)
                 old = self._prefetched_words
                 self._prefetched_words = harvested if old is None else _or_all(old, harvested)
             self._prefetched_capture = capture
@@ -389,7 +388,8 @@ class RemoteVm:
         if prefetched is not None and current:
             words = prefetched  # parked since: the log has nothing newer
         else:
-            words = _words_of(self._call("harvest")["words"])
+            params = {"sparse": True} if self.revision >= 1 else {}
+            words = _words_of(self._call("harvest", **params))
             if prefetched is not None:
                 words = _or_all(prefetched, words)
         if self.shadowed:
@@ -582,9 +582,11 @@ def _or_all(a: list[Words], b: list[Words]) -> list[Words]:
     return merged
 
 
-def _words_of(raw: Sequence[bytes]) -> list[Words]:
-    """The dirty words of a ``harvest`` (or ``pause``) result, per region."""
-    return [np.frombuffer(chunk, dtype="<u8").astype(np.uint64) for chunk in raw]
+def _words_of(result: Message) -> list[Words]:
+    """The dirty words of a ``harvest`` (or ``pause``) result, per region (either form)."""
+    if "dirty" in result:
+        return [unpack_dirty_words(item) for item in result["dirty"]]
+    return [np.frombuffer(chunk, dtype="<u8").astype(np.uint64) for chunk in result["words"]]
 
 
 def _progress_addrs(guest: GuestSpec | None, vcpu_count: int) -> tuple[int, ...]:

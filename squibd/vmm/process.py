@@ -57,7 +57,7 @@ from ..vm.errors import InvalidVmConfig
 from ..vm.guest_access import release_lazy_pages
 from ..vm.memory import GuestMemory, GuestRegion, _mapping_address
 from .channel import Channel, ChannelClosed
-from .protocol import REVISION, Message, error_reply, ok_reply
+from .protocol import REVISION, Message, error_reply, ok_reply, pack_dirty_words
 
 __all__ = ["VmServer", "main", "serve_fd"]
 
@@ -291,7 +291,7 @@ class VmServer:
         result: Message = {}
         if harvest and self.log_enabled:
             try:
-                result["words"] = self._harvest_words()
+                result["dirty"] = [pack_dirty_words(w) for w in self._harvest_arrays()]
             except Exception:  # the daemon harvests with its own request then, and sees why
                 _log.exception("VM %s: harvest at pause failed", self.vm_id)
         self._send(ok_reply(request_id, result))
@@ -448,14 +448,14 @@ class VmServer:
         assert self.kvm_vm is not None and self.memory is not None
         if not self.log_enabled:
             raise RequestError("NotLogging", "dirty logging is off")
-        return {"words": self._harvest_words()}
+        arrays = self._harvest_arrays()
+        if message.get("sparse"):
+            return {"dirty": [pack_dirty_words(w) for w in arrays]}
+        return {"words": [np.asarray(w, dtype="<u8").tobytes() for w in arrays]}
 
-    def _harvest_words(self) -> list[bytes]:
+    def _harvest_arrays(self) -> list[np.ndarray[Any, np.dtype[np.uint64]]]:
         assert self.kvm_vm is not None and self.memory is not None
-        return [
-            np.asarray(self.kvm_vm.harvest_dirty_log(slot), dtype="<u8").tobytes()
-            for slot in range(len(self.memory.regions))
-        ]
+        return [self.kvm_vm.harvest_dirty_log(slot) for slot in range(len(self.memory.regions))]
 
     def op_arm_stall(self, request_id: int, message: Message) -> Message:
         self.runners[int(message["index"])].arm_stall(kick=True)

@@ -15,7 +15,7 @@ from squibd.vm.models import GuestSpec
 from squibd.vm.remote import RemoteVm
 from squibd.vm.runtime import Runtime
 from squibd.vmm.host import RequestFailed
-from squibd.vmm.protocol import REVISION
+from squibd.vmm.protocol import REVISION, unpack_dirty_words
 from tests.vm._helpers import wait_progress_beyond
 
 pytestmark = pytest.mark.kvm
@@ -48,15 +48,16 @@ async def test_pause_harvests_and_answers_the_capture_pipelined_behind_it() -> N
         capture = conn.begin("capture")  # sent before the vCPUs parked: answered after
         with trio.fail_after(WAIT_S):
             paused = await pause.await_result()
-        words = [np.frombuffer(raw, dtype="<u8") for raw in paused["words"]]
+        words = [unpack_dirty_words(item) for item in paused["dirty"]]
+        assert len(words[0]) == 64 * 1024 * 1024 // 4096 // 64  # the whole region's bitmap
         assert _bit(words, _PROGRESS_PAGE)  # the counter wrote its progress page
         pipelined = await trio.to_thread.run_sync(capture.wait)
         again = await trio.to_thread.run_sync(lambda: conn.call("capture"))
         for field in ("regs", "sregs", "xsave"):  # parked all along (the clocks move on)
             assert pipelined["vcpu_states"][0][field] == again["vcpu_states"][0][field]
         # The pause reset the log: nothing ran since, so a harvest finds nothing.
-        after = await trio.to_thread.run_sync(lambda: conn.call("harvest"))
-        assert not any(np.frombuffer(raw, dtype="<u8").any() for raw in after["words"])
+        after = await trio.to_thread.run_sync(lambda: conn.call("harvest", sparse=True))
+        assert not any(unpack_dirty_words(item).any() for item in after["dirty"])
         conn.send("resume")
         await wait_progress_beyond(vm, vm.guest_progress())
     finally:

@@ -106,3 +106,40 @@ def test_only_on_shutdown_keep_leaves_vm_processes_to_the_next_daemon(
     config = parse_config({"server": {"vm_isolation": "process", "on_shutdown": on_shutdown,
                                       "stop_vms_on_exit": stop_vms_on_exit}})  # fmt: skip
     assert vm_process_settings(config.server)["stop_vms_on_exit"] is stops
+
+
+def test_dirty_words_round_trip_sparse_and_dense_through_a_frame() -> None:
+    import numpy as np
+
+    from squibd.vmm.protocol import pack_dirty_words, unpack_dirty_words
+
+    sparse = np.zeros(4096, dtype=np.uint64)
+    sparse[[0, 17, 4095]] = [1, 2**63, 0xF0F0]
+    dense = np.arange(1, 65, dtype=np.uint64)
+    for words in (sparse, dense, np.zeros(10, dtype=np.uint64), np.zeros(0, dtype=np.uint64)):
+        item = pack_dirty_words(words)
+        decoder = FrameDecoder()
+        decoder.feed(encode(ok_reply(1, {"dirty": [item]})))
+        message = decoder.next()
+        assert message is not None
+        back = unpack_dirty_words(message["result"]["dirty"][0])
+        assert back.dtype == np.uint64 and np.array_equal(back, words)
+    assert pack_dirty_words(sparse)[1] is not None  # sparse form: 3 words sent, not 4096
+    assert pack_dirty_words(dense)[1] is None
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        [4, b"\x05\x00\x00\x00", b"\x01" + b"\x00" * 7],  # index beyond the bitmap
+        [4, b"\x01\x00\x00\x00", b""],  # an index without a value
+        [3, None, b"\x00" * 16],  # dense, wrong length
+        [4, None],  # not a triple
+        "words",
+    ],
+)
+def test_malformed_dirty_words_are_a_protocol_error(item: object) -> None:
+    from squibd.vmm.protocol import unpack_dirty_words
+
+    with pytest.raises(ProtocolError, match="malformed dirty words"):
+        unpack_dirty_words(item)
