@@ -60,7 +60,7 @@ from ..snapshot.models import VmInfo, X86VcpuState, X86VmState
 from ..uffd import UffdBackend, UffdError
 from ..vmm.channel import Channel
 from ..vmm.host import Connection, Reply, RequestFailed, ZygoteHost, describe_status
-from ..vmm.protocol import Message, unpack_dirty_words
+from ..vmm.protocol import Message, ProtocolError, unpack_dirty_words
 from .dirty import DirtySet, or_words, runs_of
 from .errors import GuestMemoryUnavailable, InvalidVmConfig, VmFailed
 from .guest_access import GuestAccess, ProgressProbe, ProgressReading
@@ -280,9 +280,15 @@ class RemoteVm:
                 detail=f"the VM process did not report every vCPU parked within "
                 f"{self.quiesce_timeout_s} s"
             )
+        try:
+            harvested_now = _words_of(result) if "dirty" in result or "words" in result else None
+        except ProtocolError as error:
+            text = self._lost_harvest(error)
+            self._enter_error(text)
+            raise VmFailed(self.vm_id, "pause", text) from error
         with self._prefetch_lock:
-            if "dirty" in result or "words" in result:
-                harvested = _words_of(result)
+            if harvested_now is not None:
+                harvested = harvested_now
                 old = self._prefetched_words
                 self._prefetched_words = harvested if old is None else _or_all(old, harvested)
             self._prefetched_capture = capture
@@ -389,12 +395,25 @@ class RemoteVm:
             words = prefetched  # parked since: the log has nothing newer
         else:
             params = {"sparse": True} if self.revision >= 1 else {}
-            words = _words_of(self._call("harvest", **params))
+            try:
+                words = _words_of(self._call("harvest", **params))
+            except ProtocolError as error:
+                text = self._lost_harvest(error)
+                with contextlib.suppress(trio.RunFinishedError):
+                    self._token.run_sync_soon(self._enter_error, text)
+                raise VmFailed(self.vm_id, "harvest", text) from error
             if prefetched is not None:
                 words = _or_all(prefetched, words)
         if self.shadowed:
             self._sync_shadow(words)
         return words
+
+    def _lost_harvest(self, error: ProtocolError) -> str:
+        """A harvest came malformed (the KVM log was reset): every page counts as dirty."""
+        for index, region in enumerate(self.memory.regions):
+            self.dirty.mark(index, 0, region.size)
+        self._resync_on_harvest = self.shadowed
+        return f"VM process {self.process_id} sent a malformed dirty log: {error}"
 
     def harvest_kvm(self) -> list[Words]:
         """Fetch and reset the KVM dirty log (in the process); OR it into the dirty set."""

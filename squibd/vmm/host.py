@@ -250,6 +250,7 @@ class Connection:
             self._end(f"connection closed ({error})", on_trio_thread=True)
         except ProtocolError as error:
             self._end(f"protocol error: {error}", on_trio_thread=True)
+            self.channel.shutdown()  # the trio reader then ends the connection
 
     def send(self, op: str, **params: Any) -> None:
         """Send a request without waiting (its reply is dropped)."""
@@ -272,8 +273,12 @@ class Connection:
             except Exception:  # a handler bug must not end the reader (or trio's run)
                 _log.exception("VM process event handler failed on %r", message.get("event"))
             return
+        if not isinstance(request_id, int) or isinstance(request_id, bool):
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError(f"reply id {request_id!r} is not an integer")
         with self._lock:
-            pending = self._pending.pop(int(request_id), None)
+            pending = self._pending.pop(request_id, None)
         if pending is None:
             for fd in fds:
                 os.close(fd)
@@ -301,6 +306,9 @@ class Connection:
             reason = f"connection closed ({error})"
         except ProtocolError as error:
             reason = f"protocol error: {error}"
+        except Exception as error:
+            _log.exception("VM process connection reader failed")
+            reason = f"reader failed: {error!r}"
         finally:
             self._end(reason, on_trio_thread=False)
             try:
@@ -323,6 +331,9 @@ class Connection:
             reason, notify = f"connection closed ({error})", True
         except ProtocolError as error:
             reason, notify = f"protocol error: {error}", True
+        except Exception as error:  # never crash trio's run over one VM process
+            _log.exception("VM process connection reader failed")
+            reason, notify = f"reader failed: {error!r}", True
         finally:
             self._end(reason, on_trio_thread=True)
             with self._lock:

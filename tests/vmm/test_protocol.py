@@ -143,3 +143,42 @@ def test_malformed_dirty_words_are_a_protocol_error(item: object) -> None:
 
     with pytest.raises(ProtocolError, match="malformed dirty words"):
         unpack_dirty_words(item)
+
+
+async def test_a_peer_breaking_the_protocol_ends_its_connection_not_the_trio_run() -> None:
+    """The trio reader of a VM socket: a malformed reply (a peer is less
+    trusted than the daemon) fails the waiting request and ends only that
+    connection, reported through ``on_closed`` from a worker thread."""
+    import threading
+
+    import trio
+
+    from squibd.vmm.host import Connection, RequestFailed
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    closed: list[tuple[str, bool]] = []
+    ended = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def on_closed(reason: str) -> None:
+        closed.append((reason, threading.current_thread() is threading.main_thread()))
+        token.run_sync_soon(ended.set)
+
+    conn = Connection(Channel(ours), on_event=lambda _m: None, on_closed=on_closed)
+    conn.start(token)
+    peer = Channel(theirs)
+    try:
+        waiting = conn.begin("describe", on_trio=True)
+        request_msg, _ = await trio.to_thread.run_sync(peer.receive)
+        assert request_msg["op"] == "describe"
+        peer.send({"id": "not a number", "ok": True, "result": {}})
+        with pytest.raises(RequestFailed) as failed:
+            await waiting.await_result()
+        assert failed.value.kind == "ProcessGone" and "protocol error" in failed.value.message
+        with trio.fail_after(30):
+            await ended.wait()
+        assert closed == [(closed[0][0], False)] and "not an integer" in closed[0][0]
+        assert conn.closed
+        assert await trio.to_thread.run_sync(lambda: conn.join(30))
+    finally:
+        peer.close()
