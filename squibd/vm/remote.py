@@ -27,7 +27,9 @@ as the last vCPU parks, and a ``capture`` is pipelined right behind it,
 which the process answers while the daemon writes. The save's next
 harvest and capture take these *prefetched* answers, as long as the VM has
 not been resumed since (a resume voids the capture; harvested words are
-never dropped: the next harvest merges them).
+never dropped: the next harvest merges them). :meth:`RemoteVm.harvest_kvm_ready`
+and :meth:`RemoteVm.capture_ready` hand them over on trio's thread, so that
+the live save's final pass spends no worker-thread round trip on them.
 
 The death of the process (its socket closes) puts the VM in the error state
 with the cause the zygote reports (``describe_status``).
@@ -407,6 +409,38 @@ class RemoteVm:
         if self.shadowed:
             self._sync_shadow(words)
         return words
+
+    def harvest_kvm_ready(self) -> list[Words] | None:
+        """:meth:`harvest_kvm` without blocking, when a save's pause prefetched it (trio thread).
+
+        None when the harvest needs a request or a copy from the process
+        (nothing current prefetched, or a shadowed VM): call
+        :meth:`harvest_kvm` in a worker thread then.
+        """
+        if self.shadowed or self._resync_on_harvest:
+            return None
+        with self._prefetch_lock:
+            words = self._prefetched_words
+            if words is None or not self._prefetch_current:
+                return None
+            self._prefetched_words = None
+        for slot, slot_words in enumerate(words):
+            self.dirty.merge_kvm(slot, slot_words)
+        return words
+
+    def capture_ready(self) -> CapturedState | None:
+        """:meth:`capture_state` without blocking, once the pipelined capture is in (trio thread).
+
+        None when it is not (yet): call :meth:`capture_state` in a worker thread then.
+        """
+        with self._prefetch_lock:
+            pending = self._prefetched_capture if self._prefetch_current else None
+            if pending is None or not pending.done:
+                return None
+            if not isinstance(pending.converted, CapturedState):
+                return None  # failed or not converted: capture_state sorts it out
+            self._prefetched_capture = None
+            return pending.converted
 
     def _lost_harvest(self, error: ProtocolError) -> str:
         """A harvest came malformed (the KVM log was reset): every page counts as dirty."""

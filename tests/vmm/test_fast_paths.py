@@ -156,3 +156,36 @@ async def test_a_save_pause_prefetches_harvest_and_state_that_the_save_then_take
     finally:
         await rt.aclose()
 
+
+
+async def test_the_ready_answers_of_a_save_pause_need_no_thread_and_lapse_on_resume() -> None:
+    """What the live save's final pass takes on trio's thread (``live.py``)."""
+    rt = Runtime(quiesce_timeout_s=30.0, vm_isolation="process")
+    try:
+        vm = await _counter(rt, "r", 1, True)
+        await trio.to_thread.run_sync(vm.harvest_kvm)
+        await wait_progress_beyond(vm, vm.guest_progress())  # written since
+        assert vm.harvest_kvm_ready() is None and vm.capture_ready() is None  # nothing prefetched
+        vm.busy = "test"
+        try:
+            await vm.pause()
+        finally:
+            vm.busy = None
+        words = vm.harvest_kvm_ready()
+        assert words is not None and _bit(words, _PROGRESS_PAGE)
+        assert _bit(vm.dirty.words(), _PROGRESS_PAGE)  # merged into the dirty set
+        assert vm.harvest_kvm_ready() is None  # taken once
+        pending = vm._prefetched_capture
+        assert pending is not None
+        await trio.to_thread.run_sync(pending.thread_event.wait)
+        state = vm.capture_ready()
+        assert state is not None and state is pending.converted
+        vm.busy = "test"
+        try:
+            await vm.pause()  # again, while parked (the runtime would refuse; the VM does not)
+        finally:
+            vm.busy = None
+        vm.resume()
+        assert vm.harvest_kvm_ready() is None and vm.capture_ready() is None  # lapsed
+    finally:
+        await rt.aclose()
