@@ -1,10 +1,12 @@
 """The quiesce and live-pause fast paths across the VM-process boundary (real KVM).
 
 VMM protocol revision 1 (a pause that harvests, a capture pipelined behind
-it) and trio reading the VM socket itself.
+it), trio reading the VM socket itself, the control thread's priority.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from squibd.vm.models import GuestSpec
 from squibd.vm.remote import RemoteVm
 from squibd.vm.runtime import Runtime
 from squibd.vmm.host import RequestFailed
+from squibd.vmm.process import CONTROL_NICE
 from squibd.vmm.protocol import REVISION, unpack_dirty_words
 from tests.vm._helpers import wait_progress_beyond
 
@@ -187,5 +190,32 @@ async def test_the_ready_answers_of_a_save_pause_need_no_thread_and_lapse_on_res
             vm.busy = None
         vm.resume()
         assert vm.harvest_kvm_ready() is None and vm.capture_ready() is None  # lapsed
+    finally:
+        await rt.aclose()
+
+
+def _thread_nice(pid: int, tid: str) -> int:
+    with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[16])  # field 19 of stat(5), counted from field 3 here
+
+
+async def test_only_the_control_thread_runs_at_the_raised_priority() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("raising a thread's priority needs CAP_SYS_NICE")
+    rt = Runtime(quiesce_timeout_s=30.0, vm_isolation="process")
+    try:
+        vm = await _counter(rt, "n", 2, True)
+        vm.busy = "test"  # a save's pause also starts the collector thread
+        try:
+            await vm.pause()
+        finally:
+            vm.busy = None
+        await trio.to_thread.run_sync(vm.capture_state)
+        pid = vm.process_id
+        nices = {tid: _thread_nice(pid, tid) for tid in os.listdir(f"/proc/{pid}/task")}
+        assert nices.pop(str(pid)) == CONTROL_NICE  # the main thread
+        assert len(nices) >= 3 and set(nices.values()) == {0}  # vCPUs, collector among them
+        vm.resume()
     finally:
         await rt.aclose()
