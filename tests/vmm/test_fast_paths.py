@@ -160,7 +160,6 @@ async def test_a_save_pause_prefetches_harvest_and_state_that_the_save_then_take
         await rt.aclose()
 
 
-
 async def test_the_ready_answers_of_a_save_pause_need_no_thread_and_lapse_on_resume() -> None:
     """What the live save's final pass takes on trio's thread (``live.py``)."""
     rt = Runtime(quiesce_timeout_s=30.0, vm_isolation="process")
