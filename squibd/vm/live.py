@@ -370,11 +370,19 @@ class LiveSaveSession:
         vm = self.vm
         self._paused_at = time.perf_counter()
         await vm.pause()
-        final_harvest = await run_blocking(vm.harvest_kvm, self.limiter)
+        # A VM in its own process may have both answers at hand (prefetched by
+        # the pause, ``remote.py``): no worker-thread round trip in the pause then.
+        harvest_ready = getattr(vm, "harvest_kvm_ready", None)
+        final_harvest = harvest_ready() if harvest_ready is not None else None
+        if final_harvest is None:
+            final_harvest = await run_blocking(vm.harvest_kvm, self.limiter)
         seen = vm.dirty.words()  # the dirty set only grows during the save
         final_words = or_words(or_words(final_harvest, leftover), vm.dirty.journal_words())
         await self._write_pass(pair, KIND_DIFF, runs_of(final_words), _LIVE_METHOD)
-        captured = await capture(vm, self.limiter)
+        capture_ready = getattr(vm, "capture_ready", None)
+        captured = capture_ready() if capture_ready is not None else None
+        if captured is None:
+            captured = await capture(vm, self.limiter)
         return captured, seen
 
     def _resume(self) -> None:

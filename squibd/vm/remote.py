@@ -20,6 +20,17 @@ holds the daemon's side:
   caller's cancel scope; on timeout or cancellation it tells the process
   to resume (``quiesce_timeout_s``, SPEC section 6).
 
+A pause during a save (the runtime marks the VM ``busy``; nothing else
+pauses a busy VM) saves round trips in the pause window when the process
+offers protocol revision 1: the ``pause`` asks for the dirty log harvested
+as the last vCPU parks, and a ``capture`` is pipelined right behind it,
+which the process answers while the daemon writes. The save's next
+harvest and capture take these *prefetched* answers, as long as the VM has
+not been resumed since (a resume voids the capture; harvested words are
+never dropped: the next harvest merges them). :meth:`RemoteVm.harvest_kvm_ready`
+and :meth:`RemoteVm.capture_ready` hand them over on trio's thread, so that
+the live save's final pass spends no worker-thread round trip on them.
+
 The death of the process (its socket closes) puts the VM in the error state
 with the cause the zygote reports (``describe_status``).
 """
@@ -34,6 +45,7 @@ import os
 import signal
 import socket
 import struct
+import threading
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -49,10 +61,10 @@ from ..snapshot.memwriter import RegionSource
 from ..snapshot.models import VmInfo, X86VcpuState, X86VmState
 from ..uffd import UffdBackend, UffdError
 from ..vmm.channel import Channel
-from ..vmm.host import Connection, RequestFailed, ZygoteHost, describe_status
-from ..vmm.protocol import Message
+from ..vmm.host import Connection, Reply, RequestFailed, ZygoteHost, describe_status
+from ..vmm.protocol import Message, ProtocolError, unpack_dirty_words
 from ..vmm.statedir import vm_log_path
-from .dirty import DirtySet, runs_of
+from .dirty import DirtySet, or_words, runs_of
 from .errors import GuestMemoryUnavailable, InvalidVmConfig, VmFailed
 from .guest_access import GuestAccess, ProgressProbe, ProgressReading
 from .machine import PAGE_SIZE, CapturedState
@@ -166,6 +178,15 @@ class RemoteVm:
     )
     _access: GuestAccess = attrs.field(init=False, repr=False)
     _probe: ProgressProbe = attrs.field(init=False, repr=False)
+    #: The protocol revision the process offers (``protocol/vmm.md``).
+    revision: int = 0
+    _prefetch_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False, repr=False)
+    #: Dirty words harvested by pauses and not taken by a harvest yet.
+    _prefetched_words: list[Words] | None = attrs.field(default=None, init=False, repr=False)
+    #: The capture pipelined behind the last pause (void once resumed).
+    _prefetched_capture: Reply | None = attrs.field(default=None, init=False, repr=False)
+    #: No resume since the pause that harvested ``_prefetched_words``.
+    _prefetch_current: bool = attrs.field(default=False, init=False, repr=False)
     memory_limiter: trio.CapacityLimiter = attrs.field(
         init=False, repr=False, factory=lambda: trio.CapacityLimiter(1)
     )
@@ -189,7 +210,7 @@ class RemoteVm:
         """Wire the connection's events to this VM and start reading."""
         self._conn._on_event = self._event_from_thread
         self._conn._on_closed = self._closed_from_thread
-        self._conn.start()
+        self._conn.start(self._token)
 
     # --- shape -----------------------------------------------------------
 
@@ -234,15 +255,23 @@ class RemoteVm:
     async def pause(self) -> None:
         """Quiesce across the process boundary; Running -> Paused.
 
+        During a save, also prefetches the harvest and the state (module doc).
+
         Raises:
             QuiesceTimeout: the process did not report every vCPU parked in
                 ``quiesce_timeout_s``; it was told to resume.
             VmFailed: the VM process is gone.
         """
+        prefetch = self.busy is not None and self.revision >= 1
+        params: dict[str, Any] = {}
+        if prefetch and self._log_enabled_in_process():
+            params["harvest"] = True
         done = False
         try:
             with trio.move_on_after(self.quiesce_timeout_s):
-                await self._conn.acall("pause")
+                reply = self._conn.begin("pause", on_trio=True, **params)
+                capture = self._conn.begin("capture", convert=_captured) if prefetch else None
+                result = await reply.await_result()
                 done = True
         except RequestFailed as error:
             self._conn.send("resume")
@@ -256,12 +285,32 @@ class RemoteVm:
                 detail=f"the VM process did not report every vCPU parked within "
                 f"{self.quiesce_timeout_s} s"
             )
+        try:
+            harvested_now = _words_of(result) if "dirty" in result or "words" in result else None
+        except ProtocolError as error:
+            text = self._lost_harvest(error)
+            self._enter_error(text)
+            raise VmFailed(self.vm_id, "pause", text) from error
+        with self._prefetch_lock:
+            if harvested_now is not None:
+                harvested = harvested_now
+                old = self._prefetched_words
+                self._prefetched_words = harvested if old is None else _or_all(old, harvested)
+            self._prefetched_capture = capture
+            self._prefetch_current = True
         self.state = VmState.PAUSED
+
+    def _log_enabled_in_process(self) -> bool:
+        # The process logs when the savers want it, and always for a private mapping.
+        return self._log_enabled or self.shadowed
 
     def resume(self) -> None:
         """Paused -> Running (a VM in the error state stays parked)."""
         if self.error is not None:
             return
+        with self._prefetch_lock:
+            self._prefetch_current = False
+            self._prefetched_capture = None
         self._conn.send("resume")
         self.state = VmState.RUNNING
 
@@ -313,14 +362,22 @@ class RemoteVm:
             raise
 
     def capture_state(self) -> CapturedState:
-        """VM-level and vCPU state (every vCPU parked)."""
-        result = self._call("capture")
-        return CapturedState(
-            vm_state=_CONVERTER.structure(result["vm_state"], X86VmState),
-            vcpu_states=tuple(
-                _CONVERTER.structure(plain, X86VcpuState) for plain in result["vcpu_states"]
-            ),
-        )
+        """VM-level and vCPU state (every vCPU parked); the prefetched one if current."""
+        with self._prefetch_lock:
+            pending = self._prefetched_capture if self._prefetch_current else None
+            self._prefetched_capture = None
+        if pending is not None:
+            try:
+                result = pending.wait()
+            except RequestFailed as error:
+                if error.kind == "ProcessGone":
+                    raise VmFailed(self.vm_id, "capture", error.message) from error
+                # e.g. PauseAbandoned: ask again below (and fail with the reason then).
+            else:
+                if isinstance(pending.converted, CapturedState):
+                    return pending.converted
+                return _captured(result)
+        return _captured(self._call("capture"))
 
     @property
     def dirty_logging(self) -> bool:
@@ -336,11 +393,64 @@ class RemoteVm:
     def _harvest(self) -> list[Words]:
         if self._resync_on_harvest:
             self._full_sync()
-        result = self._call("harvest")
-        words = [np.frombuffer(raw, dtype="<u8").astype(np.uint64) for raw in result["words"]]
+        with self._prefetch_lock:
+            prefetched, current = self._prefetched_words, self._prefetch_current
+            self._prefetched_words = None
+        if prefetched is not None and current:
+            words = prefetched  # parked since: the log has nothing newer
+        else:
+            params = {"sparse": True} if self.revision >= 1 else {}
+            try:
+                words = _words_of(self._call("harvest", **params))
+            except ProtocolError as error:
+                text = self._lost_harvest(error)
+                with contextlib.suppress(trio.RunFinishedError):
+                    self._token.run_sync_soon(self._enter_error, text)
+                raise VmFailed(self.vm_id, "harvest", text) from error
+            if prefetched is not None:
+                words = _or_all(prefetched, words)
         if self.shadowed:
             self._sync_shadow(words)
         return words
+
+    def harvest_kvm_ready(self) -> list[Words] | None:
+        """:meth:`harvest_kvm` without blocking, when a save's pause prefetched it (trio thread).
+
+        None when the harvest needs a request or a copy from the process
+        (nothing current prefetched, or a shadowed VM): call
+        :meth:`harvest_kvm` in a worker thread then.
+        """
+        if self.shadowed or self._resync_on_harvest:
+            return None
+        with self._prefetch_lock:
+            words = self._prefetched_words
+            if words is None or not self._prefetch_current:
+                return None
+            self._prefetched_words = None
+        for slot, slot_words in enumerate(words):
+            self.dirty.merge_kvm(slot, slot_words)
+        return words
+
+    def capture_ready(self) -> CapturedState | None:
+        """:meth:`capture_state` without blocking, once the pipelined capture is in (trio thread).
+
+        None when it is not (yet): call :meth:`capture_state` in a worker thread then.
+        """
+        with self._prefetch_lock:
+            pending = self._prefetched_capture if self._prefetch_current else None
+            if pending is None or not pending.done:
+                return None
+            if not isinstance(pending.converted, CapturedState):
+                return None  # failed or not converted: capture_state sorts it out
+            self._prefetched_capture = None
+            return pending.converted
+
+    def _lost_harvest(self, error: ProtocolError) -> str:
+        """A harvest came malformed (the KVM log was reset): every page counts as dirty."""
+        for index, region in enumerate(self.memory.regions):
+            self.dirty.mark(index, 0, region.size)
+        self._resync_on_harvest = self.shadowed
+        return f"VM process {self.process_id} sent a malformed dirty log: {error}"
 
     def harvest_kvm(self) -> list[Words]:
         """Fetch and reset the KVM dirty log (in the process); OR it into the dirty set."""
@@ -512,6 +622,29 @@ class RemoteVm:
         self.memory.close()
 
 
+def _captured(result: Message) -> CapturedState:
+    """The state of a ``capture`` result."""
+    return CapturedState(
+        vm_state=_CONVERTER.structure(result["vm_state"], X86VmState),
+        vcpu_states=tuple(
+            _CONVERTER.structure(plain, X86VcpuState) for plain in result["vcpu_states"]
+        ),
+    )
+
+
+def _or_all(a: list[Words], b: list[Words]) -> list[Words]:
+    merged = or_words(a, b)
+    assert merged is not None
+    return merged
+
+
+def _words_of(result: Message) -> list[Words]:
+    """The dirty words of a ``harvest`` (or ``pause``) result, per region (either form)."""
+    if "dirty" in result:
+        return [unpack_dirty_words(item) for item in result["dirty"]]
+    return [np.frombuffer(chunk, dtype="<u8").astype(np.uint64) for chunk in result["words"]]
+
+
 def _progress_addrs(guest: GuestSpec | None, vcpu_count: int) -> tuple[int, ...]:
     if guest is None:
         return ()
@@ -623,6 +756,7 @@ def spawn_remote(
             host=host,
             state_files=paths.files(),
             token=token,
+            revision=int(result.get("revision", 0)),
         )
     except BaseException:
         if conn is not None:
@@ -763,6 +897,7 @@ def attach_remote(
         token=token,
         shadowed=kind != "shared",
         page_served=kind == "uffd",
+        revision=int(d.get("revision", 0)),
     )
     if kind != "shared":
         # What the guest wrote before this daemon came is unknown here: the

@@ -4,14 +4,16 @@
 VM processes; it keeps the wait status of every VM process that ended, for
 the error message of its VM. ``Connection`` is the daemon's end of one VM
 process's socket: requests from any thread (blocking) or from trio
-(awaitable), replies matched by id, events and the end of the stream handed
-to callbacks, all read by one reader thread per VM.
+(awaitable, without a thread hop), replies matched by id, events and the end
+of the stream handed to callbacks; one reader per VM: a trio system task,
+or a thread where there is no trio run (the zygote's connection).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import signal
 import socket
@@ -26,7 +28,9 @@ import trio
 from .channel import Channel, ChannelClosed
 from .protocol import Message, ProtocolError, request
 
-__all__ = ["Connection", "RequestFailed", "ZygoteHost", "describe_status"]
+__all__ = ["Connection", "Reply", "RequestFailed", "ZygoteHost", "describe_status"]
+
+_log = logging.getLogger(__name__)
 
 #: How long the end of a VM process's stream waits for its wait status.
 STATUS_WAIT_S: Final = 2.0
@@ -55,22 +59,68 @@ def describe_status(status: int) -> str:
     return f"ended with wait status {status}"
 
 
-class _Pending:
-    def __init__(self, token: trio.lowlevel.TrioToken | None) -> None:
-        self.token = token
+class Reply:
+    """The reply to one request, awaited on trio or waited for in a thread.
+
+    ``convert``, if given, is applied to a successful result by whoever
+    reads the reply, as it arrives (so that a waiter finds the work done);
+    :attr:`converted` holds its value (None: not converted, e.g. it raised:
+    the waiter converts then, and sees the error).
+    """
+
+    def __init__(self, on_trio: bool, convert: Callable[[Message], Any] | None = None) -> None:
         self.thread_event = threading.Event()
-        self.trio_event: trio.Event | None = trio.Event() if token is not None else None
+        self._token = trio.lowlevel.current_trio_token() if on_trio else None
+        self.trio_event: trio.Event | None = trio.Event() if on_trio else None
         self.reply: Message | None = None
         self.error: RequestFailed | None = None
+        self._convert = convert
+        self.converted: Any = None
 
-    def complete(self, reply: Message | None, error: RequestFailed | None) -> None:
+    def complete(self, reply: Message | None, error: RequestFailed | None, *,
+                 on_trio_thread: bool = False) -> None:  # fmt: skip
+        """Hand over the reply (or why none comes); ``on_trio_thread``: called by trio's reader."""
         self.reply, self.error = reply, error
+        if self._convert is not None and reply is not None and reply.get("ok"):
+            try:
+                self.converted = self._convert(reply.get("result") or {})
+            except Exception:  # the waiter converts again and gets the error
+                self.converted = None
         self.thread_event.set()
-        if self.token is not None and self.trio_event is not None:
-            with contextlib.suppress(trio.RunFinishedError):
-                self.token.run_sync_soon(self.trio_event.set)
+        if self.trio_event is not None:
+            if on_trio_thread:
+                self.trio_event.set()
+            else:
+                assert self._token is not None
+                with contextlib.suppress(trio.RunFinishedError):
+                    self._token.run_sync_soon(self.trio_event.set)
+
+    @property
+    def done(self) -> bool:
+        """Whether the reply (or the failure) is in."""
+        return self.thread_event.is_set()
+
+    def wait(self) -> Message:
+        """Block (worker thread) for the result.
+
+        Raises:
+            RequestFailed: the process answered an error or died.
+        """
+        self.thread_event.wait()
+        return self.result()
+
+    async def await_result(self) -> Message:
+        """Await the result on trio (a reply requested with ``on_trio``)."""
+        assert self.trio_event is not None
+        await self.trio_event.wait()
+        return self.result()
 
     def result(self) -> Message:
+        """The result of a completed request.
+
+        Raises:
+            RequestFailed: the process answered an error or died.
+        """
         if self.error is not None:
             raise self.error
         assert self.reply is not None
@@ -82,7 +132,15 @@ class _Pending:
 
 
 class Connection:
-    """The daemon's end of one VM process (see the module doc)."""
+    """The daemon's end of one VM process (see the module doc).
+
+    Its reader is either a trio system task (:meth:`start` with a token):
+    trio waits for the socket itself, so that a reply reaches the trio task
+    awaiting it without a thread hop; or a reader thread (no token: the
+    zygote's control connection). Either hands events to ``on_event`` (on
+    the reader's thread) and the end of the stream to ``on_closed`` (always
+    in a thread other than trio's: it may block).
+    """
 
     def __init__(
         self,
@@ -96,18 +154,54 @@ class Connection:
         self._on_closed = on_closed
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, Reply] = {}
         self._closed_reason: str | None = None
         self.last_fds: list[int] = []
-        self._reader = threading.Thread(target=self._read, name="vmm-reader", daemon=True)
+        self._ended = threading.Event()
+        self._started = False
+        self._token: trio.lowlevel.TrioToken | None = None
+        #: The trio reader owns the socket's closing (trio must not wait on a closed fd).
+        self._trio_reader = False
 
-    def start(self) -> None:
-        """Start the reader thread."""
-        self._reader.start()
+    def start(self, token: trio.lowlevel.TrioToken | None = None) -> None:
+        """Start reading: a system task of ``token``'s trio run, else a reader thread."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+            self._trio_reader = token is not None
+            self._token = token
+        if token is None:
+            self._start_thread()
+            return
 
-    def _begin(self, op: str, token: trio.lowlevel.TrioToken | None, params: dict[str, Any],
-               fds: Sequence[int] = ()) -> _Pending:  # fmt: skip
-        pending = _Pending(token)
+        def spawn() -> None:
+            try:
+                trio.lowlevel.spawn_system_task(self._read_trio, name="vmm-reader")
+            except RuntimeError:  # trio is shutting down: read in a thread instead
+                self._fall_back_to_thread()
+
+        try:
+            token.run_sync_soon(spawn)
+        except trio.RunFinishedError:
+            self._fall_back_to_thread()
+
+    def _fall_back_to_thread(self) -> None:
+        with self._lock:
+            self._trio_reader = False
+        self._start_thread()
+
+    def _start_thread(self) -> None:
+        threading.Thread(target=self._read_thread, name="vmm-reader", daemon=True).start()
+
+    def begin(self, op: str, fds: Sequence[int] = (), *, on_trio: bool = False,
+              convert: Callable[[Message], Any] | None = None, **params: Any) -> Reply:  # fmt: skip
+        """Send a request now; its :class:`Reply` is awaited (``on_trio``) or waited for later.
+
+        Requests are sent in call order, so a caller may pipeline several.
+        ``convert``: see :class:`Reply`.
+        """
+        pending = Reply(on_trio, convert)
         with self._lock:
             request_id = next(self._ids)
             if self._closed_reason is not None:
@@ -123,59 +217,135 @@ class Connection:
         return pending
 
     def call(self, op: str, fds: Sequence[int] = (), **params: Any) -> Message:
-        """Send a request and block (worker thread) for its result.
+        """Send a request and block for its result.
+
+        Meant for worker threads. Called on the trio thread whose task reads
+        this connection (tests do), it reads the socket itself meanwhile: that
+        task cannot run while the thread blocks.
 
         Raises:
             RequestFailed: the process answered an error or died.
         """
-        pending = self._begin(op, None, params, fds)
-        pending.thread_event.wait()
-        return pending.result()
+        reply = self.begin(op, fds, **params)
+        if not reply.done and self._on_reader_trio_thread():
+            self._read_until(reply)
+        return reply.wait()
+
+    def _on_reader_trio_thread(self) -> bool:
+        with self._lock:
+            if not self._trio_reader or self._token is None:
+                return False
+        try:
+            return trio.lowlevel.current_trio_token() is self._token
+        except RuntimeError:
+            return False
+
+    def _read_until(self, reply: Reply) -> None:
+        # The trio reader is suspended (same thread): the channel is ours until we return.
+        try:
+            while not reply.done:
+                message, fds = self.channel.receive()
+                self._dispatch(message, fds, on_trio_thread=True)
+        except ChannelClosed as error:  # the trio reader sees the end too, and reports it
+            self._end(f"connection closed ({error})", on_trio_thread=True)
+        except ProtocolError as error:
+            self._end(f"protocol error: {error}", on_trio_thread=True)
+            self.channel.shutdown()  # the trio reader then ends the connection
 
     def send(self, op: str, **params: Any) -> None:
         """Send a request without waiting (its reply is dropped)."""
-        self._begin(op, None, params)
+        self.begin(op, **params)
 
     async def acall(self, op: str, **params: Any) -> Message:
         """Send a request and await its result on trio.
 
         On cancellation the request is abandoned (its reply is dropped).
         """
-        pending = self._begin(op, trio.lowlevel.current_trio_token(), params)
-        assert pending.trio_event is not None
-        await pending.trio_event.wait()
-        return pending.result()
+        return await self.begin(op, on_trio=True, **params).await_result()
 
-    def _read(self) -> None:
-        reason = "connection closed"
-        try:
-            while True:
-                message, fds = self.channel.receive()
-                request_id = message.get("id")
-                if request_id is None:
-                    for fd in fds:
-                        os.close(fd)
-                    self._on_event(message)
-                    continue
-                with self._lock:
-                    pending = self._pending.pop(int(request_id), None)
-                if pending is None:
-                    for fd in fds:
-                        os.close(fd)
-                    continue
-                self.last_fds = fds
-                pending.complete(message, None)
-        except ChannelClosed as error:
-            reason = f"connection closed ({error})"
-        except ProtocolError as error:
-            reason = f"protocol error: {error}"
+    def _dispatch(self, message: Message, fds: list[int], on_trio_thread: bool) -> None:
+        request_id = message.get("id")
+        if request_id is None:
+            for fd in fds:
+                os.close(fd)
+            try:
+                self._on_event(message)
+            except Exception:  # a handler bug must not end the reader (or trio's run)
+                _log.exception("VM process event handler failed on %r", message.get("event"))
+            return
+        if not isinstance(request_id, int) or isinstance(request_id, bool):
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError(f"reply id {request_id!r} is not an integer")
+        with self._lock:
+            pending = self._pending.pop(request_id, None)
+        if pending is None:
+            for fd in fds:
+                os.close(fd)
+            return
+        self.last_fds = fds
+        pending.complete(message, None, on_trio_thread=on_trio_thread)
+
+    def _end(self, reason: str, *, on_trio_thread: bool) -> None:
         with self._lock:
             self._closed_reason = reason
             pending_all = list(self._pending.values())
             self._pending.clear()
         for pending in pending_all:
-            pending.complete(None, RequestFailed("ProcessGone", reason))
-        self._on_closed(reason)
+            pending.complete(
+                None, RequestFailed("ProcessGone", reason), on_trio_thread=on_trio_thread
+            )
+
+    def _read_thread(self) -> None:
+        reason = "connection closed"
+        try:
+            while True:
+                message, fds = self.channel.receive()
+                self._dispatch(message, fds, on_trio_thread=False)
+        except ChannelClosed as error:
+            reason = f"connection closed ({error})"
+        except ProtocolError as error:
+            reason = f"protocol error: {error}"
+        except Exception as error:
+            _log.exception("VM process connection reader failed")
+            reason = f"reader failed: {error!r}"
+        finally:
+            self._end(reason, on_trio_thread=False)
+            try:
+                self._on_closed(reason)
+            finally:
+                self._ended.set()
+
+    async def _read_trio(self) -> None:
+        reason = "the daemon's event loop ended"
+        notify = False
+        try:
+            while True:
+                got = self.channel.poll()
+                if got is None:
+                    await trio.lowlevel.wait_readable(self.channel.sock)
+                    continue
+                self._dispatch(*got, on_trio_thread=True)
+                await trio.lowlevel.checkpoint()
+        except ChannelClosed as error:
+            reason, notify = f"connection closed ({error})", True
+        except ProtocolError as error:
+            reason, notify = f"protocol error: {error}", True
+        except Exception as error:  # never crash trio's run over one VM process
+            _log.exception("VM process connection reader failed")
+            reason, notify = f"reader failed: {error!r}", True
+        finally:
+            self._end(reason, on_trio_thread=True)
+            with self._lock:
+                self._trio_reader = False
+            self.channel.close()
+            if not notify:
+                self._ended.set()
+        # ``on_closed`` may block (it waits for the exit status): not on trio's thread.
+        try:
+            await trio.to_thread.run_sync(self._on_closed, reason)
+        finally:
+            self._ended.set()
 
     @property
     def closed(self) -> bool:
@@ -183,14 +353,19 @@ class Connection:
         return self._closed_reason is not None
 
     def close(self) -> None:
-        """Close the socket (the reader thread then ends)."""
-        self.channel.close()
+        """End the connection (the reader then ends; any thread)."""
+        with self._lock:
+            trio_reads = self._trio_reader
+        if trio_reads:
+            self.channel.shutdown()  # the trio reader sees the end and closes the socket
+        else:
+            self.channel.close()
 
     def join(self, timeout_s: float) -> bool:
-        """Wait for the reader thread to end; True if it did."""
-        if self._reader.is_alive():
-            self._reader.join(timeout_s)
-        return not self._reader.is_alive()
+        """Wait for the reader to end (``on_closed`` included); True if it did."""
+        if not self._started:
+            return True
+        return self._ended.wait(timeout_s)
 
 
 class ZygoteHost:

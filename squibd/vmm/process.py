@@ -12,9 +12,22 @@ VM, may drop privileges (``confine.py``), and serves requests until
 ``shutdown`` or until it is killed (``protocol/vmm.md`` lists them).
 
 Requests are read by the main thread and answered in order, except
-``pause`` (answered by the vCPU thread whose acknowledgement completes it)
-and ``wait_stalled``/``wait_heartbeats`` (answered when the condition holds).
-A vCPU exit error is reported as a ``vcpu_error`` event.
+``pause`` (answered by the vCPU thread whose acknowledgement completes it,
+with the dirty log harvested right there when asked), a ``capture`` that
+arrives while a pause is under way (answered by the collector thread once
+every vCPU is parked, so that the daemon can pipeline it behind ``pause``
+and capture overlaps the daemon's work), and ``wait_stalled``/
+``wait_heartbeats`` (answered when the condition holds). A ``resume``
+waits for a capture in progress, and answers every pause or capture it
+overtakes with ``PauseAbandoned``. A vCPU exit error is reported as a
+``vcpu_error`` event.
+
+The main thread (the control thread) runs at nice :data:`CONTROL_NICE`,
+and only it (``SCHED_RESET_ON_FORK``: the vCPU and helper threads it starts
+run at the default priority): it sleeps but for short requests, and on a
+busy host the wake-up of the thread that receives ``pause`` is the tail of
+the quiesce latency (``bench/vm_process.py``). Without the privilege to
+raise it, it runs at the default priority.
 
 When the connection to the daemon ends and the VM has a ``listen`` path, the
 process keeps running its guest and waits there for a new daemon (issue 11:
@@ -27,10 +40,11 @@ import contextlib
 import logging
 import mmap
 import os
+import queue
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -51,14 +65,16 @@ from ..vm.errors import InvalidVmConfig
 from ..vm.guest_access import release_lazy_pages
 from ..vm.memory import GuestMemory, GuestRegion, _mapping_address
 from .channel import Channel, ChannelClosed
-from .protocol import Message, error_reply, ok_reply
+from .protocol import REVISION, Message, error_reply, ok_reply, pack_dirty_words
 from .statedir import vm_log_path
 
-__all__ = ["VmServer", "main", "serve_fd"]
+__all__ = ["CONTROL_NICE", "VmServer", "main", "prioritise_control_thread", "serve_fd"]
 
 _log = logging.getLogger(__name__)
 _PROT_RW: Final = mmap.PROT_READ | mmap.PROT_WRITE
 _MAP_NORESERVE: Final[int] = getattr(mmap, "MAP_NORESERVE", 0x4000)
+#: Nice value of the VM process's control thread (module doc).
+CONTROL_NICE: Final = -10
 _CONVERTER: Final = make_state_converter(detailed_validation=False)
 # cattrs generates its hooks on first use: do it here, once, so that a VM
 # process forked from the warm zygote does not pay for it on every load.
@@ -138,6 +154,12 @@ class VmServer:
         self._generation = 0
         self._acked: set[int] = set()
         self._pause_id: int | None = None
+        self._pause_harvest = False
+        #: ``capture`` requests waiting for the pause under way.
+        self._deferred_captures: list[int] = []
+        #: Held while the collector captures, and by ``resume`` (never under ``_lock``).
+        self._capture_lock = threading.Lock()
+        self._collector: queue.SimpleQueue[Callable[[], None]] | None = None
         self._paused = False
         self._started = False
 
@@ -202,6 +224,7 @@ class VmServer:
         return {
             "pid": os.getpid(),
             "host_addrs": [region.host_addr for region in self.memory.regions],
+            "revision": REVISION,
         }
 
     def prepare(self) -> None:
@@ -269,6 +292,7 @@ class VmServer:
         return None
 
     def _on_paused(self, index: int) -> None:
+        # Runs on the vCPU thread, under its runner's lock (``runner.py``): quick work only.
         with self._lock:
             if self._pause_id is None:
                 return
@@ -276,8 +300,50 @@ class VmServer:
             if len(self._acked) < len(self.runners):
                 return
             request_id, self._pause_id = self._pause_id, None
+            captures, self._deferred_captures = self._deferred_captures, []
+            harvest, generation = self._pause_harvest, self._generation
             self._paused = True
-        self._send(ok_reply(request_id))
+        result: Message = {}
+        if harvest and self.log_enabled:
+            try:
+                result["dirty"] = [pack_dirty_words(w) for w in self._harvest_arrays()]
+            except Exception:  # the daemon harvests with its own request then, and sees why
+                _log.exception("VM %s: harvest at pause failed", self.vm_id)
+        self._send(ok_reply(request_id, result))
+        if captures:
+            self._in_collector(lambda: self._capture_deferred(captures, generation))
+
+    def _in_collector(self, job: Callable[[], None]) -> None:
+        """Run ``job`` in the collector thread (started on first use)."""
+        if self._collector is None:
+            jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+            def serve() -> None:
+                while True:
+                    jobs.get()()
+
+            threading.Thread(target=serve, name="vmm-collector", daemon=True).start()
+            self._collector = jobs
+        self._collector.put(job)
+
+    def _capture_deferred(self, request_ids: list[int], generation: int) -> None:
+        with self._capture_lock:
+            with self._lock:
+                current = self._generation == generation
+            if not current:  # a resume came first (it answered nothing of these)
+                replies = [
+                    error_reply(i, "PauseAbandoned", "a resume arrived first") for i in request_ids
+                ]
+            else:
+                try:
+                    state = self._capture()
+                    replies = [ok_reply(i, state) for i in request_ids]
+                except Exception as error:
+                    _log.exception("VM %s: capture failed", self.vm_id)
+                    kind, text = type(error).__name__, str(error)
+                    replies = [error_reply(i, kind, text) for i in request_ids]
+        for reply in replies:
+            self._send(reply)
 
     def _on_exit_error(self, index: int, message: str) -> None:
         text = f"vCPU {index} stopped: {message}"
@@ -342,18 +408,22 @@ class VmServer:
             self._generation += 1
             self._acked = set()
             self._pause_id = request_id
+            self._pause_harvest = bool(message.get("harvest", False))
         for runner in self.runners:
             runner.request_pause()
         return None
 
     def op_resume(self, request_id: int, message: Message) -> Message:
-        with self._lock:
+        with self._capture_lock, self._lock:  # a capture in progress ends first
             self._generation += 1
             abandoned, self._pause_id = self._pause_id, None
+            captures, self._deferred_captures = self._deferred_captures, []
             self._acked = set()
             error = self.error
         if abandoned is not None:
-            self._send(error_reply(abandoned, "PauseAbandoned", "a resume arrived first"))
+            captures.insert(0, abandoned)
+        for overtaken in captures:
+            self._send(error_reply(overtaken, "PauseAbandoned", "a resume arrived first"))
         if error is not None:
             return {"running": False}
         if not self._started:
@@ -364,7 +434,14 @@ class VmServer:
         self._paused = False
         return {"running": True}
 
-    def op_capture(self, request_id: int, message: Message) -> Message:
+    def op_capture(self, request_id: int, message: Message) -> Message | None:
+        with self._lock:
+            if self._pause_id is not None:  # answered once every vCPU is parked
+                self._deferred_captures.append(request_id)
+                return None
+        return self._capture()
+
+    def _capture(self) -> Message:
         assert self.kvm_vm is not None
         return {
             "vm_state": _CONVERTER.unstructure(self.kvm_vm.capture_vm_state(), X86VmState),
@@ -386,11 +463,14 @@ class VmServer:
         assert self.kvm_vm is not None and self.memory is not None
         if not self.log_enabled:
             raise RequestError("NotLogging", "dirty logging is off")
-        words = [
-            np.asarray(self.kvm_vm.harvest_dirty_log(slot), dtype="<u8").tobytes()
-            for slot in range(len(self.memory.regions))
-        ]
-        return {"words": words}
+        arrays = self._harvest_arrays()
+        if message.get("sparse"):
+            return {"dirty": [pack_dirty_words(w) for w in arrays]}
+        return {"words": [np.asarray(w, dtype="<u8").tobytes() for w in arrays]}
+
+    def _harvest_arrays(self) -> list[np.ndarray[Any, np.dtype[np.uint64]]]:
+        assert self.kvm_vm is not None and self.memory is not None
+        return [self.kvm_vm.harvest_dirty_log(slot) for slot in range(len(self.memory.regions))]
 
     def op_arm_stall(self, request_id: int, message: Message) -> Message:
         self.runners[int(message["index"])].arm_stall(kick=True)
@@ -454,6 +534,7 @@ class VmServer:
             "heartbeats": self._heartbeats,
             "host_addrs": [region.host_addr for region in self.memory.regions],
             "uid": os.getuid(),
+            "revision": REVISION,
         }
 
     def op_release_lazy(self, request_id: int, message: Message) -> Message:
@@ -507,9 +588,27 @@ def _log_to(path: str) -> None:
     os.close(fd)
 
 
+def prioritise_control_thread() -> bool:
+    """Run the calling thread at :data:`CONTROL_NICE`, the threads it starts at nice 0.
+
+    Returns False (and changes nothing) without the privilege (``CAP_SYS_NICE``).
+    """
+    try:
+        # Linux keeps scheduling attributes per thread: both calls affect this one only.
+        os.sched_setscheduler(0, os.SCHED_OTHER | os.SCHED_RESET_ON_FORK, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, 0, CONTROL_NICE)
+    except OSError as error:
+        _log.debug("VM process control thread keeps the default priority: %s", error)
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        return False
+    return True
+
+
 def serve_fd(fd: int, confine: bool = True) -> int:
     """Run a VM process on the connected socket ``fd``; returns the exit code."""
     install_signal_handler()
+    prioritise_control_thread()
     channel = Channel(socket.socket(fileno=fd))
     server = VmServer(channel)
     with contextlib.suppress(Exception):  # init opens KVM itself then (and reports why not)

@@ -22,20 +22,28 @@ import struct
 from typing import Any, Final
 
 import msgpack
+import numpy as np
+import numpy.typing as npt
 
 __all__ = [
     "MAX_FRAME",
+    "REVISION",
     "VERSION",
     "FrameDecoder",
     "ProtocolError",
     "encode",
     "error_reply",
     "ok_reply",
+    "pack_dirty_words",
     "request",
+    "unpack_dirty_words",
 ]
 
 #: The protocol version this module speaks (``protocol/vmm.md``).
 VERSION: Final = 1
+#: The optional additions to version 1 this implementation offers
+#: (``protocol/vmm.md``, "Revisions"); a peer that reports none offers revision 0.
+REVISION: Final = 1
 #: Largest frame accepted (a dirty bitmap of 1 TiB of 4 KiB pages is 32 MiB).
 MAX_FRAME: Final = 64 * 1024 * 1024
 _LEN: Final = struct.Struct("<I")
@@ -114,3 +122,42 @@ class FrameDecoder:
     def pending(self) -> int:
         """Bytes received that do not yet form a whole frame."""
         return len(self._buffer)
+
+
+def pack_dirty_words(words: npt.NDArray[np.uint64]) -> list[Any]:
+    """One region's dirty bitmap in the ``dirty`` form (revision 1, ``protocol/vmm.md``).
+
+    ``[word_count, indices, values]``: ``indices`` little-endian u32 word
+    indices and ``values`` the little-endian u64 words there, the others
+    zero; or ``indices`` nil and ``values`` every word (denser bitmaps).
+    """
+    count = len(words)
+    at = np.flatnonzero(words)
+    if len(at) * 12 >= count * 8:
+        return [count, None, np.asarray(words, dtype="<u8").tobytes()]
+    return [count, at.astype("<u4").tobytes(), np.asarray(words[at], dtype="<u8").tobytes()]
+
+
+def unpack_dirty_words(item: Any) -> npt.NDArray[np.uint64]:
+    """The bitmap of one :func:`pack_dirty_words` item.
+
+    Raises:
+        ProtocolError: malformed item.
+    """
+    try:
+        count, at, values = item
+        count = int(count)
+        if at is None:
+            dense = np.frombuffer(values, dtype="<u8").astype(np.uint64)
+            if len(dense) != count:
+                raise ValueError(f"{len(dense)} words, {count} announced")
+            return dense
+        indices = np.frombuffer(at, dtype="<u4")
+        words = np.frombuffer(values, dtype="<u8")
+        if len(indices) != len(words) or (len(indices) and int(indices.max()) >= count):
+            raise ValueError("indices and values disagree")
+        out = np.zeros(count, dtype=np.uint64)
+        out[indices] = words
+        return out
+    except (TypeError, ValueError) as error:
+        raise ProtocolError(f"malformed dirty words: {error}") from error
