@@ -46,7 +46,7 @@ import signal
 import socket
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import attrs
@@ -62,7 +62,7 @@ from ..snapshot.models import VmInfo, X86VcpuState, X86VmState
 from ..uffd import UffdBackend, UffdError
 from ..vmm.channel import Channel
 from ..vmm.host import Connection, Reply, RequestFailed, ZygoteHost, describe_status
-from ..vmm.protocol import Message, ProtocolError, unpack_dirty_words
+from ..vmm.protocol import Message, ProtocolError, pack_dirty_words, unpack_dirty_words
 from ..vmm.statedir import vm_log_path
 from .dirty import DirtySet, or_words, runs_of
 from .errors import GuestMemoryUnavailable, InvalidVmConfig, VmFailed
@@ -194,9 +194,11 @@ class RemoteVm:
     def __attrs_post_init__(self) -> None:
         self._unsynced = self.page_served
         self._log_enabled = self.track_dirty_pages
-        self.dirty = DirtySet(
-            tuple(region.size for region in self.memory.regions), self.track_dirty_pages
-        )
+        sizes = tuple(region.size for region in self.memory.regions)
+        if self.revision >= 2 and self.track_dirty_pages:
+            self.dirty = _MirroredDirtySet(sizes, True, mirror=self._conn.send)
+        else:
+            self.dirty = DirtySet(sizes, self.track_dirty_pages)
         if self.shadowed:
             access = _ProcessAccess(self.vm_id, self.memory)
             access.pid = self.process_id
@@ -622,6 +624,25 @@ class RemoteVm:
         self.memory.close()
 
 
+@attrs.define(eq=False)
+class _MirroredDirtySet(DirtySet):
+    """A dirty set whose marks and clears the VM process mirrors in its ledger (revision 2).
+
+    Harvests need no message: the process adds what it harvests itself.
+    """
+
+    mirror: Callable[..., None] = attrs.field(kw_only=True, repr=False)
+
+    def mark(self, region: int, offset: int, length: int) -> None:
+        super().mark(region, offset, length)
+        self.mirror("dirty_mark", region=region, offset=offset, length=length)
+
+    def clear(self, saved: Sequence[Words] | None) -> None:
+        super().clear(saved)
+        if saved is not None:
+            self.mirror("dirty_clear", dirty=[pack_dirty_words(words) for words in saved])
+
+
 def _captured(result: Message) -> CapturedState:
     """The state of a ``capture`` result."""
     return CapturedState(
@@ -643,6 +664,26 @@ def _words_of(result: Message) -> list[Words]:
     if "dirty" in result:
         return [unpack_dirty_words(item) for item in result["dirty"]]
     return [np.frombuffer(chunk, dtype="<u8").astype(np.uint64) for chunk in result["words"]]
+
+
+def _restore_dirty_set(vm: RemoteVm, ledger: Any) -> None:
+    """Start a re-attached VM's dirty set from the process's ledger (revision 2).
+
+    The ledger holds what the previous daemon harvested or wrote and did not
+    commit in a snapshot: the next Diff takes just that (and what the guest
+    writes from now on). Without a usable ledger every page counts as dirty
+    (correct, not minimal).
+    """
+    if not vm.track_dirty_pages:
+        return
+    try:
+        if ledger is None or len(ledger) != len(vm.memory.regions):
+            raise ProtocolError("no ledger")
+        for index, item in enumerate(ledger):
+            vm.dirty.merge_kvm(index, unpack_dirty_words(item))
+    except (ProtocolError, TypeError, ValueError):
+        for index, region in enumerate(vm.memory.regions):
+            vm.dirty.mark(index, 0, region.size)
 
 
 def _progress_addrs(guest: GuestSpec | None, vcpu_count: int) -> tuple[int, ...]:
@@ -904,10 +945,7 @@ def attach_remote(
         # first harvest copies the whole memory from the process first.
         vm._unsynced = vm._resync_on_harvest = True
     vm._last_pair_id = d["notes"].get("last_pair_id")
-    # What the previous daemon harvested but did not save is lost with it: the
-    # next Diff conservatively takes every page (correct, not minimal).
-    for index, region in enumerate(memory.regions):
-        vm.dirty.mark(index, 0, region.size)
+    _restore_dirty_set(vm, d.get("dirty"))
     vm._log_enabled = bool(d["log_enabled"])
     if d["error"] is not None:
         vm.error = str(d["error"])

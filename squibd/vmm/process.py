@@ -29,6 +29,13 @@ busy host the wake-up of the thread that receives ``pause`` is the tail of
 the quiesce latency (``bench/vm_process.py``). Without the privilege to
 raise it, it runs at the default priority.
 
+With ``track_dirty_pages``, the process keeps a *ledger*: a mirror of the
+daemon's dirty set (``squibd.vm.dirty``), fed by every harvest made here and
+by the daemon's ``dirty_mark``/``dirty_clear`` (revision 2). It is a
+superset of the daemon's set at every instant, so a daemon that re-attaches
+starts its dirty set from it (``attach``), and its first Diff holds only
+what changed since the last committed snapshot.
+
 When the connection to the daemon ends and the VM has a ``listen`` path, the
 process keeps running its guest and waits there for a new daemon (issue 11:
 a daemon restart does not stop guests); otherwise it exits.
@@ -61,11 +68,20 @@ from ..snapshot.manifest import MemoryRegion
 from ..snapshot.models import X86VcpuState, X86VmState
 from ..uffd import UffdBackend
 from ..vm.build import _close_all, _open_kvm
+from ..vm.dirty import DirtySet
 from ..vm.errors import InvalidVmConfig
 from ..vm.guest_access import release_lazy_pages
 from ..vm.memory import GuestMemory, GuestRegion, _mapping_address
 from .channel import Channel, ChannelClosed
-from .protocol import REVISION, Message, error_reply, ok_reply, pack_dirty_words
+from .protocol import (
+    REVISION,
+    Message,
+    ProtocolError,
+    error_reply,
+    ok_reply,
+    pack_dirty_words,
+    unpack_dirty_words,
+)
 from .statedir import vm_log_path
 
 __all__ = ["CONTROL_NICE", "VmServer", "main", "prioritise_control_thread", "serve_fd"]
@@ -193,6 +209,8 @@ class VmServer:
         # A private mapping (File restore) always logs: the daemon copies the
         # pages the guest diverged from the file (``vm/remote.py``).
         self.log_enabled = track or not self.shared
+        # Revision 2: the daemon's dirty set, mirrored (module doc).
+        self.ledger = DirtySet(tuple(r.size for r in regions), tracking=True) if track else None
         self.kvm, self.kvm_vm, self.vcpus = self._open_kvm(vcpu_count)
         guest = message.get("guest")
         if message.get("vm_state") is not None:
@@ -469,8 +487,32 @@ class VmServer:
         return {"words": [np.asarray(w, dtype="<u8").tobytes() for w in arrays]}
 
     def _harvest_arrays(self) -> list[np.ndarray[Any, np.dtype[np.uint64]]]:
+        """Fetch and reset the KVM dirty log: every harvest goes through here (the ledger)."""
         assert self.kvm_vm is not None and self.memory is not None
-        return [self.kvm_vm.harvest_dirty_log(slot) for slot in range(len(self.memory.regions))]
+        arrays = [
+            self.kvm_vm.harvest_dirty_log(slot) for slot in range(len(self.memory.regions))
+        ]
+        if self.ledger is not None:
+            for slot, words in enumerate(arrays):
+                self.ledger.merge_kvm(slot, words)
+        return arrays
+
+    def op_dirty_mark(self, request_id: int, message: Message) -> Message:
+        # Revision 2: the daemon wrote guest memory itself (KVM does not log that).
+        if self.ledger is not None:
+            self.ledger.mark(int(message["region"]), int(message["offset"]),
+                             int(message["length"]))  # fmt: skip
+        return {}
+
+    def op_dirty_clear(self, request_id: int, message: Message) -> Message:
+        # Revision 2: a snapshot holding these pages was committed.
+        if self.ledger is not None:
+            try:
+                saved = [unpack_dirty_words(item) for item in message["dirty"]]
+            except ProtocolError as error:
+                raise RequestError("Protocol", str(error)) from error
+            self.ledger.clear(saved)
+        return {}
 
     def op_arm_stall(self, request_id: int, message: Message) -> Message:
         self.runners[int(message["index"])].arm_stall(kick=True)
@@ -517,7 +559,10 @@ class VmServer:
             fds = [r.fd for r in self.memory.regions if r.fd is not None]
         else:
             fds = [self.file_fd] if self.file_fd is not None else []
-        self._send(ok_reply(request_id, self._description()), fds)
+        result = self._description()
+        if self.ledger is not None:  # revision 2: where the new daemon's dirty set starts
+            result["dirty"] = [pack_dirty_words(words) for words in self.ledger.words() or []]
+        self._send(ok_reply(request_id, result), fds)
         return None
 
     def _description(self) -> Message:

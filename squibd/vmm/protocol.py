@@ -43,7 +43,7 @@ __all__ = [
 VERSION: Final = 1
 #: The optional additions to version 1 this implementation offers
 #: (``protocol/vmm.md``, "Revisions"); a peer that reports none offers revision 0.
-REVISION: Final = 1
+REVISION: Final = 2
 #: Largest frame accepted (a dirty bitmap of 1 TiB of 4 KiB pages is 32 MiB).
 MAX_FRAME: Final = 64 * 1024 * 1024
 _LEN: Final = struct.Struct("<I")
