@@ -43,7 +43,7 @@ async def test_pause_harvests_and_answers_the_capture_pipelined_behind_it() -> N
     rt = Runtime(quiesce_timeout_s=30.0, vm_isolation="process")
     try:
         vm = await _counter(rt, "p", 1, True)
-        assert vm.revision == REVISION == 1
+        assert vm.revision == REVISION >= 1
         conn = vm._conn
         await trio.to_thread.run_sync(lambda: conn.call("harvest"))  # reset the log
         await wait_progress_beyond(vm, vm.guest_progress())  # written since
