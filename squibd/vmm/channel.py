@@ -70,11 +70,9 @@ class Channel:
             ChannelClosed: end of stream.
             ProtocolError: the peer broke the protocol.
         """
-        while True:
-            got = self._take()
-            if got is not None:
-                return got
-            self._fill(0)
+        got = self._next(0)
+        assert got is not None  # a blocking read returns data or raises
+        return got
 
     def poll(self) -> tuple[Message, list[int]] | None:
         """The next message if one is buffered or readable now, else None (never blocks).
@@ -83,11 +81,15 @@ class Channel:
             ChannelClosed: end of stream.
             ProtocolError: the peer broke the protocol.
         """
+        return self._next(socket.MSG_DONTWAIT)
+
+    def _next(self, flags: int) -> tuple[Message, list[int]] | None:
+        """The next message, reading with ``flags`` as needed; None: nothing to read now."""
         while True:
             got = self._take()
             if got is not None:
                 return got
-            if not self._fill(socket.MSG_DONTWAIT):
+            if not self._fill(flags):
                 return None
 
     def _take(self) -> tuple[Message, list[int]] | None:

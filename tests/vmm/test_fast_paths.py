@@ -39,6 +39,15 @@ async def _counter(rt: Runtime, vm_id: str, vcpus: int, track: bool) -> RemoteVm
     return vm
 
 
+async def _save_pause(vm: RemoteVm) -> None:
+    """Pause as a save does (the runtime marks the VM busy): the pause prefetches."""
+    vm.busy = "test"
+    try:
+        await vm.pause()
+    finally:
+        vm.busy = None
+
+
 async def test_pause_harvests_and_answers_the_capture_pipelined_behind_it() -> None:
     rt = Runtime(quiesce_timeout_s=30.0, vm_isolation="process")
     try:
@@ -98,11 +107,7 @@ async def test_words_a_save_pause_harvested_survive_a_resume() -> None:
         await trio.to_thread.run_sync(vm.harvest_kvm)
         vm.dirty.clear(vm.dirty.words())
         await wait_progress_beyond(vm, vm.guest_progress())  # written since
-        vm.busy = "test"  # what the runtime sets for a save: the pause prefetches
-        try:
-            await vm.pause()
-        finally:
-            vm.busy = None
+        await _save_pause(vm)
         # Hold the vCPU before it runs again: the guest writes nothing after the resume.
         await trio.to_thread.run_sync(lambda: vm.arm_stall(0))
         vm.resume()
@@ -141,11 +146,7 @@ async def test_a_save_pause_prefetches_harvest_and_state_that_the_save_then_take
         vm = await _counter(rt, "c", 2, True)
         await trio.to_thread.run_sync(vm.harvest_kvm)
         await wait_progress_beyond(vm, vm.guest_progress())  # written since
-        vm.busy = "test"  # what the runtime sets for a save: the pause prefetches
-        try:
-            await vm.pause()
-        finally:
-            vm.busy = None
+        await _save_pause(vm)
         prefetched = vm._prefetched_capture
         assert prefetched is not None and vm._prefetched_words is not None
         state = await trio.to_thread.run_sync(vm.capture_state)
@@ -168,11 +169,7 @@ async def test_the_ready_answers_of_a_save_pause_need_no_thread_and_lapse_on_res
         await trio.to_thread.run_sync(vm.harvest_kvm)
         await wait_progress_beyond(vm, vm.guest_progress())  # written since
         assert vm.harvest_kvm_ready() is None and vm.capture_ready() is None  # nothing prefetched
-        vm.busy = "test"
-        try:
-            await vm.pause()
-        finally:
-            vm.busy = None
+        await _save_pause(vm)
         words = vm.harvest_kvm_ready()
         assert words is not None and _bit(words, _PROGRESS_PAGE)
         assert _bit(vm.dirty.words(), _PROGRESS_PAGE)  # merged into the dirty set
@@ -182,11 +179,7 @@ async def test_the_ready_answers_of_a_save_pause_need_no_thread_and_lapse_on_res
         await trio.to_thread.run_sync(pending.thread_event.wait)
         state = vm.capture_ready()
         assert state is not None and state is pending.converted
-        vm.busy = "test"
-        try:
-            await vm.pause()  # again, while parked (the runtime would refuse; the VM does not)
-        finally:
-            vm.busy = None
+        await _save_pause(vm)  # again, while parked (the runtime would refuse; the VM does not)
         vm.resume()
         assert vm.harvest_kvm_ready() is None and vm.capture_ready() is None  # lapsed
     finally:
@@ -205,11 +198,7 @@ async def test_only_the_control_thread_runs_at_the_raised_priority() -> None:
     rt = Runtime(quiesce_timeout_s=30.0, vm_isolation="process")
     try:
         vm = await _counter(rt, "n", 2, True)
-        vm.busy = "test"  # a save's pause also starts the collector thread
-        try:
-            await vm.pause()
-        finally:
-            vm.busy = None
+        await _save_pause(vm)
         await trio.to_thread.run_sync(vm.capture_state)
         pid = vm.process_id
         nices = {tid: _thread_nice(pid, tid) for tid in os.listdir(f"/proc/{pid}/task")}
