@@ -27,6 +27,7 @@ import trio
 
 from .channel import Channel, ChannelClosed
 from .protocol import Message, ProtocolError, request
+from .untraced import Child, spawn_untraced
 
 __all__ = ["Connection", "Reply", "RequestFailed", "ZygoteHost", "describe_status"]
 
@@ -373,7 +374,7 @@ class ZygoteHost:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: Child | None = None
         self._conn: Connection | None = None
         self._statuses: dict[int, int] = {}
         self._status_cond = threading.Condition(self._lock)
@@ -386,10 +387,10 @@ class ZygoteHost:
                 return self._conn
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                self._proc = subprocess.Popen(
+                # Out of reach of a tracer that follows the daemon (``untraced.py``).
+                self._proc = spawn_untraced(
                     [sys.executable, "-m", "squibd.vmm.zygote", "--fd", str(theirs.fileno())],
-                    pass_fds=(theirs.fileno(),),
-                    stdin=subprocess.DEVNULL,
+                    theirs.fileno(),
                 )
             finally:
                 theirs.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -105,3 +106,53 @@ def test_by_default_a_vm_runs_in_a_named_process_detached_from_the_daemons_stdio
         if pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+STRACE = shutil.which("strace")
+
+
+@pytest.mark.kvm
+@pytest.mark.skipif(STRACE is None, reason="needs strace")
+def test_a_tracer_following_the_daemon_neither_traces_nor_waits_for_its_vm_processes(
+    tmp_path: Path,
+) -> None:
+    assert STRACE is not None
+    sock = str(tmp_path / "s.sock")
+    notify_path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(notify_path)
+        notify.settimeout(WAIT_S)
+        tracer = subprocess.Popen(
+            [STRACE, "-f", "-qq", "-o", "/dev/null",
+             *daemon_command("--socket", sock, "--state-dir", str(tmp_path / "state"))],
+            stderr=subprocess.DEVNULL, env={**os.environ, "NOTIFY_SOCKET": notify_path},
+        )  # fmt: skip
+        while b"READY=1" not in notify.recv(4096).split(b"\n"):
+            pass
+    pid = 0
+    try:
+        daemon_pid = int(str(_call(sock, "daemon.status")["pid"]))
+        _call(sock, "vm.create", {"vm_id": "v", "vcpu_count": 1, "mem_size_mib": 16,
+                                  "guest": {"program": "counter"}})  # fmt: skip
+        pid = int(str(_call(sock, "vm.start", {"vm_id": "v"})["process_id"]))
+        assert _status_field(daemon_pid, "TracerPid") == str(tracer.pid)
+        assert _status_field(pid, "TracerPid") == "0"  # the zygote was cloned untraced
+        os.kill(daemon_pid, signal.SIGKILL)
+        assert tracer.wait(WAIT_S) == -signal.SIGKILL  # strace ends with its tracee
+        assert _comm(pid) == VM_PROCESS_NAME  # and the VM runs on
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _status_field(pid: int, name: str) -> str:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key == name:
+                return value.strip()
+    raise AssertionError(f"no {name} in /proc/{pid}/status")
