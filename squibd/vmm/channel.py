@@ -83,6 +83,14 @@ class Channel:
         """
         return self._next(socket.MSG_DONTWAIT)
 
+    def take_buffered(self) -> tuple[Message, list[int]] | None:
+        """The next message already read from the socket, else None (no read at all).
+
+        Raises:
+            ProtocolError: the peer broke the protocol.
+        """
+        return self._take()
+
     def _next(self, flags: int) -> tuple[Message, list[int]] | None:
         """The next message, reading with ``flags`` as needed; None: nothing to read now."""
         while True:

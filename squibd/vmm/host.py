@@ -247,6 +247,10 @@ class Connection:
             while not reply.done:
                 message, fds = self.channel.receive()
                 self._dispatch(message, fds, on_trio_thread=True)
+            # What came in the same reads is buffered now, and the socket no longer
+            # readable: the trio reader, waiting for readability, would never see it.
+            while (buffered := self.channel.take_buffered()) is not None:
+                self._dispatch(*buffered, on_trio_thread=True)
         except ChannelClosed as error:  # the trio reader sees the end too, and reports it
             self._end(f"connection closed ({error})", on_trio_thread=True)
         except ProtocolError as error:
