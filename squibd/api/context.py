@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from squibd.metrics import Metrics
     from squibd.store.config import StoreConfig
     from squibd.vm.runtime import Runtime
+    from squibd.vmm.host import ZygoteHost
 
     from .firecracker import ApiSocketHost
 
@@ -69,6 +70,8 @@ class ApiContext:
     vm_isolation: str = DEFAULT_VM_ISOLATION
     stop_vms_on_exit: bool = False
     vm_confine: dict[str, Any] | None = None
+    #: The zygote the daemon started before any other thread (``squibd.vmm.untraced``).
+    zygote: ZygoteHost | None = None
     _runtime: Runtime | None = attrs.field(default=None, init=False)
     _started_up: bool = attrs.field(default=False, init=False)
 
@@ -88,7 +91,8 @@ class ApiContext:
                 kwargs["limits"] = RuntimeLimits(**limits)
             self._runtime = Runtime(
                 vm_isolation=self.vm_isolation, state_dir=self.state_dir,
-                stop_vms_on_exit=self.stop_vms_on_exit, confine=self.vm_confine, **kwargs,
+                stop_vms_on_exit=self.stop_vms_on_exit, confine=self.vm_confine,
+                zygote=self.zygote, **kwargs,
             )  # fmt: skip
         return self._runtime
 

@@ -42,6 +42,7 @@ from squibd.server import (
 from squibd.snapshot.errors import SnapshotError
 from squibd.snapshot.paths import set_daemon_roots
 from squibd.vm.models import VM_ISOLATION_MODES
+from squibd.vmm.host import ZygoteHost
 from squibd.vmm.statedir import vm_process_settings
 
 from ._logging import setup_logging
@@ -177,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         return EXIT_FAILURE
+    settings = vm_process_settings(config.server)
+    if settings["vm_isolation"] == "process":
+        # First, while the daemon has one thread: then the zygote can start out of
+        # reach of a tracer that follows the daemon (``squibd.vmm.untraced``).
+        settings["zygote"] = _start_zygote()
     api = ApiContext(
         debug_api=config.server.debug_api,
         allowed_roots=config.snapshot.allowed_roots,
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         limits=attrs.asdict(config.limits),
         stores=config.stores,
         state_dir=config.server.state_dir,
-        **vm_process_settings(config.server),
+        **settings,
     )
     if config.server.on_shutdown == "save":
         from squibd.lifecycle import save_all
@@ -209,6 +215,17 @@ def main(argv: list[str] | None = None) -> int:
             metrics.close()
         os.close(state_lock)
     return EXIT_OK
+
+
+def _start_zygote() -> ZygoteHost | None:
+    """The warm zygote, started now; None if it cannot start (the runtime retries later)."""
+    zygote = ZygoteHost()
+    try:
+        zygote.ensure_started()
+    except OSError as exc:
+        log.warning("cannot start the VM-process zygote now: %s", exc)
+        return None
+    return zygote
 
 
 def _start_metrics(config: DaemonConfig, api: ApiContext, server: Server) -> Metrics | bool | None:

@@ -978,6 +978,7 @@ class ProcessVms:
     state_dir: str | None = None
     confine: dict[str, Any] | None = None
     host: ZygoteHost = attrs.field(factory=ZygoteHost)
+    """The zygote (the daemon passes one it started before any thread: ``untraced.py``)."""
 
     def warm(self) -> None:
         """Start the zygote and a spare VM process now, so that the first VM does not pay."""

@@ -20,6 +20,7 @@ import trio
 from ..kvm.runner import install_signal_handler
 from ..snapshot.manifest import KIND_FULL
 from ..snapshot.models import SnapshotMetadata, VmInfo
+from ..vmm.host import ZygoteHost
 from ._threads import IO_LIMITER_TOKENS, run_blocking
 from .build import build_fresh, check_config
 from .errors import (
@@ -99,6 +100,8 @@ class Runtime:
     stop_vms_on_exit: bool = False
     #: Issue 11: the VM processes' privilege drop and seccomp (``squibd.vmm.confine``).
     confine: dict[str, Any] | None = None
+    #: Issue 11: a zygote started already (the daemon's, started before any thread).
+    zygote: ZygoteHost | None = None
     _vms: dict[str, Vm] = attrs.field(init=False, factory=dict)
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
     #: Helper threads of the memory writers of every save (bounded, visible here).
@@ -129,7 +132,9 @@ class Runtime:
         if self.vm_isolation != "process":
             return None
         if self._process_vms is None:
-            self._process_vms = ProcessVms(state_dir=self.state_dir, confine=self.confine)
+            host = self.zygote if self.zygote is not None else ZygoteHost()
+            self._process_vms = ProcessVms(state_dir=self.state_dir, confine=self.confine,
+                                           host=host)  # fmt: skip
         return self._process_vms
 
     async def reattach(self) -> builtins.list[str]:

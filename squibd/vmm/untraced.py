@@ -9,11 +9,15 @@ wait forever). So the zygote is started with ``clone(CLONE_UNTRACED)``,
 which a tracer's fork following cannot override, and then ``execv``: it is
 not traced, nor are the VM processes it forks. Trace one with ``strace -p``.
 
-Between ``clone`` and ``execv`` the child runs only calls prepared in the
-parent (no allocation by the C library: another thread of the daemon may
-have held one of its locks at the instant of the clone). Where the raw
-``clone`` is not available (another architecture, a seccomp filter), the
-zygote starts with ``subprocess.Popen`` and a tracer follows it as before.
+A raw ``clone`` copies none of the care ``os.fork`` takes of the interpreter
+(its GIL among other threads, their locks): the child of a process with
+other Python threads can hang before it reaches ``execv`` (seen: the GIL's
+hand-over waits for a thread the child does not have). So it is used only
+while the process has one thread: the daemon starts its zygote first thing,
+before any other thread exists (``cli/serve.py``), and the child then runs
+only calls prepared in the parent. Otherwise (a zygote restarted later,
+a library user, another architecture, a seccomp filter) the zygote starts
+with ``subprocess.Popen`` and a tracer follows it as before.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import platform
 import select
 import signal
 import subprocess
+import threading
 from collections.abc import Sequence
 from typing import Final
 
@@ -104,7 +109,7 @@ def spawn_untraced(argv: Sequence[str], pass_fd: int) -> Child:
     See the module doc. Raises ``OSError`` when it cannot start.
     """
     number = _SYS_CLONE.get(platform.machine())
-    if number is None or not _close_range_works():
+    if number is None or threading.active_count() != 1 or not _close_range_works():
         return _popen(argv, pass_fd)
     path = ctypes.c_char_p(os.fsencode(argv[0]))
     args = (ctypes.c_char_p * (len(argv) + 1))(*[os.fsencode(a) for a in argv], None)

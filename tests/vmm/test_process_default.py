@@ -14,11 +14,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
 from squibd.snapshot.statedir import STATE_DIR_ENV, default_state_dir
+from squibd.vmm.untraced import spawn_untraced
 from squibd.vmm.zygote import VM_PROCESS_NAME
 from tests.server.helpers import blocking_call, daemon_command, start_daemon
 
@@ -156,3 +158,20 @@ def _status_field(pid: int, name: str) -> str:
             if key == name:
                 return value.strip()
     raise AssertionError(f"no {name} in /proc/{pid}/status")
+
+
+def test_the_raw_clone_is_used_only_while_the_process_has_one_thread() -> None:
+    """With another thread, a raw clone's child could hang before its exec (module doc)."""
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    ours, theirs = socket.socketpair()
+    try:
+        child = spawn_untraced(["/bin/true"], theirs.fileno())
+        assert child._popen is not None  # the fallback: subprocess.Popen
+        assert child.wait(WAIT_S) == 0
+    finally:
+        stop.set()
+        other.join()
+        ours.close()
+        theirs.close()
