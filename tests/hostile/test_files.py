@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import contextlib
 import os
 import secrets
 import shutil
@@ -49,6 +50,12 @@ class Daemon:
             self.proc.wait(GUARD_S)
 
     def kill(self) -> None:
+        # Under strace, ``proc`` is strace: the daemon it runs would outlive it.
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+            for pid in children.split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
         self.proc.kill()
         self.proc.wait(GUARD_S)
 
