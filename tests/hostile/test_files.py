@@ -8,8 +8,8 @@ Every daemon here is a real ``squibd`` process with its own ``--state-dir`` and
 from __future__ import annotations
 
 import base64
-import json
 import contextlib
+import json
 import os
 import secrets
 import shutil
