@@ -16,6 +16,7 @@ import socket
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,6 +39,35 @@ def _call(path: str, method: str, params: object = None) -> dict[str, object]:
     assert "error" not in reply, reply
     result: dict[str, object] = reply["result"]
     return result
+
+
+def _started(tmp_path: Path, command: list[str], **popen: Any) -> subprocess.Popen[bytes]:
+    """Run ``command`` (a daemon, maybe under a tracer) until it sends READY=1."""
+    notify_path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(notify_path)
+        notify.settimeout(WAIT_S)
+        proc = subprocess.Popen(command, env={**os.environ, "NOTIFY_SOCKET": notify_path},
+                                **popen)  # fmt: skip
+        while b"READY=1" not in notify.recv(4096).split(b"\n"):
+            pass
+    return proc
+
+
+def _run_counter(sock: str) -> int:
+    """Create and start VM ``v`` (a counter guest); its VM process's pid."""
+    _call(sock, "vm.create", {"vm_id": "v", "vcpu_count": 1, "mem_size_mib": 16,
+                              "guest": {"program": "counter"}})  # fmt: skip
+    return int(str(_call(sock, "vm.start", {"vm_id": "v"})["process_id"]))
+
+
+def _end(proc: subprocess.Popen[bytes], vm_pid: int) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if vm_pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(vm_pid, signal.SIGKILL)
 
 
 def test_the_state_dir_env_names_the_default_and_a_relative_one_is_ignored() -> None:
@@ -75,23 +105,11 @@ def test_by_default_a_vm_runs_in_a_named_process_detached_from_the_daemons_stdio
 ) -> None:
     state = tmp_path / "state"
     sock = str(tmp_path / "s.sock")
-    notify_path = str(tmp_path / "notify")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.bind(notify_path)
-        notify.settimeout(WAIT_S)
-        proc = subprocess.Popen(
-            daemon_command("--socket", sock, "--state-dir", str(state)),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={**os.environ, "NOTIFY_SOCKET": notify_path},
-        )  # fmt: skip
-        while b"READY=1" not in notify.recv(4096).split(b"\n"):
-            pass
+    proc = _started(tmp_path, daemon_command("--socket", sock, "--state-dir", str(state)),
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     pid = 0
     try:
-        _call(sock, "vm.create", {"vm_id": "v", "vcpu_count": 1, "mem_size_mib": 16,
-                                  "guest": {"program": "counter"}})  # fmt: skip
-        info = _call(sock, "vm.start", {"vm_id": "v"})
-        pid = int(str(info["process_id"]))
+        pid = _run_counter(sock)
         assert pid != proc.pid and _comm(pid) == VM_PROCESS_NAME
         logs = list((state / "vms").glob("*.log"))
         assert len(logs) == 1
@@ -102,12 +120,7 @@ def test_by_default_a_vm_runs_in_a_named_process_detached_from_the_daemons_stdio
         assert proc.returncode == 0, err
         assert _comm(pid) == VM_PROCESS_NAME
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _end(proc, pid)
 
 
 STRACE = shutil.which("strace")
@@ -120,35 +133,20 @@ def test_a_tracer_following_the_daemon_neither_traces_nor_waits_for_its_vm_proce
 ) -> None:
     assert STRACE is not None
     sock = str(tmp_path / "s.sock")
-    notify_path = str(tmp_path / "notify")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.bind(notify_path)
-        notify.settimeout(WAIT_S)
-        tracer = subprocess.Popen(
-            [STRACE, "-f", "-qq", "-o", "/dev/null",
-             *daemon_command("--socket", sock, "--state-dir", str(tmp_path / "state"))],
-            stderr=subprocess.DEVNULL, env={**os.environ, "NOTIFY_SOCKET": notify_path},
-        )  # fmt: skip
-        while b"READY=1" not in notify.recv(4096).split(b"\n"):
-            pass
+    command = [STRACE, "-f", "-qq", "-o", "/dev/null",
+               *daemon_command("--socket", sock, "--state-dir", str(tmp_path / "state"))]
+    tracer = _started(tmp_path, command, stderr=subprocess.DEVNULL)
     pid = 0
     try:
         daemon_pid = int(str(_call(sock, "daemon.status")["pid"]))
-        _call(sock, "vm.create", {"vm_id": "v", "vcpu_count": 1, "mem_size_mib": 16,
-                                  "guest": {"program": "counter"}})  # fmt: skip
-        pid = int(str(_call(sock, "vm.start", {"vm_id": "v"})["process_id"]))
+        pid = _run_counter(sock)
         assert _status_field(daemon_pid, "TracerPid") == str(tracer.pid)
         assert _status_field(pid, "TracerPid") == "0"  # the zygote was cloned untraced
         os.kill(daemon_pid, signal.SIGKILL)
         assert tracer.wait(WAIT_S) == -signal.SIGKILL  # strace ends with its tracee
         assert _comm(pid) == VM_PROCESS_NAME  # and the VM runs on
     finally:
-        if tracer.poll() is None:
-            tracer.kill()
-            tracer.wait()
-        if pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _end(tracer, pid)
 
 
 def _status_field(pid: int, name: str) -> str:
