@@ -54,20 +54,41 @@ def _close_all(vcpus: Sequence[Vcpu], kvm_vm: KvmVm | None, kvm: Kvm | None) -> 
         kvm.close()
 
 
-def _open_kvm(
-    vm_id: str, vcpu_count: int, memory: GuestMemory, track_dirty_pages: bool
-) -> tuple[Kvm, KvmVm, list[Vcpu]]:
-    """A KVM VM with in-kernel devices, one slot per region, and ``vcpu_count`` vCPUs."""
+def open_vm() -> tuple[Kvm, KvmVm]:
+    """``/dev/kvm`` and a new VM with its in-kernel devices (no memory, no vCPUs yet)."""
     kvm = Kvm.open()
-    kvm_vm: KvmVm | None = None
+    try:
+        kvm_vm = KvmVm.create(kvm)
+    except BaseException:
+        kvm.close()
+        raise
+    try:
+        kvm_vm.setup_x86()
+    except BaseException:
+        _close_all((), kvm_vm, kvm)
+        raise
+    return kvm, kvm_vm
+
+
+def _open_kvm(
+    vm_id: str,
+    vcpu_count: int,
+    memory: GuestMemory,
+    track_dirty_pages: bool,
+    prepared: tuple[Kvm, KvmVm] | None = None,
+) -> tuple[Kvm, KvmVm, list[Vcpu]]:
+    """A KVM VM with in-kernel devices, one slot per region, and ``vcpu_count`` vCPUs.
+
+    ``prepared``: the result of :func:`open_vm`, made ahead (a spare VM process's);
+    closed here on failure.
+    """
+    kvm, kvm_vm = prepared if prepared is not None else open_vm()
     vcpus: list[Vcpu] = []
     try:
         if vcpu_count > kvm.max_vcpus:
             raise InvalidVmConfig(
                 vm_id, f"vcpu_count {vcpu_count} exceeds the {kvm.max_vcpus} vCPUs KVM allows here"
             )
-        kvm_vm = KvmVm.create(kvm)
-        kvm_vm.setup_x86()
         for slot, region in enumerate(memory.regions):
             kvm_vm.set_memory_region(
                 slot, region.guest_addr, region.size, region.host_addr, log_dirty=track_dirty_pages

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import logging
 import os
@@ -450,10 +451,14 @@ class RemoteVm:
             self._prefetched_capture = None
             return pending.converted
 
-    def _lost_harvest(self, error: ProtocolError) -> str:
-        """A harvest came malformed (the KVM log was reset): every page counts as dirty."""
+    def _all_dirty(self) -> None:
+        """Count every page as dirty (what was written is not known)."""
         for index, region in enumerate(self.memory.regions):
             self.dirty.mark(index, 0, region.size)
+
+    def _lost_harvest(self, error: ProtocolError) -> str:
+        """A harvest came malformed (the KVM log was reset): every page counts as dirty."""
+        self._all_dirty()
         self._resync_on_harvest = self.shadowed
         return f"VM process {self.process_id} sent a malformed dirty log: {error}"
 
@@ -685,8 +690,7 @@ def _restore_dirty_set(vm: RemoteVm, ledger: Any) -> None:
         for index, item in enumerate(ledger):
             vm.dirty.merge_kvm(index, unpack_dirty_words(item))
     except (ProtocolError, TypeError, ValueError):
-        for index, region in enumerate(vm.memory.regions):
-            vm.dirty.mark(index, 0, region.size)
+        vm._all_dirty()
 
 
 def _progress_addrs(guest: GuestSpec | None, vcpu_count: int) -> tuple[int, ...]:
@@ -711,8 +715,6 @@ class StatePaths:
         vms = os.path.join(state_dir, "vms")
         os.makedirs(vms, mode=0o700, exist_ok=True)
         # A socket path must fit sun_path: name it by a digest, not the vm_id.
-        import hashlib
-
         key = hashlib.sha256(vm_id.encode()).hexdigest()[:16]
         return cls(os.path.join(vms, f"{key}.sock"), os.path.join(vms, f"{key}.json"))
 

@@ -57,7 +57,6 @@ from typing import Any, Final
 import numpy as np
 
 from ..kvm import guest as kvm_guest
-from ..kvm.errors import VcpuLimitExceeded
 from ..kvm.runner import VcpuRunner, install_signal_handler
 from ..kvm.system import Kvm
 from ..kvm.vcpu import Vcpu
@@ -67,7 +66,7 @@ from ..snapshot.codec import make_state_converter
 from ..snapshot.manifest import MemoryRegion
 from ..snapshot.models import X86VcpuState, X86VmState
 from ..uffd import UffdBackend
-from ..vm.build import _close_all, _open_kvm
+from ..vm.build import _open_kvm, open_vm
 from ..vm.dirty import DirtySet
 from ..vm.errors import InvalidVmConfig
 from ..vm.guest_access import release_lazy_pages
@@ -251,46 +250,12 @@ class VmServer:
         A spare VM process does this while it waits (``host.ZygoteHost``), so
         that a load does not pay for it.
         """
-        kvm = Kvm.open()
-        try:
-            kvm_vm = KvmVm.create(kvm)
-            try:
-                kvm_vm.setup_x86()
-            except BaseException:
-                kvm_vm.close()
-                raise
-        except BaseException:
-            kvm.close()
-            raise
-        self._prepared = (kvm, kvm_vm)
+        self._prepared = open_vm()
 
     def _open_kvm(self, vcpu_count: int) -> tuple[Kvm, KvmVm, list[Vcpu]]:
         assert self.memory is not None
         prepared, self._prepared = self._prepared, None
-        if prepared is None:
-            return _open_kvm(self.vm_id, vcpu_count, self.memory, self.log_enabled)
-        kvm, kvm_vm = prepared
-        vcpus: list[Vcpu] = []
-        try:
-            if vcpu_count > kvm.max_vcpus:
-                raise InvalidVmConfig(
-                    self.vm_id,
-                    f"vcpu_count {vcpu_count} exceeds the {kvm.max_vcpus} vCPUs KVM allows here",
-                )
-            for slot, region in enumerate(self.memory.regions):
-                kvm_vm.set_memory_region(
-                    slot, region.guest_addr, region.size, region.host_addr,
-                    log_dirty=self.log_enabled,
-                )  # fmt: skip
-            for index in range(vcpu_count):
-                vcpus.append(Vcpu.create(kvm_vm, index))
-        except VcpuLimitExceeded as error:
-            _close_all(vcpus, kvm_vm, kvm)
-            raise InvalidVmConfig(self.vm_id, str(error)) from error
-        except BaseException:
-            _close_all(vcpus, kvm_vm, kvm)
-            raise
-        return kvm, kvm_vm, vcpus
+        return _open_kvm(self.vm_id, vcpu_count, self.memory, self.log_enabled, prepared)
 
     # --- vCPU callbacks (vCPU threads) ------------------------------------------------
 

@@ -24,6 +24,7 @@ from squibd.snapshot.statedir import STATE_DIR_ENV, default_state_dir
 from squibd.vmm.untraced import spawn_untraced
 from squibd.vmm.zygote import VM_PROCESS_NAME
 from tests.server.helpers import blocking_call, daemon_command, start_daemon
+from tests.vmm._procfs import proc_status
 
 #: Bound on waiting for a daemon on a loaded host.
 WAIT_S = 60.0
@@ -140,22 +141,13 @@ def test_a_tracer_following_the_daemon_neither_traces_nor_waits_for_its_vm_proce
     try:
         daemon_pid = int(str(_call(sock, "daemon.status")["pid"]))
         pid = _run_counter(sock)
-        assert _status_field(daemon_pid, "TracerPid") == str(tracer.pid)
-        assert _status_field(pid, "TracerPid") == "0"  # the zygote was cloned untraced
+        assert proc_status(daemon_pid)["TracerPid"] == str(tracer.pid)
+        assert proc_status(pid)["TracerPid"] == "0"  # the zygote was cloned untraced
         os.kill(daemon_pid, signal.SIGKILL)
         assert tracer.wait(WAIT_S) == -signal.SIGKILL  # strace ends with its tracee
         assert _comm(pid) == VM_PROCESS_NAME  # and the VM runs on
     finally:
         _end(tracer, pid)
-
-
-def _status_field(pid: int, name: str) -> str:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key == name:
-                return value.strip()
-    raise AssertionError(f"no {name} in /proc/{pid}/status")
 
 
 def test_the_raw_clone_is_used_only_while_the_process_has_one_thread() -> None:

@@ -20,16 +20,12 @@ from squibd.vm.remote import RemoteVm, find_records
 from squibd.vm.runtime import Runtime
 from tests.server.helpers import blocking_call, start_daemon
 from tests.vm._helpers import PROGRESS_TIMEOUT_S, wait_progress_beyond
+from tests.vmm._procfs import proc_status
 
 pytestmark = pytest.mark.kvm
 
 #: Bound on waiting for a daemon or VM state change on a loaded host.
 WAIT_S = 60.0
-
-
-def _status(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
 def _wait_exit(pid: int) -> None:
@@ -219,7 +215,7 @@ async def test_vm_process_is_confined_and_a_forbidden_syscall_kills_only_it() ->
         victim = await rt.create_vm("victim", 1, 64, False, GuestSpec("counter"))
         other = await rt.create_vm("other", 1, 64, False, GuestSpec("counter"))
         assert isinstance(victim, RemoteVm)
-        status = _status(victim.process_id)
+        status = proc_status(victim.process_id)
         assert status["Seccomp"].strip() == "2"
         nobody = str(65534)
         assert status["Uid"].split() == [nobody] * 4
@@ -331,7 +327,8 @@ async def test_stop_vms_on_exit_decides_whether_vm_processes_outlive_the_daemon(
             await first.aclose()
         if stop_vms_on_exit:
             await trio.to_thread.run_sync(_wait_exit, pids[0])
-            assert not os.path.exists(f"/proc/{pids[0]}/status") or "Z" in _status(pids[0])["State"]
+            gone = not os.path.exists(f"/proc/{pids[0]}/status")
+            assert gone or "Z" in proc_status(pids[0])["State"]
             return
         second = Runtime(quiesce_timeout_s=30.0, vm_isolation="process", state_dir=state)
         try:
