@@ -55,14 +55,14 @@ def _start_page_server(snap: Path, socket_path: Path) -> subprocess.Popen[str]:
 
 
 def test_uffd_load_runs_and_page_server_death_is_an_error_state(
-    saved_pair: tuple[Path, Path, list[int]], tmp_path: Path
+    saved_pair: tuple[Path, Path, list[int]], tmp_path: Path, vm_isolation: str
 ) -> None:
     snap, _, saved = saved_pair
     socket_path = tmp_path / "ps.sock"
     server = _start_page_server(snap, socket_path)
 
     async def run() -> None:
-        rt = Runtime()
+        rt = Runtime(vm_isolation=vm_isolation)  # each runtime in turn (conftest)
         try:
             vm = await rt.load("lazy", str(snap), MemBackend("Uffd", str(socket_path)),
                                resume_vm=True)  # fmt: skip
@@ -86,7 +86,7 @@ def test_uffd_load_runs_and_page_server_death_is_an_error_state(
 
 
 def test_uffd_load_refuses_a_page_server_serving_another_pair(
-    saved_pair: tuple[Path, Path, list[int]], tmp_path: Path
+    saved_pair: tuple[Path, Path, list[int]], tmp_path: Path, vm_isolation: str
 ) -> None:
     snap, _, _ = saved_pair
     other_snap, other_mem = tmp_path / "other.snap", tmp_path / "other.mem"
@@ -107,7 +107,7 @@ def test_uffd_load_refuses_a_page_server_serving_another_pair(
     server = _start_page_server(other_snap, socket_path)
 
     async def load_mismatched() -> None:
-        rt = Runtime()
+        rt = Runtime(vm_isolation=vm_isolation)  # each runtime in turn (conftest)
         try:
             with pytest.raises(UffdError, match="belongs to pair"):
                 await rt.load("lazy", str(snap), MemBackend("Uffd", str(socket_path)))
@@ -134,7 +134,7 @@ async def _served_progress_beyond(vm: Vm, floor: list[int]) -> list[int]:
 
 
 def test_one_page_server_serves_two_lazy_loads_at_once(
-    saved_pair: tuple[Path, Path, list[int]], tmp_path: Path
+    saved_pair: tuple[Path, Path, list[int]], tmp_path: Path, vm_isolation: str
 ) -> None:
     """Issue 10: a second lazy load from one page server used to queue behind the first
     forever (its vCPUs blocked on faults nobody served)."""
@@ -143,7 +143,7 @@ def test_one_page_server_serves_two_lazy_loads_at_once(
     server = _start_page_server(snap, socket_path)
 
     async def run() -> None:
-        rt = Runtime()
+        rt = Runtime(vm_isolation=vm_isolation)  # each runtime in turn (conftest)
         try:
             backend = MemBackend("Uffd", str(socket_path))
             first = await rt.load("first", str(snap), backend, resume_vm=True)
